@@ -1,0 +1,95 @@
+//! Plugging a pod (a network namespace) into its node: a veth pair, a /32 route to
+//! the pod on the node, and in the pod a default route via a link-local gateway.
+//!
+//! The gateway is 169.254.1.1 on every pod's node-side veth (as Calico does): the
+//! node answers ARP for it on each veth, so pods need no subnet and no bridge, and
+//! pod traffic is always routed (never bridged) by the node.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use crate::{run, HostError};
+
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+pub struct PodLink<'a> {
+    /// Named namespace of the node, or `None` for the current one.
+    pub node_netns: Option<&'a str>,
+    pub pod_netns: &'a Path,
+    /// Name of the node-side veth (unique on the node).
+    pub host_if: &'a str,
+    /// Name of the interface inside the pod.
+    pub pod_if: &'a str,
+    pub pod_ip: Ipv4Addr,
+    pub mtu: u16,
+}
+
+fn ip_on_node(node_netns: Option<&str>, args: &[&str]) -> Result<String, HostError> {
+    let mut full = vec!["ip"];
+    if let Some(ns) = node_netns {
+        full.extend(["-n", ns]);
+    }
+    full.extend(args);
+    run(&full)
+}
+
+fn ip_in_pod(pod_netns: &Path, args: &[&str]) -> Result<String, HostError> {
+    let net = format!("--net={}", pod_netns.display());
+    let mut full = vec!["nsenter", net.as_str(), "ip"];
+    full.extend(args);
+    run(&full)
+}
+
+/// Create the link; on failure, remove what was made so a retry starts clean.
+pub fn attach(link: &PodLink) -> Result<(), HostError> {
+    let result = try_attach(link);
+    if result.is_err() {
+        let _ = detach(link.node_netns, link.host_if);
+    }
+    result
+}
+
+fn try_attach(l: &PodLink) -> Result<(), HostError> {
+    let pod_ns = l.pod_netns.display().to_string();
+    let mtu = l.mtu.to_string();
+    let pod_ip = format!("{}/32", l.pod_ip);
+    let gw = POD_GATEWAY.to_string();
+    ip_on_node(
+        l.node_netns,
+        &[
+            "link", "add", l.host_if, "mtu", &mtu, "type", "veth", "peer", "name", l.pod_if, "mtu",
+            &mtu, "netns", &pod_ns,
+        ],
+    )?;
+    ip_on_node(
+        l.node_netns,
+        &["address", "add", &format!("{gw}/32"), "dev", l.host_if],
+    )?;
+    ip_on_node(l.node_netns, &["link", "set", l.host_if, "up"])?;
+    ip_on_node(
+        l.node_netns,
+        &[
+            "route", "replace", &pod_ip, "dev", l.host_if, "scope", "link",
+        ],
+    )?;
+    ip_in_pod(l.pod_netns, &["link", "set", "lo", "up"])?;
+    ip_in_pod(l.pod_netns, &["address", "add", &pod_ip, "dev", l.pod_if])?;
+    ip_in_pod(l.pod_netns, &["link", "set", l.pod_if, "up"])?;
+    ip_in_pod(
+        l.pod_netns,
+        &["route", "add", &gw, "dev", l.pod_if, "scope", "link"],
+    )?;
+    ip_in_pod(
+        l.pod_netns,
+        &["route", "add", "default", "via", &gw, "dev", l.pod_if],
+    )?;
+    Ok(())
+}
+
+/// Remove the pod's link (its route goes with it). Idempotent.
+pub fn detach(node_netns: Option<&str>, host_if: &str) -> Result<(), HostError> {
+    match ip_on_node(node_netns, &["link", "del", host_if]) {
+        Err(HostError::Command { stderr, .. }) if stderr.contains("Cannot find device") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}

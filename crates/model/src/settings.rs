@@ -1,0 +1,186 @@
+//! Cluster-wide settings, shared by every node: address plan, port, MTU, topology granularity.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::node::parse_cidr;
+use crate::FieldError;
+
+/// How nodes are joined into a mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Granularity {
+    /// Every node is a WireGuard peer of every other node.
+    #[default]
+    Full,
+    /// Nodes of a location peer over their private network; one leader per location
+    /// carries the tunnels to the other locations' leaders.
+    Location,
+}
+
+impl FromStr for Granularity {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Self, FieldError> {
+        match s {
+            "full" => Ok(Granularity::Full),
+            "location" => Ok(Granularity::Location),
+            _ => Err(FieldError::new(
+                "granularity",
+                format!("{s:?} is neither \"full\" nor \"location\""),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Granularity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Granularity::Full => "full",
+            Granularity::Location => "location",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// All pod addresses of the cluster; each node gets a `node_prefix_len` block of it.
+    pub cluster_cidr: IpNet,
+    pub node_prefix_len: u8,
+    /// Addresses of the nodes' WireGuard interfaces.
+    pub mesh_cidr: IpNet,
+    /// WireGuard UDP port of every node.
+    pub port: u16,
+    /// MTU of the WireGuard interface.
+    pub mtu: u16,
+    pub granularity: Granularity,
+    /// Skip encryption between nodes of one location (opt-in, as Kilo does).
+    pub trust_location_network: bool,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            cluster_cidr: "10.42.0.0/16".parse().expect("constant"),
+            node_prefix_len: 24,
+            mesh_cidr: "100.64.0.0/16".parse().expect("constant"),
+            port: 51820,
+            // 1500 underlay - 80 bytes of WireGuard over IPv6 (the worst case).
+            mtu: 1420,
+            granularity: Granularity::Full,
+            trust_location_network: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettingsRecord {
+    pub cluster_cidr: String,
+    pub node_prefix_len: u8,
+    pub mesh_cidr: String,
+    pub port: u16,
+    pub mtu: u16,
+    pub granularity: String,
+    #[serde(default)]
+    pub trust_location_network: bool,
+}
+
+impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
+    type Error = FieldError;
+
+    fn try_from(r: ClusterSettingsRecord) -> Result<Self, FieldError> {
+        let cluster_cidr = parse_cidr("cluster_cidr", &r.cluster_cidr)?;
+        let mesh_cidr = parse_cidr("mesh_cidr", &r.mesh_cidr)?;
+        let max = cluster_cidr.max_prefix_len();
+        if r.node_prefix_len <= cluster_cidr.prefix_len() || r.node_prefix_len > max {
+            return Err(FieldError::new(
+                "node_prefix_len",
+                format!(
+                    "/{} must be longer than the cluster CIDR's /{} and at most /{max}",
+                    r.node_prefix_len,
+                    cluster_cidr.prefix_len()
+                ),
+            ));
+        }
+        if cluster_cidr.contains(&mesh_cidr.network())
+            || mesh_cidr.contains(&cluster_cidr.network())
+        {
+            return Err(FieldError::new(
+                "mesh_cidr",
+                format!("{mesh_cidr} overlaps the cluster CIDR {cluster_cidr}"),
+            ));
+        }
+        if r.port == 0 {
+            return Err(FieldError::new("port", "0 is not a port"));
+        }
+        if !(576..=9000).contains(&r.mtu) {
+            return Err(FieldError::new(
+                "mtu",
+                format!("{} is outside 576..=9000", r.mtu),
+            ));
+        }
+        Ok(ClusterSettings {
+            cluster_cidr,
+            node_prefix_len: r.node_prefix_len,
+            mesh_cidr,
+            port: r.port,
+            mtu: r.mtu,
+            granularity: r.granularity.parse()?,
+            trust_location_network: r.trust_location_network,
+        })
+    }
+}
+
+impl From<&ClusterSettings> for ClusterSettingsRecord {
+    fn from(s: &ClusterSettings) -> Self {
+        ClusterSettingsRecord {
+            cluster_cidr: s.cluster_cidr.to_string(),
+            node_prefix_len: s.node_prefix_len,
+            mesh_cidr: s.mesh_cidr.to_string(),
+            port: s.port,
+            mtu: s.mtu,
+            granularity: s.granularity.to_string(),
+            trust_location_network: s.trust_location_network,
+        }
+    }
+}
+
+impl ClusterSettings {
+    pub fn from_json(bytes: &[u8]) -> Result<ClusterSettings, FieldError> {
+        let record: ClusterSettingsRecord = serde_json::from_slice(bytes)
+            .map_err(|e| FieldError::new("settings", format!("malformed record: {e}")))?;
+        record.try_into()
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&ClusterSettingsRecord::from(self))
+            .expect("settings always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_and_is_valid() {
+        let s = ClusterSettings::default();
+        assert_eq!(ClusterSettings::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let check = |edit: fn(&mut ClusterSettingsRecord), field: &str| {
+            let mut r = ClusterSettingsRecord::from(&ClusterSettings::default());
+            edit(&mut r);
+            assert_eq!(ClusterSettings::try_from(r).unwrap_err().field, field);
+        };
+        check(|r| r.node_prefix_len = 8, "node_prefix_len");
+        check(|r| r.mesh_cidr = "10.42.5.0/24".into(), "mesh_cidr");
+        check(|r| r.granularity = "star".into(), "granularity");
+        check(|r| r.port = 0, "port");
+        check(|r| r.mtu = 100, "mtu");
+    }
+}
