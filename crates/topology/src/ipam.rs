@@ -1,0 +1,330 @@
+//! Address management: which pod CIDR and mesh IP a new node gets.
+//!
+//! The cluster CIDR is cut into blocks of `node_prefix_len`; block `i` is the
+//! `i`-th such subnet, and its node's mesh IP is the `(i + 1)`-th address of the
+//! mesh CIDR. Tying the two together by index means a node's mesh IP can always
+//! be recomputed from its pod CIDR ([`mesh_ip_of`]), so the two can never drift
+//! apart and no second allocation table is needed. Allocation is pure: the caller
+//! passes the blocks already taken (read from the registry) and writes the result
+//! back with a compare-and-swap, which is where races between nodes are settled.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use wiremesh_model::ClusterSettings;
+
+/// The addresses of one node: its containers' block and its WireGuard address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeBlock {
+    pub pod_cidr: IpNet,
+    pub mesh_ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IpamError {
+    #[error("cluster CIDR {cluster_cidr} has no free /{node_prefix_len} block left")]
+    Exhausted {
+        cluster_cidr: IpNet,
+        node_prefix_len: u8,
+    },
+    #[error(
+        "mesh CIDR {mesh_cidr} has no address for block {index} (it needs address {index} + 1)"
+    )]
+    MeshExhausted { mesh_cidr: IpNet, index: u128 },
+    #[error(
+        "node_prefix_len /{node_prefix_len} cannot cut cluster CIDR {cluster_cidr} into blocks"
+    )]
+    BadPrefixLen {
+        cluster_cidr: IpNet,
+        node_prefix_len: u8,
+    },
+    #[error(
+        "pod CIDR {pod_cidr} is not a /{node_prefix_len} block of cluster CIDR {cluster_cidr}"
+    )]
+    NotABlock {
+        pod_cidr: IpNet,
+        cluster_cidr: IpNet,
+        node_prefix_len: u8,
+    },
+}
+
+/// Block `i` of the cluster: the lowest `i` whose pod CIDR overlaps nothing in `taken`.
+///
+/// `taken` may hold prefixes of any size (a block, or a range reserved by hand);
+/// a block is free only if it overlaps none of them.
+pub fn allocate(settings: &ClusterSettings, taken: &[IpNet]) -> Result<NodeBlock, IpamError> {
+    let cluster = settings.cluster_cidr;
+    let host_bits = block_host_bits(settings)?;
+    let blocks = block_count(cluster, settings.node_prefix_len);
+    let base = to_u128(cluster.network());
+    // Sorted by start, so we can jump past a taken prefix bigger than one block
+    // instead of stepping through (possibly 2^64) blocks one by one.
+    let mut taken: Vec<(u128, u128)> = taken
+        .iter()
+        .filter(|t| same_family(t, &cluster))
+        .map(|t| (to_u128(t.network()), to_u128(t.broadcast())))
+        .collect();
+    taken.sort_unstable();
+
+    let mut i: u128 = 0;
+    'blocks: while i < blocks {
+        let start = base + (i << host_bits);
+        let end = start + ((1u128 << host_bits) - 1);
+        for &(t_start, t_end) in &taken {
+            if t_start <= end && start <= t_end {
+                // Skip every block up to the end of this taken prefix.
+                let next = (t_end - base) >> host_bits;
+                i = next.max(i) + 1;
+                continue 'blocks;
+            }
+        }
+        let pod_cidr = block(settings, i, host_bits);
+        return Ok(NodeBlock {
+            pod_cidr,
+            mesh_ip: mesh_ip_at(settings.mesh_cidr, i)?,
+        });
+    }
+    Err(IpamError::Exhausted {
+        cluster_cidr: cluster,
+        node_prefix_len: settings.node_prefix_len,
+    })
+}
+
+/// The mesh IP that belongs with `pod_cidr`: the inverse of [`allocate`]'s pairing.
+pub fn mesh_ip_of(settings: &ClusterSettings, pod_cidr: IpNet) -> Result<IpAddr, IpamError> {
+    let cluster = settings.cluster_cidr;
+    let host_bits = block_host_bits(settings)?;
+    let not_a_block = || IpamError::NotABlock {
+        pod_cidr,
+        cluster_cidr: cluster,
+        node_prefix_len: settings.node_prefix_len,
+    };
+    if !same_family(&pod_cidr, &cluster)
+        || pod_cidr.prefix_len() != settings.node_prefix_len
+        || pod_cidr.trunc() != pod_cidr
+        || !cluster.contains(&pod_cidr)
+    {
+        return Err(not_a_block());
+    }
+    let index = (to_u128(pod_cidr.network()) - to_u128(cluster.network())) >> host_bits;
+    mesh_ip_at(settings.mesh_cidr, index)
+}
+
+fn block_host_bits(settings: &ClusterSettings) -> Result<u32, IpamError> {
+    let cluster = settings.cluster_cidr;
+    let len = settings.node_prefix_len;
+    if len < cluster.prefix_len() || len > cluster.max_prefix_len() {
+        return Err(IpamError::BadPrefixLen {
+            cluster_cidr: cluster,
+            node_prefix_len: len,
+        });
+    }
+    Ok(u32::from(cluster.max_prefix_len() - len))
+}
+
+/// How many blocks the cluster holds, saturating at `u128::MAX` for a /0 of IPv6.
+fn block_count(cluster: IpNet, node_prefix_len: u8) -> u128 {
+    let bits = u32::from(node_prefix_len - cluster.prefix_len());
+    1u128.checked_shl(bits).unwrap_or(u128::MAX)
+}
+
+fn block(settings: &ClusterSettings, index: u128, host_bits: u32) -> IpNet {
+    let network = to_u128(settings.cluster_cidr.network()) + (index << host_bits);
+    let addr = from_u128(network, settings.cluster_cidr.network());
+    IpNet::new(addr, settings.node_prefix_len)
+        .expect("node_prefix_len was checked against the cluster CIDR")
+}
+
+/// Address `index + 1` of the mesh CIDR. The network address (offset 0) is never a
+/// node's, nor is the IPv4 broadcast address of a prefix that has one.
+fn mesh_ip_at(mesh_cidr: IpNet, index: u128) -> Result<IpAddr, IpamError> {
+    let exhausted = || IpamError::MeshExhausted { mesh_cidr, index };
+    let offset = index.checked_add(1).ok_or_else(exhausted)?;
+    let host_bits = u32::from(mesh_cidr.max_prefix_len() - mesh_cidr.prefix_len());
+    let size = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+    let has_broadcast = matches!(mesh_cidr, IpNet::V4(_)) && host_bits >= 2;
+    let last = if has_broadcast { size - 2 } else { size - 1 };
+    if offset > last {
+        return Err(exhausted());
+    }
+    Ok(from_u128(
+        to_u128(mesh_cidr.network()) + offset,
+        mesh_cidr.network(),
+    ))
+}
+
+fn same_family(a: &IpNet, b: &IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+fn to_u128(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// Back to an address of the same family as `like`; callers stay inside a prefix of
+/// that family, so an IPv4 value always fits in 32 bits.
+fn from_u128(value: u128, like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(
+            u32::try_from(value).expect("stays inside an IPv4 prefix"),
+        )),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(value)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn settings(cluster: &str, len: u8, mesh: &str) -> ClusterSettings {
+        ClusterSettings {
+            cluster_cidr: cluster.parse().unwrap(),
+            node_prefix_len: len,
+            mesh_cidr: mesh.parse().unwrap(),
+            ..ClusterSettings::default()
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_blocks_in_order() {
+        let s = ClusterSettings::default();
+        let a = allocate(&s, &[]).unwrap();
+        assert_eq!(
+            a,
+            NodeBlock {
+                pod_cidr: net("10.42.0.0/24"),
+                mesh_ip: "100.64.0.1".parse().unwrap()
+            }
+        );
+        let b = allocate(&s, &[a.pod_cidr]).unwrap();
+        assert_eq!(
+            b,
+            NodeBlock {
+                pod_cidr: net("10.42.1.0/24"),
+                mesh_ip: "100.64.0.2".parse().unwrap()
+            }
+        );
+        // A freed hole is reused before the next new block.
+        let c = allocate(&s, &[net("10.42.1.0/24"), net("10.42.2.0/24")]).unwrap();
+        assert_eq!(c.pod_cidr, net("10.42.0.0/24"));
+    }
+
+    #[test]
+    fn a_bigger_taken_prefix_blocks_all_its_blocks() {
+        let s = ClusterSettings::default();
+        let a = allocate(&s, &[net("10.42.0.0/20")]).unwrap();
+        assert_eq!(a.pod_cidr, net("10.42.16.0/24"));
+        assert_eq!(a.mesh_ip, "100.64.0.17".parse::<IpAddr>().unwrap());
+        // Prefixes of the other family or outside the cluster change nothing.
+        let b = allocate(&s, &[net("fd00::/8"), net("192.168.0.0/16")]).unwrap();
+        assert_eq!(b.pod_cidr, net("10.42.0.0/24"));
+    }
+
+    #[test]
+    fn exhaustion_names_the_cluster_cidr() {
+        let s = settings("10.42.0.0/23", 24, "100.64.0.0/16");
+        let taken = [net("10.42.0.0/24"), net("10.42.1.0/24")];
+        let err = allocate(&s, &taken).unwrap_err();
+        assert_eq!(
+            err,
+            IpamError::Exhausted {
+                cluster_cidr: net("10.42.0.0/23"),
+                node_prefix_len: 24
+            }
+        );
+        assert!(err.to_string().contains("10.42.0.0/23"), "{err}");
+    }
+
+    #[test]
+    fn mesh_exhaustion_skips_network_and_broadcast() {
+        // A /30 mesh has two node addresses: .1 and .2 (.3 is broadcast).
+        let s = settings("10.42.0.0/16", 24, "100.64.0.0/30");
+        assert_eq!(
+            mesh_ip_of(&s, net("10.42.1.0/24")).unwrap(),
+            "100.64.0.2".parse::<IpAddr>().unwrap()
+        );
+        let err = mesh_ip_of(&s, net("10.42.2.0/24")).unwrap_err();
+        assert_eq!(
+            err,
+            IpamError::MeshExhausted {
+                mesh_cidr: net("100.64.0.0/30"),
+                index: 2
+            }
+        );
+    }
+
+    #[test]
+    fn ipv6() {
+        let s = settings("fd42::/48", 64, "fd64::/64");
+        let a = allocate(&s, &[net("fd42::/64")]).unwrap();
+        assert_eq!(
+            a,
+            NodeBlock {
+                pod_cidr: net("fd42:0:0:1::/64"),
+                mesh_ip: "fd64::2".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn mesh_ip_of_rejects_what_is_not_a_block() {
+        let s = ClusterSettings::default();
+        for bad in ["10.43.0.0/24", "10.42.0.0/25", "10.42.0.0/23", "fd00::/64"] {
+            let err = mesh_ip_of(&s, net(bad)).unwrap_err();
+            assert!(matches!(err, IpamError::NotABlock { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_prefix_len() {
+        let s = settings("10.42.0.0/16", 8, "100.64.0.0/16");
+        assert!(matches!(
+            allocate(&s, &[]),
+            Err(IpamError::BadPrefixLen { .. })
+        ));
+    }
+
+    proptest! {
+        /// Allocating one block after another, with random blocks released in between,
+        /// never hands out a pod CIDR or mesh IP that is still held, and every
+        /// allocation's mesh IP is the one `mesh_ip_of` derives from its pod CIDR.
+        #[test]
+        fn never_double_allocates(ops in proptest::collection::vec(any::<Option<prop::sample::Index>>(), 1..60)) {
+            let s = settings("10.42.0.0/20", 24, "100.64.0.0/24");
+            let mut held: Vec<NodeBlock> = Vec::new();
+            for op in ops {
+                match op {
+                    Some(ix) if !held.is_empty() => {
+                        held.remove(ix.index(held.len()));
+                    }
+                    _ => {
+                        let taken: Vec<IpNet> = held.iter().map(|b| b.pod_cidr).collect();
+                        match allocate(&s, &taken) {
+                            Ok(b) => {
+                                prop_assert!(held.iter().all(|h| h.pod_cidr != b.pod_cidr && h.mesh_ip != b.mesh_ip));
+                                prop_assert!(s.cluster_cidr.contains(&b.pod_cidr));
+                                prop_assert!(s.mesh_cidr.contains(&b.mesh_ip));
+                                prop_assert_eq!(mesh_ip_of(&s, b.pod_cidr), Ok(b.mesh_ip));
+                                held.push(b);
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(held.len(), 16, "{}", e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
