@@ -1,0 +1,523 @@
+//! The device core: peers, cryptokey routing and the WireGuard protocol, without I/O.
+//!
+//! [`Device`] takes bytes read from the TUN device or a UDP socket and returns what to
+//! write where ([`Output`]); it never touches a file descriptor, so the same core runs
+//! under the threaded runtime in [`crate::runtime`] and in in-memory tests. The Noise
+//! handshake, sessions, replay window, cookies and timers are gotatun's `noise`
+//! module (one [`Tunn`] per peer); this module owns the peer table, the index →
+//! peer map used to dispatch incoming packets, the allowed-IPs table, endpoint
+//! roaming, and configuration through UAPI.
+//!
+//! Locking: one `RwLock` over the configuration (written only by UAPI `set`), one
+//! `Mutex` per peer, and one `Mutex` over the session-index map. Order, always:
+//! state → peer → index map. The data path takes the state lock for reading only.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::noise::index_table::IndexTable;
+use gotatun::noise::rate_limiter::RateLimiter;
+use gotatun::noise::{Tunn, TunnResult};
+use gotatun::packet::{Packet, WgKind};
+use gotatun::tun::MtuWatcher;
+use gotatun::x25519;
+use ipnet::IpNet;
+use wiremesh_uapi::{DeviceSnapshot, PeerConfig, PeerSnapshot, PrivateKey, PublicKey, SetRequest};
+
+use crate::allowed_ips::AllowedIps;
+
+/// Handshake initiations or responses accepted per source IP per second before the
+/// device answers with cookie replies instead (whitepaper §5.3). gotatun's value.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Something the I/O layer must write.
+#[derive(Debug)]
+pub enum Output {
+    /// An encrypted datagram for `dst`.
+    Network {
+        /// Where to send it.
+        dst: SocketAddr,
+        /// The WireGuard message.
+        payload: Packet,
+    },
+    /// A decrypted IP packet for the TUN device.
+    Tunnel(Packet),
+}
+
+/// What a configuration change requires of the I/O layer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigOutcome {
+    /// The listen port changed: rebind the UDP sockets.
+    pub rebind: bool,
+    /// The firewall mark changed: set it on the sockets.
+    pub fwmark_changed: bool,
+}
+
+struct KeyPair {
+    private: PrivateKey,
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+}
+
+struct Peer {
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    /// Remembered so `get` still reports the last handshake after its session expired.
+    last_handshake: Option<SystemTime>,
+    /// Whole WireGuard messages (UDP payloads) to and from this peer, counted like
+    /// wireguard-go so `wg show` transfer totals agree on both ends.
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+type PeerRef = Arc<Mutex<Peer>>;
+
+struct PeerEntry {
+    peer: PeerRef,
+    /// In the order configured, so `wg showconf` gives back what `wg setconf` got.
+    allowed_ips: Vec<IpNet>,
+}
+
+#[derive(Default)]
+struct State {
+    key: Option<KeyPair>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    listen_port: u16,
+    bound_port: u16,
+    fwmark: u32,
+    peers: HashMap<PublicKey, PeerEntry>,
+    /// Peer keys in creation order (for `get`).
+    order: Vec<PublicKey>,
+    routes: AllowedIps<PeerRef>,
+}
+
+/// A WireGuard device's protocol state. Shared by all I/O threads (`&self` methods).
+pub struct Device {
+    state: RwLock<State>,
+    by_index: Mutex<HashMap<u32, PeerRef>>,
+    index_table: IndexTable,
+    mtu: u16,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a peer lock must not take the whole device down with it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The destination address of a raw IP packet, if it is one.
+pub fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+impl Device {
+    /// A device with no key and no peers, whose TUN device has this MTU (used to
+    /// pad packets to a multiple of 16 bytes without exceeding it).
+    pub fn new(mtu: u16) -> Self {
+        Self {
+            state: RwLock::new(State::default()),
+            by_index: Mutex::new(HashMap::new()),
+            index_table: IndexTable::from_os_rng(),
+            mtu,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The configured listen port (0: any).
+    pub fn listen_port(&self) -> u16 {
+        self.read().listen_port
+    }
+
+    /// The configured firewall mark (0: none).
+    pub fn fwmark(&self) -> u32 {
+        self.read().fwmark
+    }
+
+    /// Records the port the sockets actually bound, reported by `get`.
+    pub fn set_bound_port(&self, port: u16) {
+        self.write().bound_port = port;
+    }
+
+    /// Applies a UAPI `set` request, in order.
+    pub fn apply(&self, req: &SetRequest) -> ConfigOutcome {
+        let mut out = ConfigOutcome::default();
+        let mut st = self.write();
+        if let Some(k) = &req.private_key {
+            self.set_private_key(&mut st, k);
+        }
+        if let Some(p) = req.listen_port {
+            if p != st.listen_port {
+                st.listen_port = p;
+                out.rebind = true;
+            }
+        }
+        if let Some(m) = req.fwmark {
+            if m != st.fwmark {
+                st.fwmark = m;
+                out.fwmark_changed = true;
+            }
+        }
+        if req.replace_peers {
+            st.peers.clear();
+            st.order.clear();
+            st.routes.clear();
+            lock(&self.by_index).clear();
+        }
+        for pc in &req.peers {
+            self.apply_peer(&mut st, pc);
+        }
+        out
+    }
+
+    fn set_private_key(&self, st: &mut State, k: &PrivateKey) {
+        if k.is_zero() {
+            st.key = None;
+            st.rate_limiter = None;
+            for e in st.peers.values() {
+                lock(&e.peer).tunn.reset();
+            }
+            return;
+        }
+        if st.key.as_ref().is_some_and(|kp| kp.private == *k) {
+            return;
+        }
+        let secret = x25519::StaticSecret::from(*k.as_bytes());
+        let public = x25519::PublicKey::from(&secret);
+        let rl = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        // A peer with our own public key would be talking to ourselves; wireguard-go
+        // drops it too.
+        let own = PublicKey(public.to_bytes());
+        if st.peers.contains_key(&own) {
+            Self::remove_peer(st, &self.by_index, &own);
+        }
+        for e in st.peers.values() {
+            lock(&e.peer)
+                .tunn
+                .set_static_private(secret.clone(), public, Arc::clone(&rl));
+        }
+        st.key = Some(KeyPair {
+            private: k.clone(),
+            secret,
+            public,
+        });
+        st.rate_limiter = Some(rl);
+    }
+
+    fn remove_peer(st: &mut State, by_index: &Mutex<HashMap<u32, PeerRef>>, key: &PublicKey) {
+        if let Some(e) = st.peers.remove(key) {
+            st.order.retain(|k| k != key);
+            st.routes.retain(|p| !Arc::ptr_eq(p, &e.peer));
+            lock(by_index).retain(|_, p| !Arc::ptr_eq(p, &e.peer));
+        }
+    }
+
+    fn apply_peer(&self, st: &mut State, pc: &PeerConfig) {
+        if pc.remove {
+            Self::remove_peer(st, &self.by_index, &pc.public_key);
+            return;
+        }
+        if st
+            .key
+            .as_ref()
+            .is_some_and(|k| k.public.as_bytes() == pc.public_key.as_bytes())
+        {
+            return;
+        }
+        if !st.peers.contains_key(&pc.public_key) {
+            if pc.update_only {
+                return;
+            }
+            let peer = self.new_peer(st, &pc.public_key);
+            st.peers.insert(
+                pc.public_key,
+                PeerEntry {
+                    peer,
+                    allowed_ips: Vec::new(),
+                },
+            );
+            st.order.push(pc.public_key);
+        }
+        let Some(entry) = st.peers.get_mut(&pc.public_key) else {
+            return;
+        };
+        let peer_ref = Arc::clone(&entry.peer);
+        {
+            let mut peer = lock(&peer_ref);
+            if let Some(psk) = &pc.preshared_key {
+                peer.tunn
+                    .set_preshared_key((!psk.is_zero()).then(|| *psk.as_bytes()));
+            }
+            if let Some(e) = pc.endpoint {
+                peer.endpoint = Some(e);
+            }
+            if let Some(k) = pc.persistent_keepalive_interval {
+                peer.tunn.set_persistent_keepalive(Some(k));
+            }
+        }
+        if pc.replace_allowed_ips {
+            entry.allowed_ips.clear();
+            st.routes.retain(|p| !Arc::ptr_eq(p, &peer_ref));
+        }
+        let mut stolen = Vec::new();
+        for net in &pc.allowed_ips {
+            let net = net.trunc();
+            if let Some(old) = st.routes.insert(net, Arc::clone(&peer_ref)) {
+                if !Arc::ptr_eq(&old, &peer_ref) {
+                    stolen.push((old, net));
+                }
+            }
+            if let Some(entry) = st.peers.get_mut(&pc.public_key) {
+                if !entry.allowed_ips.contains(&net) {
+                    entry.allowed_ips.push(net);
+                }
+            }
+        }
+        // A prefix has one owner: moving it to this peer takes it from the other.
+        for (old, net) in stolen {
+            for e in st.peers.values_mut() {
+                if Arc::ptr_eq(&e.peer, &old) {
+                    e.allowed_ips.retain(|n| *n != net);
+                }
+            }
+        }
+    }
+
+    fn new_peer(&self, st: &State, key: &PublicKey) -> PeerRef {
+        let peer_public = x25519::PublicKey::from(*key.as_bytes());
+        // Without a device key the tunnel gets a throwaway one; the data path drops
+        // everything until a real key is set, which replaces it.
+        let (secret, rl) = match (&st.key, &st.rate_limiter) {
+            (Some(k), Some(rl)) => (k.secret.clone(), Arc::clone(rl)),
+            _ => {
+                let s = x25519::StaticSecret::from(*PrivateKey::generate().as_bytes());
+                let p = x25519::PublicKey::from(&s);
+                (s, Arc::new(RateLimiter::new(&p, HANDSHAKE_RATE_LIMIT)))
+            }
+        };
+        let tunn = Tunn::new(
+            secret,
+            peer_public,
+            None,
+            None,
+            self.index_table.clone(),
+            rl,
+        );
+        Arc::new(Mutex::new(Peer {
+            tunn,
+            endpoint: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }))
+    }
+
+    /// The device's state for a UAPI `get`, with handshake times relative to `now`.
+    pub fn snapshot(&self, now: SystemTime) -> DeviceSnapshot {
+        let st = self.read();
+        let mut snap = DeviceSnapshot {
+            private_key: st.key.as_ref().map(|k| k.private.clone()),
+            listen_port: st.bound_port,
+            fwmark: st.fwmark,
+            peers: Vec::with_capacity(st.order.len()),
+        };
+        for key in &st.order {
+            let Some(entry) = st.peers.get(key) else {
+                continue;
+            };
+            let mut peer = lock(&entry.peer);
+            let (since, _, _, _, _) = peer.tunn.stats();
+            if let Some(since) = since {
+                peer.last_handshake = now.checked_sub(since);
+            }
+            let mut p = PeerSnapshot::new(*key);
+            p.preshared_key = peer
+                .tunn
+                .preshared_key()
+                .map(wiremesh_uapi::PresharedKey::from_bytes);
+            p.endpoint = peer.endpoint;
+            p.persistent_keepalive_interval = peer.tunn.persistent_keepalive().unwrap_or(0);
+            let t = peer
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .unwrap_or(Duration::ZERO);
+            p.last_handshake_time_sec = t.as_secs();
+            p.last_handshake_time_nsec = t.subsec_nanos();
+            p.tx_bytes = peer.tx_bytes;
+            p.rx_bytes = peer.rx_bytes;
+            p.allowed_ips = entry.allowed_ips.clone();
+            snap.peers.push(p);
+        }
+        snap
+    }
+
+    /// Remembers which peer owns the session index we just announced in a handshake
+    /// message, so replies and data addressed to it find the peer.
+    fn register_index(&self, packet: &WgKind, peer: &PeerRef) {
+        let idx = match packet {
+            WgKind::HandshakeInit(p) => p.sender_idx.get(),
+            WgKind::HandshakeResp(p) => p.sender_idx.get(),
+            _ => return,
+        };
+        lock(&self.by_index).insert(idx, Arc::clone(peer));
+    }
+
+    fn peer_by_index(&self, idx: u32) -> Option<PeerRef> {
+        lock(&self.by_index).get(&idx).cloned()
+    }
+
+    /// Handles one UDP datagram from `src`, appending what to send and what to hand to
+    /// the TUN device. Anything unauthenticated is dropped without an answer, except a
+    /// cookie reply when under load.
+    pub fn handle_datagram(&self, datagram: BytesMut, src: SocketAddr, out: &mut Vec<Output>) {
+        let len = datagram.len() as u64;
+        let st = self.read();
+        let (Some(key), Some(rl)) = (&st.key, &st.rate_limiter) else {
+            return;
+        };
+        let packet = match rl.verify_packet(src, Packet::from_bytes(datagram)) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                out.push(Output::Network {
+                    dst: src,
+                    payload: cookie.into(),
+                });
+                return;
+            }
+            Err(_) => return,
+        };
+        let peer_ref = match &packet {
+            WgKind::HandshakeInit(p) => parse_handshake_anon(&key.secret, &key.public, p)
+                .ok()
+                .and_then(|h| st.peers.get(&PublicKey(h.peer_static_public)))
+                .map(|e| Arc::clone(&e.peer)),
+            WgKind::HandshakeResp(p) => self.peer_by_index(p.receiver_idx.get()),
+            WgKind::CookieReply(p) => self.peer_by_index(p.receiver_idx.get()),
+            WgKind::Data(p) => self.peer_by_index(p.header.receiver_idx.get()),
+        };
+        let Some(peer_ref) = peer_ref else {
+            return;
+        };
+        let mut peer = lock(&peer_ref);
+        match peer.tunn.handle_incoming_packet(packet) {
+            TunnResult::Done => peer.rx_bytes += len,
+            TunnResult::Err(e) => tracing::trace!(error = ?e, %src, "dropped packet"),
+            TunnResult::WriteToNetwork(reply) => {
+                // Authenticated: the peer is at `src` now (roaming, whitepaper §2.1).
+                peer.endpoint = Some(src);
+                peer.rx_bytes += len;
+                self.register_index(&reply, &peer_ref);
+                let reply: Packet = reply.into();
+                peer.tx_bytes += reply.len() as u64;
+                out.push(Output::Network {
+                    dst: src,
+                    payload: reply,
+                });
+                let mut mtu = MtuWatcher::new(self.mtu);
+                let queued: Vec<WgKind> = peer.tunn.get_queued_packets(&mut mtu).collect();
+                for p in queued {
+                    self.register_index(&p, &peer_ref);
+                    let p: Packet = p.into();
+                    peer.tx_bytes += p.len() as u64;
+                    out.push(Output::Network {
+                        dst: src,
+                        payload: p,
+                    });
+                }
+            }
+            TunnResult::WriteToTunnel(inner) => {
+                peer.endpoint = Some(src);
+                peer.rx_bytes += len;
+                if inner.is_empty() {
+                    return; // keepalive
+                }
+                // Validates the IP header and trims the padding (whitepaper §5.4.6).
+                let Ok(ip) = inner.try_into_ipvx() else {
+                    return;
+                };
+                let (source, bytes): (IpAddr, Packet) = ip.either(
+                    |v4| (v4.header.source().into(), v4.into()),
+                    |v6| (v6.header.source().into(), v6.into()),
+                );
+                // Cryptokey routing: only accept sources this peer is allowed to use.
+                if st
+                    .routes
+                    .lookup(source)
+                    .is_some_and(|owner| Arc::ptr_eq(owner, &peer_ref))
+                {
+                    out.push(Output::Tunnel(bytes));
+                } else {
+                    tracing::trace!(%source, "dropped packet from disallowed source");
+                }
+            }
+        }
+    }
+
+    /// Handles one IP packet read from the TUN device: returns the encrypted datagram
+    /// (or handshake initiation) to send, if any.
+    pub fn handle_tun_packet(&self, packet: BytesMut) -> Option<(SocketAddr, Packet)> {
+        let dst = ip_destination(&packet)?;
+        let st = self.read();
+        st.key.as_ref()?;
+        let peer_ref = Arc::clone(st.routes.lookup(dst)?);
+        let mut peer = lock(&peer_ref);
+        let endpoint = peer.endpoint?;
+        let mut mtu = MtuWatcher::new(self.mtu);
+        let wg = peer
+            .tunn
+            .handle_outgoing_packet(Packet::from_bytes(packet), Some(&mut mtu))?;
+        self.register_index(&wg, &peer_ref);
+        let wg: Packet = wg.into();
+        peer.tx_bytes += wg.len() as u64;
+        Some((endpoint, wg))
+    }
+
+    /// Runs every peer's timers (call every ~100-250 ms): handshake retries, rekeys,
+    /// keepalives, session expiry. Appends what to send.
+    pub fn tick(&self, out: &mut Vec<Output>) {
+        let st = self.read();
+        if let Some(rl) = &st.rate_limiter {
+            rl.try_reset_count();
+        }
+        // Indices of expired sessions were freed from the table; forget them here too.
+        lock(&self.by_index).retain(|idx, _| self.index_table.in_use(*idx));
+        if st.key.is_none() {
+            return;
+        }
+        for entry in st.peers.values() {
+            let mut peer = lock(&entry.peer);
+            let Some(dst) = peer.endpoint else {
+                continue;
+            };
+            match peer.tunn.update_timers() {
+                Ok(Some(p)) => {
+                    self.register_index(&p, &entry.peer);
+                    let p: Packet = p.into();
+                    peer.tx_bytes += p.len() as u64;
+                    out.push(Output::Network { dst, payload: p });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::trace!(error = ?e, "timer"),
+            }
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The threaded shell around [`Device`]: a TUN reader, one reader per UDP socket, a
+//! timer thread and the UAPI server, all with blocking I/O, as wireguard-go does.
+//!
+//! Every loop wakes at least every 200 ms to check the shared stop flag, so
+//! [`RunningDevice::shutdown`] returns promptly. The device stops by itself when the
+//! interface is deleted or its UAPI socket file is removed or replaced; the owner
+//! learns why from [`RunningDevice::poll_exit`].
+//!
+//! Batching (recvmmsg/sendmmsg, UDP GSO/GRO, TUN offloads) and parallel crypto slot in
+//! behind the same [`Device`] calls: readers would hand batches to it instead of
+//! single packets.
+
+use std::io;
+use std::os::linux::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use wiremesh_uapi::{Errno, Request};
+
+use crate::device::{Device, Output};
+use crate::tun::Tun;
+use crate::uapi_server::{self, Handler};
+use crate::udp::{self, UdpSockets};
+
+/// How often timers run.
+const TICK: Duration = Duration::from_millis(100);
+/// How long blocking waits last before re-checking the stop flag.
+const POLL: Duration = Duration::from_millis(200);
+/// Concurrent UAPI connections served; more are refused.
+const MAX_UAPI_CLIENTS: usize = 32;
+/// Largest datagram or packet read.
+const BUF_LEN: usize = 65536;
+
+/// How to start a device.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The interface name (at most 15 bytes).
+    pub ifname: String,
+    /// The TUN MTU.
+    pub mtu: u16,
+    /// Where the UAPI socket goes (`/var/run/wireguard`).
+    pub socket_dir: PathBuf,
+}
+
+impl Config {
+    /// Defaults for `ifname`: MTU 1420, socket in `/var/run/wireguard`.
+    pub fn new(ifname: impl Into<String>) -> Self {
+        Self {
+            ifname: ifname.into(),
+            mtu: crate::tun::DEFAULT_MTU,
+            socket_dir: PathBuf::from(uapi_server::DEFAULT_SOCKET_DIR),
+        }
+    }
+}
+
+/// Errors starting a device.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TUN interface could not be created or configured.
+    #[error("creating TUN interface {ifname}: {source}")]
+    Tun {
+        /// The interface name.
+        ifname: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The UAPI socket could not be created.
+    #[error("creating UAPI socket {path}: {source}")]
+    Uapi {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The UDP sockets could not be bound.
+    #[error("binding UDP sockets: {0}")]
+    Udp(io::Error),
+    /// A thread could not be spawned.
+    #[error("spawning thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Why a device stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The interface was deleted.
+    InterfaceDeleted,
+    /// The UAPI socket file was removed or replaced.
+    SocketRemoved,
+    /// Reading the TUN device failed.
+    TunError(String),
+}
+
+struct Shared {
+    device: Device,
+    tun: Tun,
+    sockets: RwLock<Option<Arc<UdpSockets>>>,
+    /// Bumped on every rebind; UDP readers of an older generation exit.
+    generation: AtomicU64,
+    readers: Mutex<Vec<JoinHandle<()>>>,
+    /// Serialises `set` requests, so rebinds never interleave.
+    config: Mutex<()>,
+    stop: AtomicBool,
+    exit: Mutex<Option<ExitReason>>,
+    uapi_clients: AtomicUsize,
+}
+
+/// A running device. Dropping it shuts it down.
+pub struct RunningDevice {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    socket_path: PathBuf,
+    socket_ino: u64,
+    ifindex: u32,
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(StartError::Thread)
+}
+
+impl Shared {
+    fn current_sockets(&self) -> Option<Arc<UdpSockets>> {
+        self.sockets
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_exit(&self, reason: ExitReason) {
+        let mut e = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        e.get_or_insert(reason);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn send_outputs(&self, sockets: Option<&UdpSockets>, out: &mut Vec<Output>) {
+        for o in out.drain(..) {
+            match o {
+                Output::Network { dst, payload } => {
+                    if let Some(s) = sockets {
+                        if let Err(e) = s.send_to(&payload, dst) {
+                            tracing::trace!(error = %e, %dst, "udp send failed");
+                        }
+                    }
+                }
+                Output::Tunnel(p) => {
+                    if let Err(e) = self.tun.send(&p) {
+                        tracing::trace!(error = %e, "tun write failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replaces the UDP sockets with ones bound to the configured port and mark.
+    fn rebind(self: &Arc<Self>) -> io::Result<()> {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let old_readers: Vec<_> =
+            std::mem::take(&mut *self.readers.lock().unwrap_or_else(PoisonError::into_inner));
+        for r in old_readers {
+            let _ = r.join();
+        }
+        let old = self
+            .sockets
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let old_port = old.as_ref().map_or(0, |s| s.port);
+        drop(old);
+        let port = self.device.listen_port();
+        let fwmark = self.device.fwmark();
+        // Another thread may hold a clone of the old sockets for one send; a few
+        // short retries ride that out.
+        let mut result = UdpSockets::bind(port, fwmark);
+        for _ in 0..20 {
+            match &result {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && port == old_port => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    result = UdpSockets::bind(port, fwmark);
+                }
+                _ => break,
+            }
+        }
+        let (sockets, res) = match result {
+            Ok(s) => (s, Ok(())),
+            // Keep the device reachable on its old port and report the failure.
+            Err(e) => (UdpSockets::bind(old_port, fwmark)?, Err(e)),
+        };
+        self.install(Arc::new(sockets)).map_err(io::Error::other)?;
+        res
+    }
+
+    fn install(self: &Arc<Self>, sockets: Arc<UdpSockets>) -> Result<(), StartError> {
+        self.device.set_bound_port(sockets.port);
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        for v6 in [false, true] {
+            let has = if v6 {
+                sockets.v6.is_some()
+            } else {
+                sockets.v4.is_some()
+            };
+            if has {
+                let me = Arc::clone(self);
+                let s = Arc::clone(&sockets);
+                let name = if v6 { "wg-udp6" } else { "wg-udp4" };
+                readers.push(spawn(name, move || me.udp_reader(&s, v6, generation))?);
+            }
+        }
+        *self.sockets.write().unwrap_or_else(PoisonError::into_inner) = Some(sockets);
+        tracing::info!(port = self.device_port(), "listening");
+        Ok(())
+    }
+
+    fn device_port(&self) -> u16 {
+        self.current_sockets().map_or(0, |s| s.port)
+    }
+
+    fn udp_reader(&self, sockets: &UdpSockets, v6: bool, generation: u64) {
+        let sock = if v6 { &sockets.v6 } else { &sockets.v4 };
+        let Some(sock) = sock else {
+            return;
+        };
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut out = Vec::new();
+        while !self.stop.load(Ordering::Relaxed)
+            && self.generation.load(Ordering::Relaxed) == generation
+        {
+            match udp::recv_from(sock, &mut buf) {
+                Ok(None) => {}
+                Ok(Some((n, src))) => {
+                    let Some(data) = buf.get(..n) else {
+                        continue;
+                    };
+                    self.device
+                        .handle_datagram(BytesMut::from(data), src, &mut out);
+                    self.send_outputs(Some(sockets), &mut out);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp receive failed");
+                    // Errors here are per-datagram (e.g. ICMP feedback); never spin.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    fn tun_reader(&self) {
+        let mut buf = vec![0u8; BUF_LEN];
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.tun.recv(&mut buf, POLL) {
+                Ok(None) => {}
+                Ok(Some(n)) => {
+                    let Some(data) = buf.get(..n) else {
+                        continue;
+                    };
+                    if let Some((dst, payload)) =
+                        self.device.handle_tun_packet(BytesMut::from(data))
+                    {
+                        if let Some(s) = self.current_sockets() {
+                            if let Err(e) = s.send_to(&payload, dst) {
+                                tracing::trace!(error = %e, %dst, "udp send failed");
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    self.set_exit(ExitReason::InterfaceDeleted);
+                }
+                Err(e) => {
+                    self.set_exit(ExitReason::TunError(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn timers(&self) {
+        let mut out = Vec::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            self.device.tick(&mut out);
+            let sockets = self.current_sockets();
+            self.send_outputs(sockets.as_deref(), &mut out);
+            std::thread::sleep(TICK);
+        }
+    }
+
+    fn uapi_acceptor(self: &Arc<Self>, listener: UnixListener) {
+        use std::os::fd::AsRawFd;
+        if listener.set_nonblocking(true).is_err() {
+            return;
+        }
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as libc::c_int) };
+            if rc <= 0 {
+                continue;
+            }
+            let Ok((stream, _)) = listener.accept() else {
+                continue;
+            };
+            if stream.set_nonblocking(false).is_err() {
+                continue;
+            }
+            if self.uapi_clients.fetch_add(1, Ordering::SeqCst) >= MAX_UAPI_CLIENTS {
+                self.uapi_clients.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            let me = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("wg-uapi-conn".into())
+                .spawn(move || {
+                    uapi_server::serve_connection(stream, &me);
+                    me.uapi_clients.fetch_sub(1, Ordering::SeqCst);
+                });
+            if spawned.is_err() {
+                self.uapi_clients.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Handler for Arc<Shared> {
+    fn handle(&self, request: Request) -> String {
+        match request {
+            Request::Get => self.device.snapshot(SystemTime::now()).render(),
+            Request::Set(req) => {
+                let _guard = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+                let outcome = self.device.apply(&req);
+                let mut errno = Errno::OK;
+                if outcome.rebind {
+                    if let Err(e) = self.rebind() {
+                        tracing::warn!(error = %e, "rebinding UDP sockets failed");
+                        errno = if e.kind() == io::ErrorKind::AddrInUse {
+                            Errno::EADDRINUSE
+                        } else {
+                            Errno::EIO
+                        };
+                    }
+                } else if outcome.fwmark_changed {
+                    if let Some(s) = self.current_sockets() {
+                        if let Err(e) = s.set_fwmark(self.device.fwmark()) {
+                            tracing::warn!(error = %e, "setting fwmark failed");
+                            errno = Errno::EIO;
+                        }
+                    }
+                }
+                wiremesh_uapi::render_errno(errno)
+            }
+        }
+    }
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path).ok().map(|m| m.st_ino())
+}
+
+impl RunningDevice {
+    /// Creates the interface, binds a random UDP port, opens the UAPI socket and
+    /// starts serving.
+    pub fn start(config: &Config) -> Result<Self, StartError> {
+        let tun_err = |source| StartError::Tun {
+            ifname: config.ifname.clone(),
+            source,
+        };
+        let tun = Tun::create(&config.ifname).map_err(tun_err)?;
+        tun.set_mtu(config.mtu).map_err(tun_err)?;
+        tun.set_up().map_err(tun_err)?;
+        let ifindex = tun.index().unwrap_or(0);
+        let socket_path = uapi_server::socket_path(&config.socket_dir, tun.name());
+        let listener = uapi_server::listen(&socket_path).map_err(|source| StartError::Uapi {
+            path: socket_path.clone(),
+            source,
+        })?;
+        let socket_ino = inode(&socket_path).unwrap_or(0);
+        let sockets = UdpSockets::bind(0, 0).map_err(StartError::Udp)?;
+        let shared = Arc::new(Shared {
+            device: Device::new(config.mtu),
+            tun,
+            sockets: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            readers: Mutex::new(Vec::new()),
+            config: Mutex::new(()),
+            stop: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            uapi_clients: AtomicUsize::new(0),
+        });
+        let mut dev = RunningDevice {
+            shared: Arc::clone(&shared),
+            threads: Vec::new(),
+            socket_path,
+            socket_ino,
+            ifindex,
+        };
+        shared.install(Arc::new(sockets))?;
+        let s = Arc::clone(&shared);
+        dev.threads.push(spawn("wg-tun", move || s.tun_reader())?);
+        let s = Arc::clone(&shared);
+        dev.threads.push(spawn("wg-timers", move || s.timers())?);
+        let s = Arc::clone(&shared);
+        dev.threads
+            .push(spawn("wg-uapi", move || s.uapi_acceptor(listener))?);
+        tracing::info!(ifname = dev.shared.tun.name(), "device started");
+        Ok(dev)
+    }
+
+    /// The interface name.
+    pub fn ifname(&self) -> &str {
+        self.shared.tun.name()
+    }
+
+    /// The UAPI socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// The protocol core, for in-process configuration.
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+
+    /// Checks, without blocking, whether the device must stop: the interface is gone,
+    /// the socket file was removed or replaced, or the TUN device failed.
+    pub fn poll_exit(&self) -> Option<ExitReason> {
+        if let Some(r) = self
+            .shared
+            .exit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Some(r);
+        }
+        if self.ifindex != 0 && self.shared.tun.index() != Some(self.ifindex) {
+            return Some(ExitReason::InterfaceDeleted);
+        }
+        if inode(&self.socket_path) != Some(self.socket_ino) {
+            return Some(ExitReason::SocketRemoved);
+        }
+        None
+    }
+
+    /// Stops every thread, closes the interface and removes the socket (if it is
+    /// still ours).
+    pub fn shutdown(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let readers: Vec<_> = std::mem::take(
+            &mut *self
+                .shared
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for r in readers {
+            let _ = r.join();
+        }
+        if self.socket_ino != 0 && inode(&self.socket_path) == Some(self.socket_ino) {
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
+        self.socket_ino = 0;
+    }
+}
+
+impl Drop for RunningDevice {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}

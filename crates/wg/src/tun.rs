@@ -1,0 +1,194 @@
+//! The Linux TUN adapter: open `/dev/net/tun` as a layer-3 interface without packet
+//! information headers (`IFF_TUN | IFF_NO_PI`), set its MTU, bring it up, and read
+//! and write whole IP packets.
+//!
+//! Reads wait with `poll(2)` and a timeout so the reading thread can notice shutdown.
+//! When the interface is deleted (`ip link del`), reads fail with `EBADFD`, which the
+//! runtime treats as "stop".
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+/// Default MTU, as wireguard-go and wg-quick use: 1500 minus IPv6 (40) + UDP (8) +
+/// WireGuard (32) overheads.
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// An open TUN interface. Closing it (drop) deletes the interface.
+#[derive(Debug)]
+pub struct Tun {
+    file: File,
+    name: String,
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+#[repr(C)]
+struct IfReqInt {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    value: libc::c_int,
+    _pad: [u8; 20],
+}
+
+fn ifname_bytes(name: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name must be 1-15 bytes without '/', space or NUL",
+        ));
+    }
+    let mut out = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (o, b) in out.iter_mut().zip(name.bytes()) {
+        *o = b as libc::c_char;
+    }
+    Ok(out)
+}
+
+/// A datagram socket used only as a handle for interface ioctls.
+fn ioctl_socket() -> io::Result<File> {
+    // SAFETY: plain socket(2) call; the fd is owned by the returned File.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, owned descriptor.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+impl Tun {
+    /// Creates (or attaches to) the TUN interface `name`.
+    pub fn create(name: &str) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let mut req = IfReqFlags {
+            name: ifname_bytes(name)?,
+            flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = req
+            .name
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(req.name.len());
+        let name = req.name[..len].iter().map(|&c| c as u8 as char).collect();
+        Ok(Self { file, name })
+    }
+
+    /// The kernel's name for the interface.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The interface index, or `None` if the interface is gone.
+    pub fn index(&self) -> Option<u32> {
+        let c = CString::new(self.name.as_str()).ok()?;
+        // SAFETY: c is a valid NUL-terminated string.
+        let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        (idx != 0).then_some(idx)
+    }
+
+    /// Sets the MTU.
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        let sock = ioctl_socket()?;
+        let mut req = IfReqInt {
+            name: ifname_bytes(&self.name)?,
+            value: libc::c_int::from(mtu),
+            _pad: [0; 20],
+        };
+        // SAFETY: SIOCSIFMTU reads an ifreq with ifr_mtu, laid out as `req`.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Brings the interface up.
+    pub fn set_up(&self) -> io::Result<()> {
+        let sock = ioctl_socket()?;
+        let mut req = IfReqFlags {
+            name: ifname_bytes(&self.name)?,
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS use an ifreq with ifr_flags, as `req`.
+        unsafe {
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            req.flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Waits up to `timeout` for a packet and reads it into `buf`. `Ok(None)` on
+    /// timeout.
+    pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        if rc == 0 {
+            return Ok(None);
+        }
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // The interface vanished under us: poll reports readable, read returns 0.
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Writes one IP packet.
+    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
+        // SAFETY: packet is valid for packet.len() bytes.
+        let n = unsafe { libc::write(self.fd(), packet.as_ptr().cast(), packet.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
