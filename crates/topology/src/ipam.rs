@@ -296,6 +296,28 @@ mod tests {
     }
 
     proptest! {
+        /// With taken prefixes of any size, in or out of the cluster, the block picked
+        /// is the lowest that overlaps none of them, as a naive scan finds it.
+        #[test]
+        fn picks_the_lowest_free_block(taken in proptest::collection::vec((0u32..1 << 13, 18u8..=28), 0..12)) {
+            let s = settings("10.42.0.0/20", 24, "100.64.0.0/24");
+            let taken: Vec<IpNet> = taken
+                .iter()
+                .map(|&(offset, len)| IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a2a_0000 + offset)), len).unwrap().trunc())
+                .collect();
+            let naive = s.cluster_cidr.subnets(24).unwrap().enumerate().find(|(_, b)| {
+                taken.iter().all(|t| !t.contains(&b.network()) && !b.contains(&t.network()))
+            });
+            match (allocate(&s, &taken), naive) {
+                (Ok(got), Some((i, block))) => {
+                    prop_assert_eq!(got.pod_cidr, block);
+                    prop_assert_eq!(got.mesh_ip, IpAddr::V4(Ipv4Addr::new(100, 64, 0, u8::try_from(i + 1).unwrap())));
+                }
+                (Err(IpamError::Exhausted { .. }), None) => {}
+                (got, naive) => prop_assert!(false, "allocate gave {:?}, the naive scan {:?}", got, naive),
+            }
+        }
+
         /// Allocating one block after another, with random blocks released in between,
         /// never hands out a pod CIDR or mesh IP that is still held, and every
         /// allocation's mesh IP is the one `mesh_ip_of` derives from its pod CIDR.

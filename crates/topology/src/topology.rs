@@ -101,6 +101,14 @@ pub enum TopologyError {
 
 /// The topology of node `this` in `snapshot`.
 ///
+/// With [`Granularity::Full`] every node peers with every other node and every
+/// external peer. With [`Granularity::Location`] a node peers with the nodes of
+/// its own location (over their private endpoints) and sends everything else to
+/// its leader; leaders peer with each other and with the external peers.
+/// `trust_location_network` matters only with `Location`; `Full` asks for a
+/// tunnel between every pair of nodes (in Kilo, full granularity likewise makes
+/// every node a location of its own).
+///
 /// Fails if `this` is not in the snapshot, or if the snapshot is inconsistent
 /// (duplicate names or keys, overlapping prefixes): WireGuard could not route
 /// such a mesh unambiguously, and every node would fail alike rather than each
