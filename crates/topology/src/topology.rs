@@ -6,7 +6,7 @@
 //! WireGuard's cryptokey routing needs exactly that: a packet is accepted only
 //! from the peer whose allowed IPs contain its source address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -324,13 +324,13 @@ fn endpoint_of(me: &Node, m: &Node, nodes_by_name: &[&Node]) -> Option<SocketAdd
 /// Reject snapshots WireGuard could not route unambiguously. This checks the whole
 /// cluster, not just `this`'s peers, so that all nodes fail (or succeed) together.
 fn validate(snapshot: &Snapshot) -> Result<(), TopologyError> {
-    let mut names: BTreeMap<&NodeName, ()> = BTreeMap::new();
+    let mut names: BTreeSet<&NodeName> = BTreeSet::new();
     let mut keys: BTreeMap<PublicKey, String> = BTreeMap::new();
     let mut prefixes: Vec<(IpNet, String)> = Vec::new();
     let mut sorted_nodes: Vec<&Node> = snapshot.nodes.iter().collect();
     sorted_nodes.sort_by(|a, b| a.name.cmp(&b.name));
     for n in &sorted_nodes {
-        if names.insert(&n.name, ()).is_some() {
+        if !names.insert(&n.name) {
             return Err(TopologyError::DuplicateNode {
                 name: n.name.clone(),
             });
