@@ -24,6 +24,7 @@ pub struct InstalledRoute {
 
 #[derive(Deserialize)]
 struct JsonRoute {
+    #[serde(default)]
     dst: String,
     dev: Option<String>,
     gateway: Option<String>,
@@ -110,6 +111,13 @@ pub fn configure_link(dev: &str, address: IpNet, mtu: u16) -> Result<(), HostErr
     run(&["ip", "address", "replace", addr.as_str(), "dev", dev])?;
     let mtu = mtu.to_string();
     run(&["ip", "link", "set", "dev", dev, "mtu", mtu.as_str(), "up"]).map(|_| ())
+}
+
+/// The interface the kernel would use to reach `addr` (for routes via a gateway).
+pub fn dev_towards(addr: IpAddr) -> Option<String> {
+    let out = run(&["ip", "-json", "route", "get", &addr.to_string()]).ok()?;
+    let routes: Vec<JsonRoute> = serde_json::from_str(&out).ok()?;
+    routes.into_iter().next()?.dev
 }
 
 pub fn link_exists(dev: &str) -> bool {

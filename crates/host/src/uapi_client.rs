@@ -6,6 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use wiremesh_uapi::{DeviceSnapshot, SetRequest};
+
 use crate::HostError;
 
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
@@ -55,17 +57,18 @@ pub fn exchange(path: &Path, request: &str) -> Result<String, HostError> {
     Ok(reply)
 }
 
-/// The device's whole state, as the `get=1` reply text.
-pub fn get(path: &Path) -> Result<String, HostError> {
-    exchange(path, "get=1\n\n")
+/// The device's whole state.
+pub fn get(path: &Path) -> Result<DeviceSnapshot, HostError> {
+    let reply = exchange(path, "get=1\n\n")?;
+    DeviceSnapshot::parse(&reply).map_err(|e| uapi_err(path, format!("malformed get reply: {e}")))
 }
 
-/// Apply a `set=1` body (its lines, without `set=1` and the final blank line).
-pub fn set(path: &Path, body: &str) -> Result<(), HostError> {
-    exchange(path, &format!("set=1\n{body}\n")).map(|_| ())
+/// Apply a configuration change.
+pub fn set(path: &Path, request: &SetRequest) -> Result<(), HostError> {
+    exchange(path, &request.render()).map(|_| ())
 }
 
 /// Whether a device answers on this socket.
 pub fn is_alive(path: &Path) -> bool {
-    get(path).is_ok()
+    exchange(path, "get=1\n\n").is_ok()
 }

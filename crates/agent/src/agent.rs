@@ -1,0 +1,330 @@
+//! The agent's loop. It owns every piece of the node's state; registry watch
+//! batches and a one-second tick are its only inputs.
+//!
+//! Start-up: key pair (made once, 0600) → settings → pod CIDR claim (compare-and-swap,
+//! remembered in the state dir) → device → lease + node record. Then, whenever a
+//! record that matters changes (and every `resync` anyway): snapshot → topology →
+//! plan against the device and routes → apply the difference. Failures are logged
+//! once here and retried on the next pass; the last applied state stays in place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use wiremesh_host::{nft, route, uapi_client, HostError};
+use wiremesh_model::{FieldError, Location, Node, NodeName, PrivateKey};
+use wiremesh_registry::{LeaseId, StoreError};
+use wiremesh_topology::{compute, Topology};
+use wiremesh_uapi::SetRequest;
+
+use crate::cluster::{Cluster, ClusterError, NodeStatus, PeerStatus};
+use crate::device::DeviceBackend;
+use crate::plan::{plan_device, plan_routes};
+use crate::{firewall, keys};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: NodeName,
+    pub location: Location,
+    pub state_dir: PathBuf,
+    /// WireGuard interface name (unique per host: UAPI sockets share one directory).
+    pub interface: String,
+    pub public_endpoint: Option<SocketAddr>,
+    pub private_endpoint: Option<SocketAddr>,
+    pub leader_preference: i32,
+    pub persistent_keepalive: Option<u16>,
+    pub device: DeviceBackend,
+    /// How long the node's records outlive its last heartbeat.
+    pub lease_ttl: Duration,
+    /// Full reconcile at least this often, even without registry events.
+    pub resync: Duration,
+    /// Remove the node's record, routes and rules on shutdown (the device stays unless asked).
+    pub leave_on_exit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("WireGuard device: {0}")]
+    Device(std::io::Error),
+    #[error("this node's record: {0}")]
+    Record(FieldError),
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+const BLOCK_FILE: &str = "pod-cidr";
+const TICK: Duration = Duration::from_millis(500);
+const STATUS_EVERY: Duration = Duration::from_secs(3);
+
+/// Run the agent until `stop` is set.
+pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
+    let state_err = |source| AgentError::State {
+        path: config.state_dir.display().to_string(),
+        source,
+    };
+    let private_key = keys::load_or_create(&config.state_dir).map_err(state_err)?;
+    let settings = cluster.settings()?;
+    let block_file = config.state_dir.join(BLOCK_FILE);
+    let previous: Option<IpNet> = std::fs::read_to_string(&block_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let block = cluster.claim_block(&config.name, &settings, previous)?;
+    std::fs::write(&block_file, format!("{}\n", block.pod_cidr)).map_err(state_err)?;
+    tracing::info!(node = %config.name, pod_cidr = %block.pod_cidr, mesh_ip = %block.mesh_ip, public_key = %private_key.public_key(), "joining the mesh");
+
+    let socket =
+        crate::device::ensure(&config.interface, &config.device).map_err(AgentError::Device)?;
+    // Key and port first, alone: a device must not send a peer's first handshake
+    // from the random port it started on (a NAT would map that port instead).
+    let identity = SetRequest {
+        private_key: Some(private_key.clone()),
+        listen_port: Some(settings.port),
+        ..SetRequest::default()
+    };
+    uapi_client::set(&socket, &identity)?;
+    let mesh_prefix = settings.mesh_cidr.prefix_len();
+    let address = IpNet::new(block.mesh_ip, mesh_prefix)
+        .map_err(|e| AgentError::Record(FieldError::new("mesh_ip", e)))?;
+    route::configure_link(&config.interface, address, settings.mtu)?;
+    route::enable_forwarding()?;
+
+    let mut me = Node {
+        name: config.name.clone(),
+        location: config.location.clone(),
+        public_key: private_key.public_key(),
+        public_endpoint: config.public_endpoint,
+        private_endpoint: config.private_endpoint,
+        pod_cidr: block.pod_cidr,
+        mesh_ip: block.mesh_ip,
+        persistent_keepalive: config.persistent_keepalive,
+        leader_preference: config.leader_preference,
+        observed_endpoints: Default::default(),
+        last_seen: unix_now(),
+    };
+    let mut state = LoopState {
+        lease: cluster.store.grant_lease(config.lease_ttl)?,
+        last_keepalive: Instant::now(),
+    };
+    cluster.put_node(&me, state.lease)?;
+
+    let (_, revision) = cluster.store.list(&cluster.prefix())?;
+    let mut watch = cluster.store.watch(&cluster.prefix(), revision)?;
+    let mut dirty = true;
+    let mut last_full = Instant::now();
+    let mut last_status = Instant::now() - STATUS_EVERY;
+    let mut reconciles: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match watch.recv_timeout(TICK) {
+            Ok(Some(batch)) => {
+                dirty |= batch
+                    .events
+                    .iter()
+                    .any(|e| cluster.affects_topology(e.key()))
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("registry watch ended ({e}); re-reading the registry");
+                dirty = true;
+                match cluster
+                    .store
+                    .list(&cluster.prefix())
+                    .and_then(|(_, rev)| cluster.store.watch(&cluster.prefix(), rev))
+                {
+                    Ok(w) => watch = w,
+                    Err(e) => {
+                        tracing::warn!("registry unavailable: {e}; the data plane keeps its last configuration");
+                        std::thread::sleep(TICK);
+                    }
+                }
+            }
+        }
+        if let Err(e) = state.heartbeat(&cluster, &me, config.lease_ttl) {
+            tracing::warn!("heartbeat failed: {e}");
+        }
+        if dirty || last_full.elapsed() >= config.resync {
+            match reconcile(&cluster, &config, &private_key, &socket, &mut me, &state) {
+                Ok(()) => {
+                    dirty = false;
+                    reconciles += 1;
+                    tracing::debug!(reconciles, "reconciled");
+                }
+                Err(e) => tracing::warn!("reconcile failed, will retry: {e}"),
+            }
+            last_full = Instant::now();
+        }
+        if last_status.elapsed() >= STATUS_EVERY {
+            last_status = Instant::now();
+            if let Err(e) = publish_status(&cluster, &config, &socket, state.lease) {
+                tracing::debug!("status not published: {e}");
+            }
+        }
+    }
+    if config.leave_on_exit {
+        tracing::info!(node = %config.name, "leaving the mesh");
+        cluster.delete_node(&config.name)?;
+        let _ = cluster.store.revoke_lease(state.lease);
+        for r in route::list_own()? {
+            let _ = route::delete(&r);
+        }
+        nft::delete_table("inet", firewall::TABLE)?;
+    }
+    Ok(())
+}
+
+struct LoopState {
+    lease: LeaseId,
+    last_keepalive: Instant,
+}
+
+impl LoopState {
+    /// Keep the lease alive; if it ended (the registry was away too long), take a new
+    /// one and publish the record again.
+    fn heartbeat(&mut self, cluster: &Cluster, me: &Node, ttl: Duration) -> Result<(), AgentError> {
+        if self.last_keepalive.elapsed() < ttl / 3 {
+            return Ok(());
+        }
+        match cluster.store.keep_alive(self.lease) {
+            Ok(()) => {}
+            Err(StoreError::LeaseNotFound { .. }) => {
+                tracing::warn!("lease ended; rejoining");
+                self.lease = cluster.store.grant_lease(ttl)?;
+                cluster.put_node(me, self.lease)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.last_keepalive = Instant::now();
+        Ok(())
+    }
+}
+
+fn reconcile(
+    cluster: &Cluster,
+    config: &AgentConfig,
+    private_key: &PrivateKey,
+    socket: &std::path::Path,
+    me: &mut Node,
+    state: &LoopState,
+) -> Result<(), AgentError> {
+    let (snapshot, bad, _) = cluster.snapshot()?;
+    for b in &bad {
+        tracing::warn!(key = %b.key, "ignoring a registry record: {}", b.error);
+    }
+    let topology: Topology = match compute(&snapshot, &config.name) {
+        Ok(t) => t,
+        // Our own record is not in the snapshot yet (just expired, or being rewritten).
+        Err(e) => {
+            tracing::info!("no topology yet: {e}");
+            cluster.put_node(me, state.lease)?;
+            return Ok(());
+        }
+    };
+    let device = uapi_client::get(socket)?;
+    if let Some(request) = plan_device(&topology, private_key, &device, unix_now()) {
+        tracing::info!(peers = request.peers.len(), "updating WireGuard peers");
+        uapi_client::set(socket, &request)?;
+    }
+    let plan = plan_routes(
+        &topology.routes,
+        &config.interface,
+        route::dev_towards,
+        &route::list_own()?,
+    );
+    for r in &plan.remove {
+        tracing::info!(dst = %r.dst, "removing route");
+        route::delete(r)?;
+    }
+    for r in &plan.replace {
+        tracing::info!(dst = %r.dst, dev = %r.dev, "installing route");
+        route::replace(r)?;
+    }
+    let s = &snapshot.settings;
+    nft::apply(&firewall::ruleset(
+        &config.interface,
+        s.cluster_cidr,
+        me.pod_cidr,
+        s.mesh_cidr,
+        s.trust_location_network,
+    ))?;
+
+    // NAT discovery: publish where we see peers that have no public endpoint.
+    let observed = snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.behind_nat() && n.name != me.name)
+        .filter_map(|n| {
+            let peer = device.peers.iter().find(|p| p.public_key == n.public_key)?;
+            Some((n.name.clone(), peer.endpoint?))
+        })
+        .collect();
+    if observed != me.observed_endpoints {
+        me.observed_endpoints = observed;
+        cluster.put_node(me, state.lease)?;
+    }
+    Ok(())
+}
+
+fn publish_status(
+    cluster: &Cluster,
+    config: &AgentConfig,
+    socket: &std::path::Path,
+    lease: LeaseId,
+) -> Result<(), AgentError> {
+    let device = uapi_client::get(socket)?;
+    let (snapshot, bad, _) = cluster.snapshot()?;
+    let name_of = |key| {
+        snapshot
+            .nodes
+            .iter()
+            .find(|n| n.public_key == key)
+            .map(|n| n.name.to_string())
+            .or_else(|| {
+                snapshot
+                    .peers
+                    .iter()
+                    .find(|p| p.public_key == key)
+                    .map(|p| p.name.to_string())
+            })
+            .unwrap_or_else(|| key.to_string())
+    };
+    let status = NodeStatus {
+        node: config.name.to_string(),
+        interface: config.interface.clone(),
+        peers: device
+            .peers
+            .iter()
+            .map(|p| PeerStatus {
+                name: name_of(p.public_key),
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.clone(),
+                last_handshake: p.last_handshake_time_sec,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect(),
+        rejected: bad
+            .iter()
+            .map(|b| format!("{}: {}", b.key, b.error))
+            .collect(),
+        updated: unix_now(),
+    };
+    cluster.put_status(&status, lease)?;
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! The node agent: turns the cluster's registry into this node's WireGuard peers,
+//! routes and firewall rules, and keeps them so.
+//!
+//! One loop owns all state ([`agent::run`]): registry events and a tick come in,
+//! the pure core computes the wanted [`wiremesh_topology::Topology`], [`plan`] diffs
+//! it against what the host has, and the host adapters apply only the difference.
+//! Unchanged peers are never touched, so a restarted agent drops no session.
+
+pub mod agent;
+pub mod cluster;
+pub mod device;
+pub mod firewall;
+pub mod keys;
+pub mod plan;
+
+pub use agent::{run, AgentConfig, AgentError};
+pub use cluster::{open_store, Cluster, NodeStatus, PeerStatus};

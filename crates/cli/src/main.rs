@@ -1,0 +1,140 @@
+//! `wiremesh`: the command users run. Each subcommand is a thin shell over the
+//! library crates: `agent` runs a node, `demo` builds a whole simulated cluster on
+//! this host, `status` and `graph` show the mesh from the registry.
+
+mod agent_cmd;
+mod demo;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// An encrypted WireGuard overlay for containers across nodes, clouds and edge sites.
+#[derive(Parser)]
+#[command(name = "wiremesh", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the cluster's records live.
+#[derive(Args, Clone)]
+pub struct RegistryArgs {
+    /// Registry address: `dir:/path` for the embedded one-host registry.
+    #[arg(
+        long,
+        env = "WIREMESH_REGISTRY",
+        default_value = "dir:/var/lib/wiremesh/registry"
+    )]
+    registry: String,
+    /// Cluster name: one registry can hold several clusters.
+    #[arg(long, env = "WIREMESH_CLUSTER", default_value = "default")]
+    cluster: String,
+}
+
+impl RegistryArgs {
+    fn open(&self) -> Result<wiremesh_agent::Cluster> {
+        let store = wiremesh_agent::open_store(&self.registry)?;
+        Ok(wiremesh_agent::Cluster::new(store, &self.cluster))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the cluster's settings (address plan, port, MTU, granularity) once.
+    Init(InitArgs),
+    /// Run this node's agent: join the mesh and keep its WireGuard peers, routes and rules up to date.
+    Agent(agent_cmd::AgentArgs),
+    /// Show nodes, locations, leaders, and each node's tunnels with their last handshake and bytes.
+    Status {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the mesh's topology as Graphviz DOT (or SVG with --svg, which needs `dot`).
+    Graph {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Render SVG with Graphviz's `dot`.
+        #[arg(long)]
+        svg: bool,
+    },
+    /// Build a demo cluster on this host (3 locations, 6 nodes, 12 containers) and show it working.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// All pod addresses of the cluster.
+    #[arg(long, default_value = "10.42.0.0/16")]
+    cluster_cidr: String,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    node_prefix_len: u8,
+    /// Addresses of the nodes' WireGuard interfaces.
+    #[arg(long, default_value = "100.64.0.0/16")]
+    mesh_cidr: String,
+    /// WireGuard UDP port of every node.
+    #[arg(long, default_value_t = 51820)]
+    port: u16,
+    /// MTU of the WireGuard interface.
+    #[arg(long, default_value_t = 1420)]
+    mtu: u16,
+    /// `full` (every node peers with every node) or `location` (one leader per location carries inter-site tunnels).
+    #[arg(long, default_value = "full")]
+    granularity: String,
+    /// Do not encrypt between nodes of one location (as Kilo does). Off by default: every cable is hostile.
+    #[arg(long)]
+    trust_location_network: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(a) => {
+            let record = wiremesh_model::ClusterSettingsRecord {
+                cluster_cidr: a.cluster_cidr,
+                node_prefix_len: a.node_prefix_len,
+                mesh_cidr: a.mesh_cidr,
+                port: a.port,
+                mtu: a.mtu,
+                granularity: a.granularity,
+                trust_location_network: a.trust_location_network,
+            };
+            let wanted = wiremesh_model::ClusterSettings::try_from(record)?;
+            let settings = a.registry.open()?.init(&wanted)?;
+            if settings != wanted {
+                eprintln!("the cluster was already initialised; its settings are unchanged:");
+            }
+            println!("{}", String::from_utf8_lossy(&settings.to_json()));
+            Ok(())
+        }
+        Command::Agent(a) => agent_cmd::run(a),
+        Command::Status { registry, json } => status::print(&registry.open()?, json),
+        Command::Graph { registry, svg } => status::graph(&registry.open()?, svg),
+        Command::Demo(a) => demo::run(a),
+    }
+}
+
+/// The directory for a node's state (private key, pod CIDR claim).
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/wiremesh")
+}
