@@ -521,3 +521,359 @@ impl Device {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two device cores (or a device and a bare gotatun tunnel) handing bytes to each
+    //! other in memory.
+    use super::*;
+    use wiremesh_uapi::PresharedKey;
+
+    const A_ADDR: &str = "192.0.2.1:51820";
+    const B_ADDR: &str = "192.0.2.2:51820";
+
+    struct Side {
+        dev: Device,
+        key: PrivateKey,
+    }
+
+    fn side() -> Side {
+        let key = PrivateKey::generate();
+        let dev = Device::new(1420);
+        dev.apply(&SetRequest {
+            private_key: Some(key.clone()),
+            ..Default::default()
+        });
+        Side { dev, key }
+    }
+
+    fn add_peer(
+        on: &Side,
+        other: &Side,
+        endpoint: &str,
+        allowed: &str,
+        psk: Option<&PresharedKey>,
+    ) {
+        let mut p = PeerConfig::new(other.key.public_key());
+        p.endpoint = Some(endpoint.parse().unwrap());
+        p.allowed_ips = vec![allowed.parse().unwrap()];
+        p.preshared_key = psk.cloned();
+        on.dev.apply(&SetRequest {
+            peers: vec![p],
+            ..Default::default()
+        });
+    }
+
+    /// A and B peered: A is 10.0.0.1 and reachable at `A_ADDR`, B 10.0.0.2 at `B_ADDR`.
+    fn pair() -> (Side, Side) {
+        let (a, b) = (side(), side());
+        let psk = PresharedKey::generate();
+        add_peer(&a, &b, B_ADDR, "10.0.0.2/32", Some(&psk));
+        add_peer(&b, &a, A_ADDR, "10.0.0.1/32", Some(&psk));
+        (a, b)
+    }
+
+    fn ipv4_udp(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> BytesMut {
+        let total = 28 + payload.len();
+        let mut p = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        let udp_len = 8 + payload.len();
+        p.extend_from_slice(&[
+            0x30,
+            0x39,
+            0x30,
+            0x39,
+            (udp_len >> 8) as u8,
+            udp_len as u8,
+            0,
+            0,
+        ]);
+        p.extend_from_slice(payload);
+        BytesMut::from(&p[..])
+    }
+
+    fn network(out: Vec<Output>) -> Vec<(SocketAddr, BytesMut)> {
+        out.into_iter()
+            .filter_map(|o| match o {
+                Output::Network { dst, payload } => Some((dst, BytesMut::from(&payload[..]))),
+                Output::Tunnel(_) => None,
+            })
+            .collect()
+    }
+
+    fn tunnel(out: &[Output]) -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Tunnel(p) => Some(p.to_vec()),
+                Output::Network { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Runs the handshake started by B sending `packet` to A; returns the data
+    /// messages B sent after the handshake and what A delivered to its TUN.
+    fn handshake_via_first_packet(a: &Side, b: &Side, packet: BytesMut) -> Vec<Vec<u8>> {
+        let a_addr: SocketAddr = A_ADDR.parse().unwrap();
+        let b_addr: SocketAddr = B_ADDR.parse().unwrap();
+        let (dst, init) = b
+            .dev
+            .handle_tun_packet(packet)
+            .expect("handshake initiation");
+        assert_eq!(dst, a_addr);
+        assert_eq!(init.len(), 148);
+        let mut out = Vec::new();
+        a.dev
+            .handle_datagram(BytesMut::from(&init[..]), b_addr, &mut out);
+        let resp = network(std::mem::take(&mut out));
+        assert_eq!(resp.len(), 1);
+        assert_eq!(resp[0].1.len(), 92);
+        b.dev.handle_datagram(resp[0].1.clone(), a_addr, &mut out);
+        // B answers with a keepalive, then the queued packet.
+        let msgs = network(out);
+        assert_eq!(msgs.len(), 2);
+        let mut delivered = Vec::new();
+        for (_, m) in msgs {
+            let mut out = Vec::new();
+            a.dev.handle_datagram(m, b_addr, &mut out);
+            delivered.extend(tunnel(&out));
+        }
+        delivered
+    }
+
+    #[test]
+    fn handshake_and_data_both_ways() {
+        let (a, b) = pair();
+        let pkt = ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"hello");
+        let delivered = handshake_via_first_packet(&a, &b, pkt.clone());
+        assert_eq!(delivered, vec![pkt.to_vec()]);
+        // A → B on the established session.
+        let back = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"world");
+        let (dst, msg) = a.dev.handle_tun_packet(back.clone()).expect("data");
+        assert_eq!(dst, B_ADDR.parse::<SocketAddr>().unwrap());
+        let mut out = Vec::new();
+        b.dev
+            .handle_datagram(BytesMut::from(&msg[..]), A_ADDR.parse().unwrap(), &mut out);
+        assert_eq!(tunnel(&out), vec![back.to_vec()]);
+        let snap = a.dev.snapshot(SystemTime::now());
+        assert!(snap.peers[0].last_handshake_time_sec > 0);
+        assert!(snap.peers[0].rx_bytes > 0 && snap.peers[0].tx_bytes > 0);
+    }
+
+    #[test]
+    fn replayed_data_is_rejected() {
+        let (a, b) = pair();
+        handshake_via_first_packet(&a, &b, ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"x"));
+        let pkt = ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"once");
+        let (_, msg) = b.dev.handle_tun_packet(pkt.clone()).expect("data");
+        let from: SocketAddr = B_ADDR.parse().unwrap();
+        let mut out = Vec::new();
+        a.dev
+            .handle_datagram(BytesMut::from(&msg[..]), from, &mut out);
+        assert_eq!(tunnel(&out), vec![pkt.to_vec()]);
+        let mut out = Vec::new();
+        a.dev
+            .handle_datagram(BytesMut::from(&msg[..]), from, &mut out);
+        assert!(out.is_empty(), "replay was accepted: {out:?}");
+        // A replay from elsewhere must not move the endpoint either.
+        let mut out = Vec::new();
+        a.dev.handle_datagram(
+            BytesMut::from(&msg[..]),
+            "198.51.100.9:1".parse().unwrap(),
+            &mut out,
+        );
+        assert!(out.is_empty());
+        assert_eq!(
+            a.dev.snapshot(SystemTime::now()).peers[0].endpoint,
+            Some(from)
+        );
+    }
+
+    #[test]
+    fn endpoint_roams_to_source_of_authenticated_packets() {
+        let (a, b) = pair();
+        handshake_via_first_packet(&a, &b, ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"x"));
+        let (_, msg) = b
+            .dev
+            .handle_tun_packet(ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"moved"))
+            .expect("data");
+        let new_addr: SocketAddr = "[2001:db8::2]:4000".parse().unwrap();
+        let mut out = Vec::new();
+        a.dev
+            .handle_datagram(BytesMut::from(&msg[..]), new_addr, &mut out);
+        assert_eq!(tunnel(&out).len(), 1);
+        let (dst, _) = a
+            .dev
+            .handle_tun_packet(ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"reply"))
+            .expect("data");
+        assert_eq!(dst, new_addr);
+    }
+
+    #[test]
+    fn disallowed_inner_source_is_dropped() {
+        let (a, b) = pair();
+        handshake_via_first_packet(&a, &b, ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"x"));
+        // B may send as 10.0.0.2 only; B routes 10.0.0.1 to A, so this encrypts fine.
+        let (_, msg) = b
+            .dev
+            .handle_tun_packet(ipv4_udp([10, 9, 9, 9], [10, 0, 0, 1], b"spoof"))
+            .expect("data");
+        let mut out = Vec::new();
+        a.dev
+            .handle_datagram(BytesMut::from(&msg[..]), B_ADDR.parse().unwrap(), &mut out);
+        assert!(tunnel(&out).is_empty());
+    }
+
+    #[test]
+    fn unknown_peer_and_garbage_get_no_answer() {
+        let (a, _b) = pair();
+        let stranger = side();
+        add_peer(&stranger, &a, A_ADDR, "10.0.0.1/32", None);
+        let (_, init) = stranger
+            .dev
+            .handle_tun_packet(ipv4_udp([10, 0, 0, 3], [10, 0, 0, 1], b"x"))
+            .expect("initiation");
+        let from: SocketAddr = "192.0.2.3:1".parse().unwrap();
+        let mut inputs: Vec<Vec<u8>> =
+            vec![init.to_vec(), vec![], vec![1], vec![4; 32], vec![4; 2000]];
+        for t in 1u8..=4 {
+            for len in [4usize, 16, 32, 64, 92, 148, 1500] {
+                let mut v = vec![0u8; len];
+                v[0] = t;
+                inputs.push(v);
+            }
+        }
+        for input in inputs {
+            let mut out = Vec::new();
+            a.dev
+                .handle_datagram(BytesMut::from(&input[..]), from, &mut out);
+            assert!(
+                out.is_empty(),
+                "answered {} bytes of type {:?}",
+                input.len(),
+                input.first()
+            );
+        }
+    }
+
+    #[test]
+    fn cookie_reply_under_handshake_flood() {
+        let (a, b) = pair();
+        // The attacker-controlled initiator is B's own tunnel, so its handshakes are
+        // valid: under load even valid ones must first prove their address.
+        let b_secret = x25519::StaticSecret::from(*b.key.as_bytes());
+        let a_public = x25519::PublicKey::from(*a.key.public_key().as_bytes());
+        let rl = Arc::new(RateLimiter::new(&x25519::PublicKey::from(&b_secret), 100));
+        let mut tunn = Tunn::new(
+            b_secret,
+            a_public,
+            None,
+            None,
+            IndexTable::from_os_rng(),
+            rl,
+        );
+        let from: SocketAddr = B_ADDR.parse().unwrap();
+        let mut cookie = None;
+        for _ in 0..(HANDSHAKE_RATE_LIMIT + 5) {
+            let init: Packet = tunn.format_handshake_initiation(true).expect("init").into();
+            let mut out = Vec::new();
+            a.dev
+                .handle_datagram(BytesMut::from(&init[..]), from, &mut out);
+            let msgs = network(out);
+            assert_eq!(msgs.len(), 1);
+            if msgs[0].1[0] == 3 {
+                cookie = Some(msgs[0].1.clone());
+                break;
+            }
+            assert_eq!(msgs[0].1[0], 2, "expected a handshake response");
+        }
+        let cookie = cookie.expect("no cookie reply under flood");
+        assert_eq!(cookie.len(), 64);
+        let cookie = Packet::from_bytes(cookie)
+            .try_into_wg()
+            .expect("cookie parses");
+        assert!(matches!(
+            tunn.handle_incoming_packet(cookie),
+            TunnResult::Done
+        ));
+        // With the cookie, the next initiation carries a valid mac2 and is answered.
+        let init: Packet = tunn.format_handshake_initiation(true).expect("init").into();
+        let mut out = Vec::new();
+        a.dev
+            .handle_datagram(BytesMut::from(&init[..]), from, &mut out);
+        let msgs = network(out);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].1[0], 2, "handshake with cookie not answered");
+    }
+
+    #[test]
+    fn config_semantics() {
+        let a = side();
+        let k1 = PrivateKey::generate().public_key();
+        let k2 = PrivateKey::generate().public_key();
+        let mut p1 = PeerConfig::new(k1);
+        p1.allowed_ips = vec![
+            "10.0.0.0/24".parse().unwrap(),
+            "10.0.1.5/24".parse().unwrap(),
+        ];
+        let mut p2 = PeerConfig::new(k2);
+        p2.allowed_ips = vec!["10.0.1.0/24".parse().unwrap()];
+        p2.persistent_keepalive_interval = Some(25);
+        a.dev.apply(&SetRequest {
+            listen_port: Some(5555),
+            peers: vec![p1, p2],
+            ..Default::default()
+        });
+        let s = a.dev.snapshot(SystemTime::now());
+        assert_eq!(s.peers.len(), 2);
+        assert_eq!(
+            s.peers[0].allowed_ips,
+            vec!["10.0.0.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            s.peers[1].allowed_ips,
+            vec!["10.0.1.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(s.peers[1].persistent_keepalive_interval, 25);
+        assert_eq!(a.dev.listen_port(), 5555);
+        // update_only on an unknown peer creates nothing; remove removes.
+        let mut p3 = PeerConfig::new(PrivateKey::generate().public_key());
+        p3.update_only = true;
+        let mut rm = PeerConfig::new(k1);
+        rm.remove = true;
+        a.dev.apply(&SetRequest {
+            peers: vec![p3, rm],
+            ..Default::default()
+        });
+        let s = a.dev.snapshot(SystemTime::now());
+        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.peers[0].public_key, k2);
+        // A peer with our own key is ignored.
+        a.dev.apply(&SetRequest {
+            peers: vec![PeerConfig::new(a.key.public_key())],
+            ..Default::default()
+        });
+        assert_eq!(a.dev.snapshot(SystemTime::now()).peers.len(), 1);
+        // replace_peers empties the table, and the key can be removed.
+        a.dev.apply(&SetRequest {
+            replace_peers: true,
+            private_key: Some(PrivateKey::from_bytes([0; 32])),
+            ..Default::default()
+        });
+        let s = a.dev.snapshot(SystemTime::now());
+        assert!(s.peers.is_empty() && s.private_key.is_none());
+    }
+}
