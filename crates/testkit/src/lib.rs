@@ -31,7 +31,7 @@ pub fn random_suffix(n: usize) -> String {
     (0..n)
         .map(|_| {
             let c = ALPHABET[(x % ALPHABET.len() as u64) as usize];
-            x = x / ALPHABET.len() as u64 ^ x.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            x = (x / ALPHABET.len() as u64) ^ x.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             c as char
         })
         .collect()
@@ -296,6 +296,7 @@ mod tests {
             return;
         }
         let path;
+        let mut child;
         {
             let a = Netns::new("kit").unwrap();
             let b = Netns::new("kit2").unwrap();
@@ -304,12 +305,14 @@ mod tests {
             veth_pair(&a, &b, "192.168.200.1/24", "192.168.200.2/24").unwrap();
             let out = a.exec_ok(&["ip", "-o", "addr"]).unwrap();
             assert!(out.contains("192.168.200.1"), "{out}");
-            let _child = a.spawn(&["sleep", "60"]).unwrap();
+            child = a.spawn(&["sleep", "60"]).unwrap();
             let bound = a
                 .run(|| std::net::UdpSocket::bind("192.168.200.1:0").is_ok())
                 .unwrap();
             assert!(bound, "thread did not join the namespace");
         }
         assert!(!path.exists(), "namespace not deleted");
+        // The guard terminated the process it started.
+        assert!(!child.wait().unwrap().success());
     }
 }
