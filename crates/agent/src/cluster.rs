@@ -153,6 +153,7 @@ impl Cluster {
             }
         }
         drop_conflicting_nodes(&mut snapshot, &mut bad, &nodes_prefix);
+        drop_conflicting_peers(&mut snapshot, &mut bad, &peers_prefix);
         Ok((snapshot, bad, revision))
     }
 
@@ -316,4 +317,66 @@ fn drop_conflicting_nodes(snapshot: &mut Snapshot, bad: &mut Vec<BadRecord>, nod
         }
     }
     snapshot.nodes = kept;
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// An external peer may not claim a node's prefixes, another peer's addresses, or
+/// a key already in use: such a record is dropped as bad, the rest stays.
+fn drop_conflicting_peers(snapshot: &mut Snapshot, bad: &mut Vec<BadRecord>, peers_prefix: &str) {
+    snapshot.peers.sort_by(|a, b| a.name.cmp(&b.name));
+    let node_prefixes: Vec<(String, IpNet)> = snapshot
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            [
+                (n.name.to_string(), n.pod_cidr),
+                (n.name.to_string(), IpNet::from(n.mesh_ip)),
+            ]
+        })
+        .collect();
+    let mut kept: Vec<ExternalPeer> = Vec::new();
+    for peer in std::mem::take(&mut snapshot.peers) {
+        let taken_key = snapshot
+            .nodes
+            .iter()
+            .any(|n| n.public_key == peer.public_key)
+            || kept.iter().any(|k| k.public_key == peer.public_key);
+        let clash = peer.allowed_ips.iter().find_map(|ip| {
+            let owner = node_prefixes
+                .iter()
+                .find(|(_, p)| overlaps(p, ip))
+                .map(|(n, _)| format!("node {n}"));
+            owner
+                .or_else(|| {
+                    kept.iter()
+                        .find(|k| k.allowed_ips.iter().any(|o| overlaps(o, ip)))
+                        .map(|k| format!("peer {}", k.name))
+                })
+                .map(|owner| {
+                    FieldError::new("allowed_ips", format!("{ip} overlaps {owner}'s addresses"))
+                })
+        });
+        let error = if taken_key {
+            Some(FieldError::new(
+                "public_key",
+                "already used by another node or peer",
+            ))
+        } else {
+            clash
+        };
+        match error {
+            Some(error) => {
+                let name = peer.name.to_string();
+                bad.push(BadRecord {
+                    key: format!("{peers_prefix}{name}"),
+                    error: error.within(&format!("peer {name}")),
+                })
+            }
+            None => kept.push(peer),
+        }
+    }
+    snapshot.peers = kept;
 }

@@ -137,3 +137,159 @@ pub fn plan_routes(
     plan.remove.retain(|r| !want.contains_key(&r.dst));
     plan
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wiremesh_topology::{Interface, Peer, PeerKind};
+    use wiremesh_uapi::PublicKey;
+
+    fn key(n: u8) -> PublicKey {
+        PrivateKey::from_bytes([n; 32]).public_key()
+    }
+
+    fn peer(n: u8, endpoint: Option<&str>, ips: &[&str]) -> Peer {
+        Peer {
+            name: format!("n{n}"),
+            kind: PeerKind::Node,
+            public_key: key(n),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            persistent_keepalive: None,
+        }
+    }
+
+    fn topology(peers: Vec<Peer>) -> Topology {
+        Topology {
+            this: "me".parse().unwrap(),
+            leaders: Default::default(),
+            interface: Interface {
+                address: "100.64.0.1/16".parse().unwrap(),
+                listen_port: 51820,
+                mtu: 1420,
+            },
+            routes: peers
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter().map(|d| Route::Tunnel { dst: *d }))
+                .collect(),
+            peers,
+        }
+    }
+
+    /// What a device reports after applying `request` to an empty device.
+    fn device_after(request: &SetRequest) -> DeviceSnapshot {
+        DeviceSnapshot {
+            private_key: request.private_key.clone(),
+            listen_port: request.listen_port.unwrap_or(0),
+            fwmark: 0,
+            peers: request
+                .peers
+                .iter()
+                .map(|p| PeerSnapshot {
+                    endpoint: p.endpoint,
+                    allowed_ips: p.allowed_ips.clone(),
+                    persistent_keepalive_interval: p.persistent_keepalive_interval.unwrap_or(0),
+                    ..PeerSnapshot::new(p.public_key)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn applying_the_plan_leaves_nothing_to_do() {
+        let me = PrivateKey::from_bytes([9; 32]);
+        let want = topology(vec![
+            peer(1, Some("10.0.0.1:51820"), &["10.42.1.0/24"]),
+            peer(2, None, &["10.42.2.0/24"]),
+        ]);
+        let first = plan_device(&want, &me, &DeviceSnapshot::default(), 1000)
+            .expect("an empty device needs everything");
+        assert_eq!(first.peers.len(), 2);
+        assert_eq!(plan_device(&want, &me, &device_after(&first), 1000), None);
+    }
+
+    #[test]
+    fn only_changed_peers_are_touched() {
+        let me = PrivateKey::from_bytes([9; 32]);
+        let before = topology(vec![
+            peer(1, Some("10.0.0.1:51820"), &["10.42.1.0/24"]),
+            peer(2, None, &["10.42.2.0/24"]),
+        ]);
+        let device =
+            device_after(&plan_device(&before, &me, &DeviceSnapshot::default(), 0).unwrap());
+        let after = topology(vec![
+            peer(1, Some("10.0.0.1:51820"), &["10.42.1.0/24", "10.42.7.0/24"]),
+            peer(3, None, &["10.42.3.0/24"]),
+        ]);
+        let plan = plan_device(&after, &me, &device, 0).unwrap();
+        let touched: Vec<(PublicKey, bool, bool)> = plan
+            .peers
+            .iter()
+            .map(|p| (p.public_key, p.update_only, p.remove))
+            .collect();
+        assert_eq!(
+            touched,
+            vec![
+                (key(1), true, false),
+                (key(3), false, false),
+                (key(2), false, true)
+            ]
+        );
+        assert!(plan.private_key.is_none() && plan.listen_port.is_none());
+    }
+
+    #[test]
+    fn a_roamed_endpoint_wins_while_its_session_lives() {
+        let me = PrivateKey::from_bytes([9; 32]);
+        let want = topology(vec![peer(1, Some("10.0.0.1:51820"), &["10.42.1.0/24"])]);
+        let mut device =
+            device_after(&plan_device(&want, &me, &DeviceSnapshot::default(), 0).unwrap());
+        device.peers[0].endpoint = Some("198.51.100.7:40000".parse().unwrap());
+        device.peers[0].last_handshake_time_sec = 1000;
+        assert_eq!(
+            plan_device(&want, &me, &device, 1010),
+            None,
+            "fresh session: keep the roamed endpoint"
+        );
+        let stale = plan_device(&want, &me, &device, 1000 + ROAMED_ENDPOINT_TRUST_SECS).unwrap();
+        assert_eq!(
+            stale.peers[0].endpoint,
+            Some("10.0.0.1:51820".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn routes_diff() {
+        let have = vec![
+            InstalledRoute {
+                dst: "10.42.1.0/24".parse().unwrap(),
+                dev: "wm0".into(),
+                via: None,
+            },
+            InstalledRoute {
+                dst: "10.42.2.0/24".parse().unwrap(),
+                dev: "wm0".into(),
+                via: None,
+            },
+        ];
+        let want = [
+            Route::Tunnel {
+                dst: "10.42.1.0/24".parse().unwrap(),
+            },
+            Route::Tunnel {
+                dst: "10.42.3.0/24".parse().unwrap(),
+            },
+        ];
+        let plan = plan_routes(&want, "wm0", |_| None, &have);
+        assert_eq!(plan.remove, vec![have[1].clone()]);
+        assert_eq!(
+            plan.replace
+                .iter()
+                .map(|r| r.dst.to_string())
+                .collect::<Vec<_>>(),
+            vec!["10.42.3.0/24"]
+        );
+        let same = plan_routes(&want[..1], "wm0", |_| None, &have[..1]);
+        assert!(same.is_empty());
+    }
+}
