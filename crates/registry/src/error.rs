@@ -16,6 +16,11 @@ pub enum StoreError {
     #[error("registry unavailable: {reason}")]
     Unavailable { reason: String },
 
+    /// The backend understood the request and said no: authentication,
+    /// permissions, a server-side limit.
+    #[error("registry refused the request: {reason}")]
+    Refused { reason: String },
+
     #[error("lease {0} not found: it expired or was revoked")]
     LeaseNotFound(LeaseId),
 

@@ -13,6 +13,7 @@
 //! Backends:
 //! - [`EmbeddedStore`]: a directory on one host, shared by several processes through
 //!   a lock file; for single-host clusters and tests, with no server to run.
+//! - `EtcdStore` (feature `etcd`): an etcd v3 cluster, for everything else.
 //!
 //! The API is blocking: the agent is a std-thread event loop, and a watch delivers
 //! on a [`std::sync::mpsc`] channel ([`Watch`]).
@@ -20,10 +21,14 @@
 pub mod conformance;
 mod embedded;
 mod error;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod store;
 mod watch;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use error::StoreError;
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use store::{Event, KeyValue, LeaseId, Revision, Store};
 pub use watch::{Watch, WatchBatch, WatchSender};

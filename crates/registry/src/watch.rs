@@ -24,10 +24,17 @@ pub struct WatchBatch {
 type Item = Result<WatchBatch, StoreError>;
 
 /// The consumer's end of a watch. Drop it to cancel the watch.
-#[derive(Debug)]
 pub struct Watch {
     rx: mpsc::Receiver<Item>,
     closed: Arc<AtomicBool>,
+    /// What the backend side needs alive for as long as the watch (a runtime).
+    _holds: Option<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
+    }
 }
 
 /// The backend's end of a watch.
@@ -47,8 +54,19 @@ impl Watch {
                 tx,
                 closed: closed.clone(),
             },
-            Watch { rx, closed },
+            Watch {
+                rx,
+                closed,
+                _holds: None,
+            },
         )
+    }
+
+    /// Keeps `resource` alive until the watch is dropped, so a watch outlives the
+    /// store handle it came from (the etcd backend's runtime, for one).
+    pub fn holding(mut self, resource: impl Send + 'static) -> Watch {
+        self._holds = Some(Box::new(resource));
+        self
     }
 
     /// Blocks for the next batch. An `Err` ends the watch.
