@@ -403,6 +403,13 @@ fn map_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
                 (Code::NotFound, Some(lease)) if reason.contains("lease not found") => {
                     StoreError::LeaseNotFound(lease)
                 }
+                // etcd reports failed or missing credentials as invalid arguments.
+                (Code::InvalidArgument, _)
+                    if reason.contains("authentication failed")
+                        || reason.contains("user name is empty") =>
+                {
+                    StoreError::Refused { reason }
+                }
                 (Code::InvalidArgument | Code::OutOfRange, _) => {
                     StoreError::InvalidArgument(reason)
                 }

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use etcd_cluster::EtcdCluster;
-use wiremesh_registry::{Event, Revision, Store, StoreError};
+use wiremesh_registry::{EtcdOptions, EtcdStore, Event, Revision, Store, StoreError};
 
 #[test]
 fn conformance_on_a_three_member_cluster() {
@@ -149,4 +149,81 @@ fn watch_outlives_its_store_handle() {
         .expect("a batch");
     assert_eq!(batch.events.len(), 1);
     assert_eq!(batch.events[0].mod_revision(), revision);
+}
+
+/// TLS with client certificates: the suite's basics over it, and a client
+/// without the cluster's CA cannot get in.
+#[test]
+fn tls_with_client_certificates() {
+    let Some(cluster) = EtcdCluster::start_tls(1) else {
+        return;
+    };
+    let open = || Box::new(cluster.connect()) as Box<dyn Store>;
+    wiremesh_registry::conformance::put_get_list_delete(&open);
+    wiremesh_registry::conformance::watch_in_order(&open);
+
+    let mut untrusted = cluster.options();
+    untrusted.tls = None;
+    let endpoints = cluster.endpoints();
+    let refused = EtcdStore::connect(&endpoints, untrusted).and_then(|s| s.get("k"));
+    assert!(
+        refused.is_err(),
+        "plain client read over a TLS port: {refused:?}"
+    );
+}
+
+/// etcd's own user/password authentication: right credentials work, wrong ones
+/// and none are `Refused`.
+#[test]
+fn user_and_password() {
+    if !etcd_cluster::on_path("etcdctl") {
+        println!("skipped: etcdctl not installed");
+        return;
+    }
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let endpoints = cluster.endpoints();
+    for args in [
+        &["user", "add", "root:test-password"][..],
+        &["auth", "enable"],
+    ] {
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        assert!(output.status.success(), "etcdctl {args:?}: {output:?}");
+    }
+    let with = |user: Option<(&str, &str)>| EtcdOptions {
+        user: user.map(|(u, p)| (u.to_owned(), p.to_owned())),
+        ..cluster.options()
+    };
+    let store =
+        EtcdStore::connect(&endpoints, with(Some(("root", "test-password")))).expect("connect");
+    let revision = store
+        .put("wiremesh-test/auth", b"v", None)
+        .expect("put with password");
+    assert_eq!(
+        store
+            .get("wiremesh-test/auth")
+            .expect("get")
+            .map(|kv| kv.mod_revision),
+        Some(revision)
+    );
+
+    let wrong =
+        EtcdStore::connect(&endpoints, with(Some(("root", "wrong")))).and_then(|s| s.get("k"));
+    assert!(
+        matches!(wrong, Err(StoreError::Refused { .. })),
+        "wrong password: {wrong:?}"
+    );
+    let none = EtcdStore::connect(&endpoints, with(None)).and_then(|s| s.get("k"));
+    assert!(
+        matches!(none, Err(StoreError::Refused { .. })),
+        "no credentials: {none:?}"
+    );
+    // The password never shows in the options' Debug form.
+    assert!(!format!("{:?}", with(Some(("root", "test-password")))).contains("test-password"));
 }
