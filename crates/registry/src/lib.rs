@@ -15,20 +15,26 @@
 //!   a lock file; for single-host clusters and tests, with no server to run.
 //! - `EtcdStore` (feature `etcd`): an etcd v3 cluster, for everything else.
 //!
+//! [`Address`] parses the `--registry` string that picks a backend and opens it.
+//!
 //! The API is blocking: the agent is a std-thread event loop, and a watch delivers
 //! on a [`std::sync::mpsc`] channel ([`Watch`]).
 
+mod address;
 pub mod conformance;
 mod embedded;
 mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod etcd_options;
 mod store;
 mod watch;
 
+pub use address::Address;
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use error::StoreError;
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
+pub use etcd::EtcdStore;
+pub use etcd_options::{EtcdOptions, EtcdTls};
 pub use store::{Event, KeyValue, LeaseId, Revision, Store};
 pub use watch::{Watch, WatchBatch, WatchSender};
