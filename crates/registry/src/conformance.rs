@@ -78,6 +78,14 @@ macro_rules! conformance_tests {
                 $crate::conformance::$case(&open);
             }
         )*
+
+        /// The list above is written out twice (here and `CASES`): keep them equal.
+        #[test]
+        fn conformance_macro_lists_every_case() {
+            let listed = [$(stringify!($case)),*];
+            let cases: Vec<&str> = $crate::conformance::CASES.iter().map(|(name, _)| *name).collect();
+            assert_eq!(listed.as_slice(), cases.as_slice());
+        }
     };
 }
 
