@@ -23,6 +23,7 @@ use etcd_client::{
 use tokio::runtime::Runtime;
 use tonic::Code;
 
+use crate::store::check_key;
 use crate::{
     EtcdOptions, Event, KeyValue, LeaseId, Revision, Store, StoreError, Watch, WatchBatch,
     WatchSender,
@@ -101,26 +102,31 @@ impl EtcdStore {
     }
 
     /// Runs one request on the runtime with a fresh handle on the shared client.
-    fn call<T, F>(&self, request: impl FnOnce(Client) -> F) -> Result<T, etcd_client::Error>
+    /// `lease` is the lease the request names, for a precise `LeaseNotFound`.
+    fn call<T, F>(
+        &self,
+        lease: Option<LeaseId>,
+        request: impl FnOnce(Client) -> F,
+    ) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.runtime.block_on(request(self.client.clone()))
+        self.runtime
+            .block_on(request(self.client.clone()))
+            .map_err(|e| map_error(e, lease))
     }
 }
 
 impl Store for EtcdStore {
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let response = self
-            .call(|mut c| async move { c.get(key, None).await })
-            .map_err(|e| map_error(e, None))?;
+        let response = self.call(None, |mut c| async move { c.get(key, None).await })?;
         Ok(response.kvs().iter().find_map(key_value))
     }
 
     fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let response = self
-            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .map_err(|e| map_error(e, None))?;
+        let response = self.call(None, |mut c| async move {
+            c.get(prefix, Some(GetOptions::new().with_prefix())).await
+        })?;
         let revision = header_revision(response.header());
         Ok((
             response.kvs().iter().filter_map(key_value).collect(),
@@ -130,9 +136,9 @@ impl Store for EtcdStore {
 
     fn put(&self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         check_key(key)?;
-        let response = self
-            .call(|mut c| async move { c.put(key, value, put_options(lease)).await })
-            .map_err(|e| map_error(e, lease))?;
+        let response = self.call(lease, |mut c| async move {
+            c.put(key, value, put_options(lease)).await
+        })?;
         Ok(header_revision(response.header()))
     }
 
@@ -158,16 +164,12 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key, value, put_options(lease))]);
-        let response = self
-            .call(|mut c| async move { c.txn(txn).await })
-            .map_err(|e| map_error(e, lease))?;
+        let response = self.call(lease, |mut c| async move { c.txn(txn).await })?;
         Ok(response.succeeded())
     }
 
     fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let response = self
-            .call(|mut c| async move { c.delete(key, None).await })
-            .map_err(|e| map_error(e, None))?;
+        let response = self.call(None, |mut c| async move { c.delete(key, None).await })?;
         Ok(response.deleted() > 0)
     }
 
@@ -180,9 +182,10 @@ impl Store for EtcdStore {
         // etcd counts whole seconds: round up, so a lease never ends early.
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
-        let response = self
-            .call(|mut c| async move { c.lease_grant(seconds, None).await })
-            .map_err(|e| map_error(e, None))?;
+        let response = self.call(
+            None,
+            |mut c| async move { c.lease_grant(seconds, None).await },
+        )?;
         if !response.error().is_empty() {
             return Err(StoreError::Refused {
                 reason: format!("lease grant: {}", response.error()),
@@ -194,13 +197,15 @@ impl Store for EtcdStore {
     fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         // Opening the keep-alive stream sends one keep-alive and checks its answer
         // (TTL 0: the lease is gone); that single round trip is all we need.
-        self.call(|mut c| async move { c.lease_keep_alive(lease.0).await.map(drop) })
-            .map_err(|e| map_error(e, Some(lease)))
+        self.call(Some(lease), |mut c| async move {
+            c.lease_keep_alive(lease.0).await.map(drop)
+        })
     }
 
     fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.call(|mut c| async move { c.lease_revoke(lease.0).await.map(drop) })
-            .map_err(|e| map_error(e, Some(lease)))
+        self.call(Some(lease), |mut c| async move {
+            c.lease_revoke(lease.0).await.map(drop)
+        })
     }
 
     fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
@@ -223,73 +228,89 @@ async fn follow(mut client: Client, prefix: String, after: Revision, tx: WatchSe
             .with_prefix()
             .with_start_revision(start)
             .with_progress_notify();
-        let mut stream = match client.watch(prefix.as_str(), Some(options)).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::debug!(error = %e, "registry watch: cannot open; retrying");
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(WATCH_RETRY_MAX);
-                continue;
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                message = stream.message() => message,
-                () = tokio::time::sleep(WATCH_CLOSED_CHECK) => {
-                    if tx.is_closed() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let response = match message {
-                Ok(Some(response)) => response,
-                Ok(None) => {
-                    tracing::debug!("registry watch: stream ended; re-opening");
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "registry watch: stream failed; re-opening");
-                    break;
-                }
-            };
-            if response.canceled() {
-                if response.compact_revision() > 0 {
-                    // etcd keeps history from compact_revision on; below it is gone.
-                    let compacted =
-                        u64::try_from(response.compact_revision() - 1).unwrap_or_default();
-                    tx.send(Err(StoreError::Compacted {
-                        requested: delivered,
-                        compacted,
-                    }));
+        match client.watch(prefix.as_str(), Some(options)).await {
+            Ok(mut stream) => {
+                if relay(&mut stream, &mut delivered, &mut retry, &tx).await == Relay::Stop {
                     return;
                 }
-                // Canceled for another reason (lost leader, say): open it again.
-                tracing::debug!(
-                    reason = response.cancel_reason(),
-                    "registry watch: canceled; re-opening"
-                );
-                break;
             }
-            retry = WATCH_RETRY_MIN;
-            let events: Vec<Event> = response
-                .events()
-                .iter()
-                .filter_map(event)
-                // A re-opened watch starts after `delivered`; this only guards it.
-                .filter(|e| e.mod_revision() > delivered)
-                .collect();
-            let Some(last) = events.last().map(Event::mod_revision) else {
-                continue;
-            };
-            delivered = last;
-            let revision = header_revision(response.header()).max(last);
-            if !tx.send(Ok(WatchBatch { revision, events })) {
-                return;
-            }
+            Err(e) => tracing::debug!(error = %e, "registry watch: cannot open; retrying"),
         }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(WATCH_RETRY_MAX);
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Relay {
+    /// The consumer is gone or the watch ended for good.
+    Stop,
+    /// The stream broke: open another from `delivered`.
+    Reopen,
+}
+
+/// Sends one stream's events on until it breaks, advancing `delivered` and
+/// resetting `retry` while it works.
+async fn relay(
+    stream: &mut etcd_client::WatchStream,
+    delivered: &mut Revision,
+    retry: &mut Duration,
+    tx: &WatchSender,
+) -> Relay {
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            () = tokio::time::sleep(WATCH_CLOSED_CHECK) => {
+                if tx.is_closed() {
+                    return Relay::Stop;
+                }
+                continue;
+            }
+        };
+        let response = match message {
+            Ok(Some(response)) => response,
+            Ok(None) => {
+                tracing::debug!("registry watch: stream ended; re-opening");
+                return Relay::Reopen;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "registry watch: stream failed; re-opening");
+                return Relay::Reopen;
+            }
+        };
+        if response.canceled() {
+            if response.compact_revision() > 0 {
+                // etcd keeps history from compact_revision on; below it is gone.
+                let compacted = u64::try_from(response.compact_revision() - 1).unwrap_or_default();
+                tx.send(Err(StoreError::Compacted {
+                    requested: *delivered,
+                    compacted,
+                }));
+                return Relay::Stop;
+            }
+            // Canceled for another reason (lost leader, say): open it again.
+            tracing::debug!(
+                reason = response.cancel_reason(),
+                "registry watch: canceled; re-opening"
+            );
+            return Relay::Reopen;
+        }
+        *retry = WATCH_RETRY_MIN;
+        let events: Vec<Event> = response
+            .events()
+            .iter()
+            .filter_map(event)
+            // A re-opened watch starts after `delivered`; this only guards it.
+            .filter(|e| e.mod_revision() > *delivered)
+            .collect();
+        let Some(last) = events.last().map(Event::mod_revision) else {
+            continue;
+        };
+        *delivered = last;
+        let revision = header_revision(response.header()).max(last);
+        if !tx.send(Ok(WatchBatch { revision, events })) {
+            return Relay::Stop;
+        }
     }
 }
 
@@ -327,13 +348,6 @@ fn event(e: &etcd_client::Event) -> Option<Event> {
             mod_revision: kv.mod_revision,
         },
     })
-}
-
-fn check_key(key: &str) -> Result<(), StoreError> {
-    if key.is_empty() {
-        return Err(StoreError::InvalidArgument("key must not be empty".into()));
-    }
-    Ok(())
 }
 
 /// Sorts etcd's errors into what a caller can act on. `lease` is the lease the

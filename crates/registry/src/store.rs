@@ -112,3 +112,11 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Compacted`] and ends: list again and watch from that listing.
     fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError>;
 }
+
+/// Keys are never empty (etcd refuses them); every backend checks the same way.
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() {
+        return Err(StoreError::InvalidArgument("key must not be empty".into()));
+    }
+    Ok(())
+}

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use state::{State, UnixMillis};
 
+use crate::store::check_key;
 use crate::{KeyValue, LeaseId, Revision, Store, StoreError, Watch, WatchBatch, WatchSender};
 
 const STATE_FILE: &str = "store.json";
@@ -294,13 +295,6 @@ fn poll(inner: &Inner, prefix: &str, after: Revision, tx: &WatchSender) {
         }
         thread::sleep(inner.options.poll_interval);
     }
-}
-
-fn check_key(key: &str) -> Result<(), StoreError> {
-    if key.is_empty() {
-        return Err(StoreError::InvalidArgument("key must not be empty".into()));
-    }
-    Ok(())
 }
 
 fn now_millis() -> UnixMillis {
