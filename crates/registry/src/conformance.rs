@@ -41,6 +41,10 @@ pub const CASES: &[(&str, Case)] = &[
     ("watch_in_order", watch_in_order),
     ("watch_from_past", watch_from_past),
     ("watch_sees_other_handles", watch_sees_other_handles),
+    (
+        "watch_with_concurrent_writers",
+        watch_with_concurrent_writers,
+    ),
     ("unknown_lease", unknown_lease),
     ("revoke_deletes_keys", revoke_deletes_keys),
     ("put_without_lease_detaches", put_without_lease_detaches),
@@ -67,7 +71,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $open;
             put_get_list_delete, revisions_increase, compare_and_put,
             compare_and_put_race, handles_share_data, watch_in_order, watch_from_past,
-            watch_sees_other_handles, unknown_lease, revoke_deletes_keys,
+            watch_sees_other_handles, watch_with_concurrent_writers, unknown_lease, revoke_deletes_keys,
             put_without_lease_detaches, lease_expiry_deletes_keys, keep_alive_extends);
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {
@@ -326,6 +330,38 @@ pub fn watch_sees_other_handles(open: Open) {
         delete_event(&*writer, &p, &key),
     ];
     expect_exactly(&watch, &*writer, &p, &expected);
+}
+
+/// Several handles write at once while a watch runs: it still delivers every
+/// write exactly once, in revision order.
+pub fn watch_with_concurrent_writers(open: Open) {
+    const WRITERS: usize = 3;
+    const WRITES: usize = 30;
+    let store = open();
+    let p = prefix("watch_with_concurrent_writers");
+    let rev = store.list(&p).expect("list").1;
+    let watch = store.watch(&p, rev).expect("watch");
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (writer, p) = (open(), p.clone());
+            thread::spawn(move || {
+                (0..WRITES)
+                    .map(|i| {
+                        let key = format!("{p}w{w}/k{}", i % 5);
+                        let value = format!("{w}.{i}");
+                        let rev = writer.put(&key, value.as_bytes(), None).expect("put");
+                        put_event(&key, value.as_bytes(), rev)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut expected: Vec<Event> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("writer panicked"))
+        .collect();
+    expected.sort_by_key(Event::mod_revision);
+    expect_exactly(&watch, &*store, &p, &expected);
 }
 
 /// Writing with, renewing or revoking a lease that does not exist is `LeaseNotFound`.
