@@ -139,24 +139,23 @@ mod tests {
 
     #[test]
     fn reserve_release_and_survive_reopen() {
-        let dir = std::env::temp_dir().join(format!("wm-cni-store-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let a = Attachment {
             container_id: "c1".into(),
             ifname: "eth0".into(),
         };
         let ip = Ipv4Addr::new(10, 42, 1, 9);
         {
-            let s = Store::open(&dir, "net").unwrap();
+            let s = Store::open(dir, "net").unwrap();
             s.reserve(ip, &a).unwrap();
             assert!(s.reserve(ip, &a).is_err(), "double reservation");
         }
-        let s = Store::open(&dir, "net").unwrap();
+        let s = Store::open(dir, "net").unwrap();
         assert_eq!(s.allocations().unwrap().get(&ip), Some(&Some(a)));
         assert_eq!(s.last_reserved(), Some(ip));
         s.release(ip).unwrap();
         s.release(ip).unwrap();
         assert!(s.allocations().unwrap().is_empty());
-        drop(s);
-        let _ = fs::remove_dir_all(&dir);
     }
 }
