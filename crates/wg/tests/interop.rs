@@ -1,0 +1,234 @@
+//! wiremesh-wg against Debian's wireguard-go and against itself, in real network
+//! namespaces: handshake, traffic, IPv6 over IPv4 and IPv4 over IPv6, a checksummed
+//! bulk TCP transfer, roaming mid-transfer, and silence towards unknown keys.
+//!
+//! Each test builds its own namespaces and uniquely named interfaces and tears them
+//! down on drop; each prints `skipped: ...` when it cannot run (not root, no tools).
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::{can_run, tcp_transfer, udp_echo, underlay, Family, Impl, Pair, PORT_A};
+
+const MB: u64 = 1 << 20;
+
+fn traffic(imp_a: Impl, imp_b: Impl, family: Family, bytes: u64) {
+    if !can_run(&[imp_a, imp_b]) {
+        return;
+    }
+    let p = Pair::new(imp_a, imp_b, family).expect("set up pair");
+    // A initiates.
+    let rtt = udp_echo(&p.a.ns, &p.b.ns, p.tun_b4, Duration::from_secs(10)).expect("echo v4");
+    println!("first echo after {rtt:?}");
+    udp_echo(&p.b.ns, &p.a.ns, p.tun_a6, Duration::from_secs(5)).expect("echo v6");
+    let took = tcp_transfer(&p.a.ns, &p.b.ns, p.tun_b4, bytes, u64::MAX, || {}).expect("tcp a→b");
+    println!(
+        "{} MiB a→b in {took:?} ({:.0} Mbit/s)",
+        bytes / MB,
+        bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
+    );
+    tcp_transfer(&p.b.ns, &p.a.ns, p.tun_a6, bytes / 4, u64::MAX, || {}).expect("tcp b→a over v6");
+    // Both sides saw the handshake and count traffic.
+    for n in [&p.a, &p.b] {
+        let s = n.get();
+        assert_eq!(s.peers.len(), 1);
+        assert!(
+            s.peers[0].last_handshake_time_sec > 0,
+            "{:?} no handshake",
+            n.imp
+        );
+        assert!(
+            s.peers[0].rx_bytes + s.peers[0].tx_bytes > bytes,
+            "{:?} counters",
+            n.imp
+        );
+    }
+    let shown = p.a.wg(&["show", &p.a.ifname]).expect("wg show");
+    assert!(shown.contains("latest handshake"), "{shown}");
+}
+
+#[test]
+fn wiremesh_to_wireguard_go_v4_underlay() {
+    traffic(Impl::Wiremesh, Impl::WireguardGo, Family::V4, 100 * MB);
+}
+
+#[test]
+fn wireguard_go_to_wiremesh_v6_underlay() {
+    traffic(Impl::WireguardGo, Impl::Wiremesh, Family::V6, 32 * MB);
+}
+
+#[test]
+fn wiremesh_to_wiremesh_v4_underlay() {
+    traffic(Impl::Wiremesh, Impl::Wiremesh, Family::V4, 100 * MB);
+}
+
+#[test]
+fn wiremesh_to_wiremesh_v6_underlay() {
+    traffic(Impl::Wiremesh, Impl::Wiremesh, Family::V6, 16 * MB);
+}
+
+/// How the roaming peer moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Move {
+    /// To a new IP address on the same link.
+    Address,
+    /// To a new UDP port (like a NAT rebinding).
+    Port,
+}
+
+/// B moves in the middle of an A → B transfer; A (ours) must follow B's
+/// authenticated packets to the new endpoint.
+fn roaming(imp_b: Impl, how: Move) {
+    if !can_run(&[Impl::Wiremesh, imp_b]) {
+        return;
+    }
+    let p = Pair::new(Impl::Wiremesh, imp_b, Family::V4).expect("set up pair");
+    p.a.ip(&["addr", "add", "192.168.51.1/24", "dev", &p.veth_a])
+        .expect("addr");
+    udp_echo(&p.a.ns, &p.b.ns, p.tun_b4, Duration::from_secs(10)).expect("echo");
+    let move_endpoint = || match how {
+        Move::Address => {
+            // B's traffic to A's endpoint leaves from the new address from now on (a
+            // host route with a preferred source), then the old address goes away.
+            p.b.ip(&["addr", "add", "192.168.51.2/24", "dev", &p.veth_b])
+                .expect("new addr");
+            p.b.ip(&[
+                "route",
+                "add",
+                "192.168.50.1/32",
+                "dev",
+                &p.veth_b,
+                "src",
+                "192.168.51.2",
+            ])
+            .expect("route");
+            p.b.ip(&["addr", "del", "192.168.50.2/24", "dev", &p.veth_b])
+                .expect("del old addr");
+        }
+        Move::Port => {
+            p.b.wg(&["set", &p.b.ifname, "listen-port", "51999"])
+                .expect("new port");
+        }
+    };
+    let move_b = || {
+        move_endpoint();
+        // WireGuard learns a peer's new endpoint from its next authenticated packet;
+        // a TCP receiver whose segments stopped arriving may never send one, so B
+        // says something (as an application or a persistent keepalive would).
+        p.b.ns
+            .run(|| {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.send_to(b"moved", SocketAddr::new(p.tun_a4, 9))
+            })
+            .expect("enter ns")
+            .expect("send from new endpoint");
+    };
+    tcp_transfer(&p.a.ns, &p.b.ns, p.tun_b4, 24 * MB, 4 * MB, move_b)
+        .expect("transfer survives the move");
+    let want = match how {
+        Move::Address => SocketAddr::new(IpAddr::from([192, 168, 51, 2]), common::PORT_B),
+        Move::Port => SocketAddr::new(underlay(Family::V4, 2), 51999),
+    };
+    assert_eq!(
+        p.a.get().peers[0].endpoint,
+        Some(want),
+        "endpoint did not roam"
+    );
+}
+
+/// wireguard-go's sticky source address keeps it sending from a deleted address, so
+/// against it the move is a port change.
+#[test]
+fn roaming_wireguard_go_peer_new_port() {
+    roaming(Impl::WireguardGo, Move::Port);
+}
+
+#[test]
+fn roaming_wiremesh_peer_new_address() {
+    roaming(Impl::Wiremesh, Move::Address);
+}
+
+#[test]
+fn roaming_wiremesh_peer_new_port() {
+    roaming(Impl::Wiremesh, Move::Port);
+}
+
+/// Nothing comes back on the UDP port for handshakes from unknown keys, handshakes
+/// for another key, or garbage; and the device keeps working afterwards.
+#[test]
+fn unknown_keys_and_garbage_get_no_answer() {
+    if !can_run(&[Impl::Wiremesh]) {
+        return;
+    }
+    let p = Pair::new(Impl::Wiremesh, Impl::Wiremesh, Family::V4).expect("set up pair");
+    let target = SocketAddr::new(underlay(Family::V4, 1), PORT_A);
+    let probe =
+        p.b.ns
+            .run(|| UdpSocket::bind("192.168.50.2:0"))
+            .expect("enter ns")
+            .expect("bind");
+    probe
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+
+    use gotatun::noise::index_table::IndexTable;
+    use gotatun::noise::rate_limiter::RateLimiter;
+    use gotatun::noise::Tunn;
+    use gotatun::packet::Packet;
+    use gotatun::x25519::{PublicKey, StaticSecret};
+    use std::sync::Arc;
+    let initiation = |ours: [u8; 32], theirs: [u8; 32]| -> Vec<u8> {
+        let secret = StaticSecret::from(ours);
+        let rl = Arc::new(RateLimiter::new(&PublicKey::from(&secret), 10));
+        let mut t = Tunn::new(
+            secret,
+            PublicKey::from(theirs),
+            None,
+            None,
+            IndexTable::from_os_rng(),
+            rl,
+        );
+        let init: Packet = t.format_handshake_initiation(false).expect("init").into();
+        init.to_vec()
+    };
+    let stranger = wiremesh_uapi::PrivateKey::generate();
+    let a_pub = *p.a.public_key().as_bytes();
+    let wrong_pub = *wiremesh_uapi::PrivateKey::generate()
+        .public_key()
+        .as_bytes();
+    let mut probes = vec![
+        initiation(*stranger.as_bytes(), a_pub),
+        initiation(*p.b.key.as_bytes(), wrong_pub),
+        vec![],
+        vec![0xff; 1],
+        vec![1, 0, 0, 0],
+        vec![4; 16],
+        vec![4; 1400],
+        vec![0u8; 148],
+        vec![0x45; 60],
+    ];
+    let mut resp = vec![0u8; 92];
+    resp[0] = 2;
+    probes.push(resp);
+    let mut cookie = vec![0u8; 64];
+    cookie[0] = 3;
+    probes.push(cookie);
+    for probe_bytes in &probes {
+        probe.send_to(probe_bytes, target).expect("send");
+    }
+    let mut buf = [0u8; 2048];
+    match probe.recv_from(&mut buf) {
+        Ok((n, from)) => panic!("device answered {n} bytes from {from}"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
+    // Still alive and serving its real peer.
+    udp_echo(&p.b.ns, &p.a.ns, p.tun_a4, Duration::from_secs(10)).expect("echo after probes");
+}
