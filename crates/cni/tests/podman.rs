@@ -27,6 +27,8 @@ const TOKEN: &str = "wiremesh-cni-e2e-ok";
 
 struct SimNode {
     ns: Netns,
+    /// The agent's WireGuard interface.
+    interface: String,
     state_dir: PathBuf,
     containers_conf: PathBuf,
     agent: Option<Child>,
@@ -54,6 +56,16 @@ impl SimNode {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Packets sent through the node's WireGuard interface so far.
+    fn wireguard_tx_packets(&self) -> u64 {
+        let out = self
+            .ns
+            .exec_ok(&["ip", "-json", "-s", "link", "show", "dev", &self.interface])
+            .unwrap_or_default();
+        let links: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        links[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0)
     }
 
     fn allocated(&self) -> Vec<String> {
@@ -243,6 +255,7 @@ fn containers_on_two_nodes_reach_each_other() {
                 .expect("starting an agent");
             SimNode {
                 ns,
+                interface,
                 state_dir,
                 containers_conf,
                 agent: Some(agent),
@@ -325,7 +338,9 @@ fn containers_on_two_nodes_reach_each_other() {
     let mtu = n1.podman_ok(&["exec", &client, "cat", "/sys/class/net/eth0/mtu"]);
     assert_eq!(mtu, "1420");
 
-    // Node 1's container reaches node 2's by address: ICMP, then HTTP.
+    // Node 1's container reaches node 2's by address: ICMP, then HTTP, through
+    // WireGuard (the agent's leak guard drops pod traffic leaving any other way).
+    let tx_before = n1.wireguard_tx_packets();
     let pinged = wait_until(Duration::from_secs(20), || {
         n1.podman(&["exec", &client, "ping", "-c", "1", "-W", "1", &server_ip])
             .status
@@ -336,6 +351,12 @@ fn containers_on_two_nodes_reach_each_other() {
         format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {server_ip} 8080");
     let page = n1.podman_ok(&["exec", &client, "sh", "-c", &request]);
     assert!(page.contains(TOKEN), "unexpected reply: {page}");
+    let tx_after = n1.wireguard_tx_packets();
+    assert!(
+        tx_after > tx_before,
+        "nothing went through {}",
+        n1.interface
+    );
 
     // Removing the container runs DEL through the chain: the address is free again.
     n1.podman_ok(&["rm", "-f", "-t", "0", &client]);
