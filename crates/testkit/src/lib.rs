@@ -186,7 +186,8 @@ impl Netns {
         })
     }
 
-    fn pids(&self) -> Vec<i32> {
+    /// The processes running in the namespace.
+    pub fn pids(&self) -> Vec<i32> {
         Command::new("ip")
             .args(["netns", "pids", &self.name])
             .output()
