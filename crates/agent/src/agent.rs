@@ -72,7 +72,8 @@ fn unix_now() -> u64 {
 
 const BLOCK_FILE: &str = "pod-cidr";
 const TICK: Duration = Duration::from_millis(500);
-const STATUS_EVERY: Duration = Duration::from_secs(3);
+/// Device reports are published after every change and at least this often.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Run the agent until `stop` is set.
 pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
@@ -120,6 +121,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         last_seen: unix_now(),
     };
     let mut state = LoopState {
+        firewall: None,
         lease: cluster.store.grant_lease(config.lease_ttl)?,
         last_keepalive: Instant::now(),
     };
@@ -133,12 +135,17 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     let mut reconciles: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         match watch.recv_timeout(TICK) {
-            Ok(Some(batch)) => {
+            Ok(Some(mut batch)) => loop {
                 dirty |= batch
                     .events
                     .iter()
-                    .any(|e| cluster.affects_topology(e.key()))
-            }
+                    .any(|e| cluster.affects_topology(e.key()));
+                // Coalesce a burst (many nodes joining) into one reconcile.
+                match watch.try_recv() {
+                    Ok(Some(next)) => batch = next,
+                    _ => break,
+                }
+            },
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!("registry watch ended ({e}); re-reading the registry");
@@ -159,10 +166,23 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         if let Err(e) = state.heartbeat(&cluster, &me, config.lease_ttl) {
             tracing::warn!("heartbeat failed: {e}");
         }
+        let mut device_changed = false;
         if dirty || last_full.elapsed() >= config.resync {
-            match reconcile(&cluster, &config, &private_key, &socket, &mut me, &state) {
-                Ok(()) => {
+            if !dirty {
+                // A periodic resync re-applies the firewall too, in case someone flushed it.
+                state.firewall = None;
+            }
+            match reconcile(
+                &cluster,
+                &config,
+                &private_key,
+                &socket,
+                &mut me,
+                &mut state,
+            ) {
+                Ok(changed) => {
                     dirty = false;
+                    device_changed = changed;
                     reconciles += 1;
                     tracing::debug!(reconciles, "reconciled");
                 }
@@ -170,7 +190,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
             }
             last_full = Instant::now();
         }
-        if last_status.elapsed() >= STATUS_EVERY {
+        if device_changed || last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
             if let Err(e) = publish_status(&cluster, &config, &socket, state.lease) {
                 tracing::debug!("status not published: {e}");
@@ -191,6 +211,8 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
 
 struct LoopState {
     lease: LeaseId,
+    /// The ruleset last applied, so an unchanged one is not reloaded on every pass.
+    firewall: Option<String>,
     last_keepalive: Instant,
 }
 
@@ -221,8 +243,8 @@ fn reconcile(
     private_key: &PrivateKey,
     socket: &std::path::Path,
     me: &mut Node,
-    state: &LoopState,
-) -> Result<(), AgentError> {
+    state: &mut LoopState,
+) -> Result<bool, AgentError> {
     let (snapshot, bad, _) = cluster.snapshot()?;
     for b in &bad {
         tracing::warn!(key = %b.key, "ignoring a registry record: {}", b.error);
@@ -233,13 +255,14 @@ fn reconcile(
         Err(e) => {
             tracing::info!("no topology yet: {e}");
             cluster.put_node(me, state.lease)?;
-            return Ok(());
+            return Ok(false);
         }
     };
     let device = uapi_client::get(socket)?;
-    if let Some(request) = plan_device(&topology, private_key, &device, unix_now()) {
+    let request = plan_device(&topology, private_key, &device, unix_now());
+    if let Some(request) = &request {
         tracing::info!(peers = request.peers.len(), "updating WireGuard peers");
-        uapi_client::set(socket, &request)?;
+        uapi_client::set(socket, request)?;
     }
     let plan = plan_routes(
         &topology.routes,
@@ -256,13 +279,17 @@ fn reconcile(
         route::replace(r)?;
     }
     let s = &snapshot.settings;
-    nft::apply(&firewall::ruleset(
+    let ruleset = firewall::ruleset(
         &config.interface,
         s.cluster_cidr,
         me.pod_cidr,
         s.mesh_cidr,
         s.trust_location_network,
-    ))?;
+    );
+    if state.firewall.as_ref() != Some(&ruleset) {
+        nft::apply(&ruleset)?;
+        state.firewall = Some(ruleset);
+    }
 
     // NAT discovery: publish where we see peers that have no public endpoint.
     let observed = snapshot
@@ -278,7 +305,7 @@ fn reconcile(
         me.observed_endpoints = observed;
         cluster.put_node(me, state.lease)?;
     }
-    Ok(())
+    Ok(request.is_some() || !plan.is_empty())
 }
 
 fn publish_status(

@@ -3,6 +3,7 @@
 //! this host, `status` and `graph` show the mesh from the registry.
 
 mod agent_cmd;
+mod bench;
 mod demo;
 mod status;
 
@@ -65,6 +66,9 @@ enum Command {
     },
     /// Build a demo cluster on this host (3 locations, 6 nodes, 12 containers) and show it working.
     Demo(demo::DemoArgs),
+    /// Benchmarks that build their own clusters on this host (as root).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Args)]
@@ -131,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { registry, json } => status::print(&registry.open()?, json),
         Command::Graph { registry, svg } => status::graph(&registry.open()?, svg),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(b) => bench::run(b),
     }
 }
 

@@ -36,6 +36,20 @@ pub fn delete(name: &str) -> Result<(), HostError> {
     run(&["ip", "netns", "delete", name]).map(|_| ())
 }
 
+/// Kill every process inside a namespace, then delete it (for tearing down test beds).
+pub fn kill_and_delete(name: &str) -> Result<(), HostError> {
+    if let Ok(pids) = run(&["ip", "netns", "pids", name]) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+    }
+    delete(name)
+}
+
 /// Names of all namespaces that start with `prefix`.
 pub fn list(prefix: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
