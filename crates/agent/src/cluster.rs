@@ -11,24 +11,23 @@
 //! out of the snapshot: it never stops the rest of the mesh.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName};
-use wiremesh_registry::{EmbeddedStore, LeaseId, Revision, Store, StoreError};
+use wiremesh_registry::{Address, EtcdOptions, LeaseId, Revision, Store, StoreError};
 use wiremesh_topology::{ipam, Snapshot};
 
-/// Open a registry from its address: `dir:/path` (or a bare path) for the embedded store.
+/// Open a registry from its address: `dir:/path` (or a bare path) for the embedded
+/// store, `etcd://host:port,...` (or `etcd+https://`) for etcd with default options.
 pub fn open_store(address: &str) -> Result<Arc<dyn Store>, StoreError> {
-    if let Some(rest) = address.strip_prefix("etcd://") {
-        return Err(StoreError::Unavailable {
-            reason: format!("etcd registry {rest}: this build has no etcd backend yet"),
-        });
-    }
-    let path = address.strip_prefix("dir:").unwrap_or(address);
-    Ok(Arc::new(EmbeddedStore::open(Path::new(path))?))
+    open_store_with(address, EtcdOptions::default())
+}
+
+/// [`open_store`] with etcd credentials and TLS.
+pub fn open_store_with(address: &str, etcd: EtcdOptions) -> Result<Arc<dyn Store>, StoreError> {
+    address.parse::<Address>()?.open(etcd)
 }
 
 /// A record the registry holds but wiremesh could not use.

@@ -14,4 +14,4 @@ pub mod keys;
 pub mod plan;
 
 pub use agent::{run, AgentConfig, AgentError};
-pub use cluster::{open_store, Cluster, NodeStatus, PeerStatus};
+pub use cluster::{open_store, open_store_with, Cluster, NodeStatus, PeerStatus};

@@ -9,8 +9,9 @@ mod status;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use wiremesh_registry::{EtcdOptions, EtcdTls};
 
 /// An encrypted WireGuard overlay for containers across nodes, clouds and edge sites.
 #[derive(Parser)]
@@ -23,7 +24,8 @@ struct Cli {
 /// Where the cluster's records live.
 #[derive(Args, Clone)]
 pub struct RegistryArgs {
-    /// Registry address: `dir:/path` for the embedded one-host registry.
+    /// Registry address: `dir:/path` for the embedded one-host registry, or
+    /// `etcd://host:port,host:port` (`etcd+https://` for TLS) for etcd.
     #[arg(
         long,
         env = "WIREMESH_REGISTRY",
@@ -33,11 +35,44 @@ pub struct RegistryArgs {
     /// Cluster name: one registry can hold several clusters.
     #[arg(long, env = "WIREMESH_CLUSTER", default_value = "default")]
     cluster: String,
+    /// etcd user name; the password comes from WIREMESH_ETCD_PASSWORD (never a flag: flags show in `ps`).
+    #[arg(long, env = "WIREMESH_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, env = "WIREMESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-cert-auth; needs --etcd-key.
+    #[arg(long, env = "WIREMESH_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Client private key (PEM) for --etcd-cert.
+    #[arg(long, env = "WIREMESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 impl RegistryArgs {
     fn open(&self) -> Result<wiremesh_agent::Cluster> {
-        let store = wiremesh_agent::open_store(&self.registry)?;
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let mut etcd = EtcdOptions::default();
+        if let Some(user) = &self.etcd_user {
+            let password = std::env::var("WIREMESH_ETCD_PASSWORD")
+                .context("--etcd-user needs the password in WIREMESH_ETCD_PASSWORD")?;
+            etcd.user = Some((user.clone(), password));
+        }
+        if let Some(ca) = &self.etcd_ca {
+            let identity = match (&self.etcd_cert, &self.etcd_key) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            };
+            etcd.tls = Some(EtcdTls {
+                ca_pem: read(ca)?,
+                identity,
+                domain: None,
+            });
+        }
+        let store = wiremesh_agent::open_store_with(&self.registry, etcd)
+            .with_context(|| format!("opening the registry {}", self.registry))?;
         Ok(wiremesh_agent::Cluster::new(store, &self.cluster))
     }
 }
