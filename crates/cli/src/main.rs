@@ -5,6 +5,7 @@
 mod agent_cmd;
 mod bench;
 mod demo;
+mod peers;
 mod status;
 
 use std::path::PathBuf;
@@ -99,6 +100,12 @@ enum Command {
         #[arg(long)]
         svg: bool,
     },
+    /// External peers: devices outside the cluster (laptops, VMs, phones).
+    #[command(subcommand)]
+    Peer(peers::PeerCommand),
+    /// Print the WireGuard config of an external peer (wg-quick) or of a node.
+    #[command(subcommand)]
+    Showconf(peers::ShowconfCommand),
     /// Build a demo cluster on this host (3 locations, 6 nodes, 12 containers) and show it working.
     Demo(demo::DemoArgs),
     /// Benchmarks that build their own clusters on this host (as root).
@@ -134,6 +141,14 @@ struct InitArgs {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`wiremesh status | head`), as command-line tools do.
+    // SAFETY: setting a signal's disposition to its default installs no handler code.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -170,6 +185,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { registry, json } => status::print(&registry.open()?, json),
         Command::Graph { registry, svg } => status::graph(&registry.open()?, svg),
         Command::Demo(a) => demo::run(a),
+        Command::Peer(c) => peers::run_peer(c),
+        Command::Showconf(c) => peers::run_showconf(c),
         Command::Bench(b) => bench::run(b),
     }
 }

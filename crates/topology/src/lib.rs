@@ -14,6 +14,7 @@
 //! the order of its nodes or peers; everything is sorted.
 
 mod dot;
+mod external;
 pub mod ipam;
 mod leader;
 mod topology;
@@ -21,6 +22,7 @@ mod topology;
 use wiremesh_model::{ClusterSettings, ExternalPeer, Node};
 
 pub use dot::render_dot;
+pub use external::external_view;
 pub use leader::leaders;
 pub use topology::{compute, Interface, Peer, PeerKind, Route, Topology, TopologyError};
 

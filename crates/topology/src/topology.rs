@@ -76,6 +76,8 @@ pub enum Route {
 pub enum TopologyError {
     #[error("node {name} is not in the snapshot (is its lease expired?)")]
     UnknownNode { name: NodeName },
+    #[error("external peer {name} is not in the registry")]
+    UnknownPeer { name: wiremesh_model::PeerName },
     #[error("node name {name} is used by more than one node")]
     DuplicateNode { name: NodeName },
     #[error("public key {public_key} is used by both {first} and {second}")]
@@ -323,7 +325,7 @@ fn endpoint_of(me: &Node, m: &Node, nodes_by_name: &[&Node]) -> Option<SocketAdd
 
 /// Reject snapshots WireGuard could not route unambiguously. This checks the whole
 /// cluster, not just `this`'s peers, so that all nodes fail (or succeed) together.
-fn validate(snapshot: &Snapshot) -> Result<(), TopologyError> {
+pub(crate) fn validate(snapshot: &Snapshot) -> Result<(), TopologyError> {
     let mut names: BTreeSet<&NodeName> = BTreeSet::new();
     let mut keys: BTreeMap<PublicKey, String> = BTreeMap::new();
     let mut prefixes: Vec<(IpNet, String)> = Vec::new();
