@@ -51,6 +51,6 @@ pub fn external_view(snapshot: &Snapshot, name: &PeerName) -> Result<Vec<Peer>, 
             })
             .collect(),
     };
-    peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+    peers.sort_by_key(|p| p.public_key);
     Ok(peers)
 }
