@@ -99,6 +99,8 @@ fn main() {
                 ms(median),
                 ms(min)
             );
+            // With full granularity every node is alike; with locations a leader
+            // carries the other locations' tunnels and a follower does not.
             let elected = leaders(&snapshot);
             let leader: NodeName = elected.values().next().expect("a leader").clone();
             let follower = snapshot
@@ -106,11 +108,14 @@ fn main() {
                 .iter()
                 .map(|n| &n.name)
                 .find(|n| !elected.values().any(|l| l == *n));
-            let subjects = [
-                Some(("compute, leader", leader)),
-                follower.map(|f| ("compute, follower", f.clone())),
-            ];
-            for (what, name) in subjects.into_iter().flatten() {
+            let subjects = match granularity {
+                Granularity::Full => vec![("compute", leader)],
+                Granularity::Location => {
+                    let follower = follower.expect("locations have followers").clone();
+                    vec![("compute, leader", leader), ("compute, follower", follower)]
+                }
+            };
+            for (what, name) in subjects {
                 let topology = compute(&snapshot, &name).expect("a consistent cluster");
                 let allowed: usize = topology.peers.iter().map(|p| p.allowed_ips.len()).sum();
                 let (median, min) = time(|| compute(&snapshot, &name));
