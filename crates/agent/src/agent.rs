@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -22,6 +22,7 @@ use wiremesh_uapi::SetRequest;
 
 use crate::cluster::{Cluster, ClusterError, NodeStatus, PeerStatus};
 use crate::device::DeviceBackend;
+use crate::metrics::Metrics;
 use crate::plan::{plan_device, plan_routes};
 use crate::{firewall, keys};
 
@@ -43,6 +44,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Remove the node's record, routes and rules on shutdown (the device stays unless asked).
     pub leave_on_exit: bool,
+    /// Serve Prometheus metrics on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +135,16 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     let mut dirty = true;
     let mut last_full = Instant::now();
     let mut last_status = Instant::now() - STATUS_EVERY;
-    let mut reconciles: u64 = 0;
+    let metrics = Arc::new(Mutex::new(Metrics {
+        node: config.name.to_string(),
+        ..Metrics::default()
+    }));
+    if let Some(addr) = config.metrics {
+        crate::metrics::serve(addr, metrics.clone()).map_err(|e| {
+            AgentError::Device(std::io::Error::other(format!("metrics on {addr}: {e}")))
+        })?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    }
     while !stop.load(Ordering::Relaxed) {
         match watch.recv_timeout(TICK) {
             Ok(Some(mut batch)) => loop {
@@ -172,28 +184,41 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
                 // A periodic resync re-applies the firewall too, in case someone flushed it.
                 state.firewall = None;
             }
-            match reconcile(
+            let started = Instant::now();
+            let result = reconcile(
                 &cluster,
                 &config,
                 &private_key,
                 &socket,
                 &mut me,
                 &mut state,
-            ) {
+            );
+            let mut m = metrics.lock().unwrap_or_else(PoisonError::into_inner);
+            m.last_reconcile = started.elapsed();
+            match result {
                 Ok(changed) => {
                     dirty = false;
                     device_changed = changed;
-                    reconciles += 1;
-                    tracing::debug!(reconciles, "reconciled");
+                    m.reconciles += 1;
                 }
-                Err(e) => tracing::warn!("reconcile failed, will retry: {e}"),
+                Err(e) => {
+                    m.reconcile_errors += 1;
+                    tracing::warn!("reconcile failed, will retry: {e}");
+                }
             }
+            drop(m);
             last_full = Instant::now();
         }
         if device_changed || last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
-            if let Err(e) = publish_status(&cluster, &config, &socket, state.lease) {
-                tracing::debug!("status not published: {e}");
+            match publish_status(&cluster, &config, &socket, state.lease) {
+                Ok(status) => {
+                    let mut m = metrics.lock().unwrap_or_else(PoisonError::into_inner);
+                    m.rejected_records = status.rejected.len();
+                    m.now = status.updated;
+                    m.peers = status.peers;
+                }
+                Err(e) => tracing::debug!("status not published: {e}"),
             }
         }
     }
@@ -313,7 +338,7 @@ fn publish_status(
     config: &AgentConfig,
     socket: &std::path::Path,
     lease: LeaseId,
-) -> Result<(), AgentError> {
+) -> Result<NodeStatus, AgentError> {
     let device = uapi_client::get(socket)?;
     let (snapshot, bad, _) = cluster.snapshot()?;
     let name_of = |key| {
@@ -353,5 +378,5 @@ fn publish_status(
         updated: unix_now(),
     };
     cluster.put_status(&status, lease)?;
-    Ok(())
+    Ok(status)
 }

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod device;
 pub mod firewall;
 pub mod keys;
+pub mod metrics;
 pub mod plan;
 
 pub use agent::{run, AgentConfig, AgentError};

@@ -51,6 +51,9 @@ pub struct AgentArgs {
     /// Remove this node's record, routes and rules when the agent stops.
     #[arg(long)]
     leave_on_exit: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9586).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 pub fn run(a: AgentArgs) -> Result<()> {
@@ -76,6 +79,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
         lease_ttl: Duration::from_secs(a.lease_ttl.max(2)),
         resync: Duration::from_secs(10),
         leave_on_exit: a.leave_on_exit,
+        metrics: a.metrics,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

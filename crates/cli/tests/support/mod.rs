@@ -1,0 +1,368 @@
+//! The test bed of the end-to-end tests: real `wiremesh agent` processes driving real
+//! `wiremesh-wg` devices, one per simulated node (a network namespace), nodes joined
+//! by a bridge (in the `fabric` namespace) that stands for their network, pods as
+//! namespaces of their own. The registry is a directory, or a real etcd cluster whose
+//! members run in the fabric namespace on addresses of the bridge, so agents reach
+//! it over their node's link.
+//!
+//! Each test builds its own uniquely named namespaces and cluster; the guards remove
+//! them even when a test fails.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+#[path = "../../src/bench/etcd.rs"]
+mod etcd;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use wiremesh_host::{netns, pod, probe};
+use wiremesh_testkit::{cargo_bin, random_suffix, wait_until, Netns};
+
+pub use etcd::LocalEtcd;
+
+const PORT: u16 = 51820;
+
+pub struct TestNode {
+    pub name: String,
+    pub ns: Netns,
+    pub pod: Netns,
+    pub ifname: String,
+    pub lan_ip: Ipv4Addr,
+    pub public: bool,
+    pub location: String,
+    pub agent: Option<Child>,
+    pub pod_ip: Option<Ipv4Addr>,
+}
+
+pub struct Mesh {
+    /// The etcd members, if the registry is etcd (dropped, so killed, before `dir` goes).
+    pub etcd: Option<LocalEtcd>,
+    pub dir: tempfile::TempDir,
+    pub cluster: String,
+    pub fabric: Netns,
+    pub nat: Option<Netns>,
+    pub nodes: Vec<TestNode>,
+}
+
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Mesh {
+    /// An empty cluster with a directory registry and one bridge (`lan`) for public
+    /// nodes and, if asked, a NAT router in front of a second bridge (`natlan`).
+    pub fn new(granularity: &str, with_nat: bool) -> Mesh {
+        Self::build(granularity, with_nat, 0)
+    }
+
+    /// An empty cluster whose registry is an etcd cluster of `members` on the `lan`
+    /// bridge (10.99.0.201 and up); `None`, having said `skipped: ...`, without etcd.
+    pub fn with_etcd(granularity: &str, members: usize) -> Option<Mesh> {
+        if !etcd::installed() {
+            println!("skipped: etcd not installed (apt-get install etcd-server)");
+            return None;
+        }
+        Some(Self::build(granularity, false, members))
+    }
+
+    fn build(granularity: &str, with_nat: bool, etcd_members: usize) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = format!("t{}", random_suffix(6));
+        let fabric = Netns::new("fabric").expect("netns");
+        ip(&["-n", fabric.name(), "link", "add", "lan", "type", "bridge"]);
+        ip(&["-n", fabric.name(), "link", "set", "lan", "up"]);
+        let mut mesh = Mesh {
+            etcd: None,
+            dir,
+            cluster,
+            fabric,
+            nat: None,
+            nodes: Vec::new(),
+        };
+        if etcd_members > 0 {
+            let ips: Vec<Ipv4Addr> = (0..etcd_members)
+                .map(|i| Ipv4Addr::new(10, 99, 0, 201 + i as u8))
+                .collect();
+            for member in &ips {
+                ip(&[
+                    "-n",
+                    mesh.fabric.name(),
+                    "address",
+                    "add",
+                    &format!("{member}/24"),
+                    "dev",
+                    "lan",
+                ]);
+            }
+            let etcd = LocalEtcd::start(mesh.fabric.name(), &ips, &mesh.dir.path().join("etcd"))
+                .expect("etcd cluster");
+            mesh.etcd = Some(etcd);
+        }
+        let out = mesh.wiremesh(&["init", "--granularity", granularity]);
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mesh
+    }
+
+    /// The registry address the agents are given.
+    pub fn registry(&self) -> String {
+        match &self.etcd {
+            Some(etcd) => etcd.address(),
+            None => format!("dir:{}", self.dir.path().join("registry").display()),
+        }
+    }
+
+    /// The cluster's records, read from the fabric namespace (where etcd listens).
+    /// The etcd client's threads start there, so its connections stay there.
+    pub fn cluster(&self) -> wiremesh_agent::Cluster {
+        let (registry, name) = (self.registry(), self.cluster.clone());
+        netns::enter(self.fabric.name(), move || {
+            let store = wiremesh_agent::open_store(&registry).expect("registry");
+            wiremesh_agent::Cluster::new(store, &name)
+        })
+        .expect("fabric namespace")
+    }
+
+    /// Runs `wiremesh ARGS --registry R --cluster C` in the fabric namespace.
+    pub fn wiremesh(&self, args: &[&str]) -> Output {
+        let registry = self.registry();
+        let mut all = vec![env!("CARGO_BIN_EXE_wiremesh")];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--registry", &registry, "--cluster", &self.cluster]);
+        self.fabric.exec(&all).expect("wiremesh runs")
+    }
+
+    fn wire(&self, ns: &Netns, ifname: &str, bridge: &str, addr: &str) {
+        let peer = format!("f{}", random_suffix(8));
+        ip(&[
+            "link",
+            "add",
+            ifname,
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            self.fabric.name(),
+        ]);
+        ip(&[
+            "-n",
+            self.fabric.name(),
+            "link",
+            "set",
+            &peer,
+            "master",
+            bridge,
+            "up",
+        ]);
+        ip(&["-n", ns.name(), "address", "add", addr, "dev", ifname]);
+        ip(&["-n", ns.name(), "link", "set", ifname, "up"]);
+    }
+
+    /// Add a node (not started). Public nodes sit on `lan` with a public endpoint;
+    /// others sit behind the NAT router.
+    pub fn add_node(&mut self, name: &str, location: &str, public: bool) -> usize {
+        let i = self.nodes.len() as u8 + 1;
+        let ns = Netns::new(name).expect("netns");
+        let lan_ip = if public {
+            let ip4 = Ipv4Addr::new(10, 99, 0, i);
+            self.wire(&ns, "eth0", "lan", &format!("{ip4}/24"));
+            ip4
+        } else {
+            let ip4 = Ipv4Addr::new(192, 168, 77, 10 + i);
+            self.wire(&ns, "eth0", "natlan", &format!("{ip4}/24"));
+            ip(&[
+                "-n",
+                ns.name(),
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.168.77.1",
+            ]);
+            ip4
+        };
+        let pod = Netns::new(&format!("{name}p")).expect("netns");
+        let ifname = format!("wmt{}", random_suffix(8));
+        self.nodes.push(TestNode {
+            name: name.into(),
+            ns,
+            pod,
+            ifname,
+            lan_ip,
+            public,
+            location: location.into(),
+            agent: None,
+            pod_ip: None,
+        });
+        self.nodes.len() - 1
+    }
+
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.nodes[i].name)
+    }
+
+    /// Starts node `i`'s agent and waits until it has joined: claimed a pod CIDR
+    /// (its pod is then wired to the node).
+    pub fn start(&mut self, i: usize) {
+        self.spawn_agent(i);
+        self.await_join(i);
+    }
+
+    /// Starts node `i`'s agent without waiting for it.
+    pub fn spawn_agent(&mut self, i: usize) {
+        let registry = self.registry();
+        let state_dir = self.state_dir(i);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
+            .expect("log");
+        let n = &mut self.nodes[i];
+        let endpoint = SocketAddr::from((n.lan_ip, PORT)).to_string();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", n.ns.name()])
+            .arg(env!("CARGO_BIN_EXE_wiremesh"))
+            .args([
+                "agent",
+                "--registry",
+                &registry,
+                "--cluster",
+                &self.cluster,
+                "--name",
+                &n.name,
+            ])
+            .args([
+                "--location",
+                &n.location,
+                "--interface",
+                &n.ifname,
+                "--lease-ttl",
+                "3",
+            ])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--device")
+            .arg(cargo_bin("wiremesh-wg"))
+            .args(["--private-endpoint", &endpoint]);
+        if n.public {
+            cmd.args(["--public-endpoint", &endpoint]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("agent");
+        n.agent = Some(child);
+    }
+
+    /// Waits until node `i`'s agent has claimed its pod CIDR, then wires its pod.
+    pub fn await_join(&mut self, i: usize) {
+        let claim = self.state_dir(i).join("pod-cidr");
+        let n = &mut self.nodes[i];
+        // The agent writes its pod CIDR claim before it touches the device.
+        assert!(
+            wait_until(Duration::from_secs(20), || claim.exists()),
+            "{} never claimed a pod CIDR",
+            n.name
+        );
+        if n.pod_ip.is_none() {
+            let cidr: IpNet = std::fs::read_to_string(&claim)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let IpNet::V4(cidr) = cidr else {
+                panic!("IPv4 expected")
+            };
+            let pod_ip = cidr.hosts().nth(1).unwrap();
+            pod::attach(&pod::PodLink {
+                node_netns: Some(n.ns.name()),
+                pod_netns: &netns::path_of(n.pod.name()),
+                host_if: "pod0",
+                pod_if: "eth0",
+                pod_ip,
+                mtu: 1420,
+            })
+            .expect("pod link");
+            n.pod_ip = Some(pod_ip);
+        }
+    }
+
+    /// Stop an agent with SIGTERM (the device keeps running, as in production).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].agent.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            assert!(
+                wait_until(Duration::from_secs(10), || matches!(
+                    child.try_wait(),
+                    Ok(Some(_))
+                )),
+                "agent did not stop"
+            );
+        }
+    }
+
+    pub fn pod_ip(&self, i: usize) -> Ipv4Addr {
+        self.nodes[i].pod_ip.expect("node started")
+    }
+
+    /// Whether node `from`'s pod reaches node `to`'s pod (ICMP, one second).
+    pub fn ping(&self, from: usize, to: usize) -> bool {
+        let dst = self.pod_ip(to);
+        netns::enter(self.nodes[from].pod.name(), move || {
+            probe::ping(dst, Duration::from_secs(1)).is_ok()
+        })
+        .unwrap_or(false)
+    }
+
+    pub fn eventually_pings(&self, from: usize, to: usize, within: Duration) -> bool {
+        wait_until(within, || self.ping(from, to))
+    }
+
+    /// Routes wiremesh installed on node `i`.
+    pub fn routes(&self, i: usize) -> String {
+        self.nodes[i]
+            .ns
+            .exec_ok(&["ip", "route", "show", "proto", "52"])
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.nodes.len() {
+                eprintln!("--- log of {} ---\n{}", self.nodes[i].name, self.log(i));
+            }
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.agent.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
