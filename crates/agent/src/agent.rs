@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub leave_on_exit: bool,
     /// Serve Prometheus metrics on this address.
     pub metrics: Option<SocketAddr>,
+    /// Replace the node's key pair this often (`None`: only on `wiremesh rotate-key`).
+    pub rotate_key_every: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +86,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         path: config.state_dir.display().to_string(),
         source,
     };
-    let private_key = keys::load_or_create(&config.state_dir).map_err(state_err)?;
+    let mut private_key = keys::load_or_create(&config.state_dir).map_err(state_err)?;
     let settings = cluster.settings()?;
     let block_file = config.state_dir.join(BLOCK_FILE);
     let previous: Option<IpNet> = std::fs::read_to_string(&block_file)
@@ -178,6 +180,14 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         if let Err(e) = state.heartbeat(&cluster, &me, config.lease_ttl) {
             tracing::warn!("heartbeat failed: {e}");
         }
+        match rotate_key(&cluster, &config, &socket, &mut me, &state) {
+            Ok(Some(key)) => {
+                private_key = key;
+                dirty = true;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("key rotation failed, will retry: {e}"),
+        }
         let mut device_changed = false;
         if dirty || last_full.elapsed() >= config.resync {
             if !dirty {
@@ -232,6 +242,39 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         nft::delete_table("inet", firewall::TABLE)?;
     }
     Ok(())
+}
+
+/// Take a waiting key: the device uses it at once (its sessions restart with it),
+/// then the new public key is published so every peer swaps it in. Established
+/// connections ride over the gap (one handshake) on their retransmissions.
+fn rotate_key(
+    cluster: &Cluster,
+    config: &AgentConfig,
+    socket: &std::path::Path,
+    me: &mut Node,
+    state: &LoopState,
+) -> Result<Option<PrivateKey>, AgentError> {
+    let state_err = |source| AgentError::State {
+        path: config.state_dir.display().to_string(),
+        source,
+    };
+    let Some(key) =
+        keys::pending_rotation(&config.state_dir, config.rotate_key_every).map_err(state_err)?
+    else {
+        return Ok(None);
+    };
+    uapi_client::set(
+        socket,
+        &SetRequest {
+            private_key: Some(key.clone()),
+            ..SetRequest::default()
+        },
+    )?;
+    keys::commit_rotation(&config.state_dir).map_err(state_err)?;
+    me.public_key = key.public_key();
+    cluster.put_node(me, state.lease)?;
+    tracing::info!(public_key = %me.public_key, "rotated the node's key pair");
+    Ok(Some(key))
 }
 
 struct LoopState {

@@ -51,6 +51,9 @@ pub struct AgentArgs {
     /// Remove this node's record, routes and rules when the agent stops.
     #[arg(long)]
     leave_on_exit: bool,
+    /// Replace the node's key pair every this many seconds (also on `wiremesh rotate-key`).
+    #[arg(long, value_name = "SECS")]
+    rotate_key_every: Option<u64>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9586).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -80,6 +83,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
         resync: Duration::from_secs(10),
         leave_on_exit: a.leave_on_exit,
         metrics: a.metrics,
+        rotate_key_every: a.rotate_key_every.map(Duration::from_secs),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -106,6 +106,12 @@ enum Command {
     /// Print the WireGuard config of an external peer (wg-quick) or of a node.
     #[command(subcommand)]
     Showconf(peers::ShowconfCommand),
+    /// Replace this node's key pair; the running agent applies it within a second and every peer follows.
+    RotateKey {
+        /// The agent's state directory.
+        #[arg(long, default_value_os_t = default_state_dir())]
+        state_dir: PathBuf,
+    },
     /// Build a demo cluster on this host (3 locations, 6 nodes, 12 containers) and show it working.
     Demo(demo::DemoArgs),
     /// Benchmarks that build their own clusters on this host (as root).
@@ -185,6 +191,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { registry, json } => status::print(&registry.open()?, json),
         Command::Graph { registry, svg } => status::graph(&registry.open()?, svg),
         Command::Demo(a) => demo::run(a),
+        Command::RotateKey { state_dir } => {
+            let public = wiremesh_agent::keys::request_rotation(&state_dir)
+                .with_context(|| format!("writing a new key into {}", state_dir.display()))?;
+            println!("new public key {public}; the agent picks it up on its next tick");
+            Ok(())
+        }
         Command::Peer(c) => peers::run_peer(c),
         Command::Showconf(c) => peers::run_showconf(c),
         Command::Bench(b) => bench::run(b),
