@@ -4,12 +4,9 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use support::Mesh;
-use wiremesh_host::{netns, probe};
+use support::{Mesh, Pinger};
 use wiremesh_testkit::{require_root, wait_until};
 
 #[test]
@@ -136,22 +133,7 @@ fn agent_restart_loses_no_packets_on_unchanged_tunnels() {
     mesh.start(n1);
     mesh.start(n2);
     assert!(mesh.eventually_pings(n1, n2, Duration::from_secs(20)));
-    let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let done = Arc::new(AtomicBool::new(false));
-    let dst = mesh.pod_ip(n2);
-    let pinger = {
-        let (sent, lost, done) = (sent.clone(), lost.clone(), done.clone());
-        netns::spawn_in(mesh.nodes[n1].pod.name(), move || {
-            while !done.load(Ordering::Relaxed) {
-                sent.fetch_add(1, Ordering::Relaxed);
-                if probe::ping(dst, Duration::from_millis(500)).is_err() {
-                    lost.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-        .unwrap()
-    };
+    let pinger = Pinger::start(&mesh, n1, n2);
     mesh.stop(n1);
     mesh.start(n1);
     // Let the restarted agent run several reconciles while pings continue.
@@ -163,18 +145,10 @@ fn agent_restart_loses_no_packets_on_unchanged_tunnels() {
         .filter(|s| s.node == "n1")
         .count()
         == 1));
-    let before = sent.load(Ordering::Relaxed);
-    assert!(wait_until(Duration::from_secs(10), || sent
-        .load(Ordering::Relaxed)
-        > before + 50));
-    done.store(true, Ordering::Relaxed);
-    pinger.join().unwrap();
-    assert_eq!(
-        lost.load(Ordering::Relaxed),
-        0,
-        "pings lost across the restart (of {})",
-        sent.load(Ordering::Relaxed)
-    );
+    let (before, _) = pinger.counts();
+    assert!(wait_until(Duration::from_secs(10), || pinger.counts().0 > before + 50));
+    let (sent, lost) = pinger.stop();
+    assert_eq!(lost, 0, "pings lost across the restart (of {sent})");
     assert!(
         mesh.log(n1).contains("using the running WireGuard device"),
         "the restarted agent kept the device"

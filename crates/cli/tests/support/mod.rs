@@ -16,6 +16,8 @@ mod etcd;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -88,6 +90,28 @@ impl Mesh {
             nat: None,
             nodes: Vec::new(),
         };
+        if with_nat {
+            ip(&[
+                "-n",
+                mesh.fabric.name(),
+                "link",
+                "add",
+                "natlan",
+                "type",
+                "bridge",
+            ]);
+            ip(&["-n", mesh.fabric.name(), "link", "set", "natlan", "up"]);
+            let nat = Netns::new("nat").expect("netns");
+            mesh.wire(&nat, "wan0", "lan", "10.99.0.254/24");
+            mesh.wire(&nat, "lan0", "natlan", "192.168.77.1/24");
+            nat.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                .expect("forwarding");
+            let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" masquerade\n }\n}\n";
+            netns::enter(nat.name(), || wiremesh_host::nft::apply(rules))
+                .unwrap()
+                .expect("nat rules");
+            mesh.nat = Some(nat);
+        }
         if etcd_members > 0 {
             let ips: Vec<Ipv4Addr> = (0..etcd_members)
                 .map(|i| Ipv4Addr::new(10, 99, 0, 201 + i as u8))
@@ -357,6 +381,17 @@ impl Drop for Mesh {
             for i in 0..self.nodes.len() {
                 eprintln!("--- log of {} ---\n{}", self.nodes[i].name, self.log(i));
             }
+            if let Some(etcd) = &self.etcd {
+                for m in 1..=etcd.len() {
+                    let log = std::fs::read_to_string(etcd.dir().join(format!("m{m}.log")))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    eprintln!("--- etcd member m{m}, last lines ---");
+                    for line in tail.iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
         }
         for n in &mut self.nodes {
             if let Some(mut c) = n.agent.take() {
@@ -364,5 +399,64 @@ impl Drop for Mesh {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// Pings from one node's pod to another's, back to back (20 ms apart, 500 ms
+/// timeout each), on a thread in the source pod's namespace, counting losses.
+pub struct Pinger {
+    sent: Arc<AtomicU64>,
+    lost: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pinger {
+    pub fn start(mesh: &Mesh, from: usize, to: usize) -> Pinger {
+        let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let done = Arc::new(AtomicBool::new(false));
+        let dst = mesh.pod_ip(to);
+        let thread = {
+            let (sent, lost, done) = (sent.clone(), lost.clone(), done.clone());
+            netns::spawn_in(mesh.nodes[from].pod.name(), move || {
+                while !done.load(Ordering::Relaxed) {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if probe::ping(dst, Duration::from_millis(500)).is_err() {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .expect("pinger thread")
+        };
+        Pinger {
+            sent,
+            lost,
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// Pings sent and lost so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops the pings; the final counts.
+    pub fn stop(mut self) -> (u64, u64) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.counts()
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
     }
 }
