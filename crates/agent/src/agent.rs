@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub leave_on_exit: bool,
     /// Serve Prometheus metrics on this address.
     pub metrics: Option<SocketAddr>,
+    /// The WireGuard interface MTU; `None`: the cluster's, lowered to fit the underlay.
+    pub mtu: Option<u16>,
     /// Replace the node's key pair this often (`None`: only on `wiremesh rotate-key`).
     pub rotate_key_every: Option<Duration>,
 }
@@ -109,7 +111,19 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     let mesh_prefix = settings.mesh_cidr.prefix_len();
     let address = IpNet::new(block.mesh_ip, mesh_prefix)
         .map_err(|e| AgentError::Record(FieldError::new("mesh_ip", e)))?;
-    route::configure_link(&config.interface, address, settings.mtu)?;
+    // The underlay is whatever carries this node's own endpoints.
+    let underlay = [config.public_endpoint, config.private_endpoint]
+        .into_iter()
+        .flatten()
+        .filter_map(|e| route::mtu_towards(e.ip()))
+        .min();
+    let ipv6_underlay = !matches!(
+        config.public_endpoint.or(config.private_endpoint),
+        Some(SocketAddr::V4(_))
+    );
+    let mtu = crate::mtu::choose(config.mtu, settings.mtu, underlay, ipv6_underlay);
+    tracing::info!(mtu, underlay_mtu = ?underlay, "WireGuard interface MTU");
+    route::configure_link(&config.interface, address, mtu)?;
     route::enable_forwarding()?;
 
     let mut me = Node {

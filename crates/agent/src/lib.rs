@@ -12,6 +12,7 @@ pub mod device;
 pub mod firewall;
 pub mod keys;
 pub mod metrics;
+pub mod mtu;
 pub mod plan;
 
 pub use agent::{run, AgentConfig, AgentError};

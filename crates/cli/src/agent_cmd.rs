@@ -51,6 +51,9 @@ pub struct AgentArgs {
     /// Remove this node's record, routes and rules when the agent stops.
     #[arg(long)]
     leave_on_exit: bool,
+    /// WireGuard interface MTU (default: the cluster's MTU, lowered to what this node's underlay carries).
+    #[arg(long)]
+    mtu: Option<u16>,
     /// Replace the node's key pair every this many seconds (also on `wiremesh rotate-key`).
     #[arg(long, value_name = "SECS")]
     rotate_key_every: Option<u64>,
@@ -83,6 +86,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
         resync: Duration::from_secs(10),
         leave_on_exit: a.leave_on_exit,
         metrics: a.metrics,
+        mtu: a.mtu,
         rotate_key_every: a.rotate_key_every.map(Duration::from_secs),
     };
     let stop = Arc::new(AtomicBool::new(false));

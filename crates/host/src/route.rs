@@ -120,6 +120,16 @@ pub fn dev_towards(addr: IpAddr) -> Option<String> {
     routes.into_iter().next()?.dev
 }
 
+/// The MTU of the interface the kernel would use to reach `addr`.
+pub fn mtu_towards(addr: IpAddr) -> Option<u16> {
+    let dev = dev_towards(addr)?;
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 pub fn link_exists(dev: &str) -> bool {
     run(&["ip", "link", "show", "dev", dev]).is_ok()
 }
