@@ -115,7 +115,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     let underlay = [config.public_endpoint, config.private_endpoint]
         .into_iter()
         .flatten()
-        .filter_map(|e| route::mtu_towards(e.ip()))
+        .filter_map(|e| route::mtu_of_local_address(e.ip()))
         .min();
     let ipv6_underlay = !matches!(
         config.public_endpoint.or(config.private_endpoint),

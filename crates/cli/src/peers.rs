@@ -158,6 +158,9 @@ fn add(a: AddArgs) -> Result<()> {
     with_peer.peers.push(peer.clone());
     let config = peer_config(&with_peer, &name, Some(&private_key))?;
     cluster.put_peer(&peer)?;
+    if snapshot.nodes.is_empty() {
+        eprintln!("warning: the cluster has no live nodes yet, so the config has no [Peer] sections; add them later from `wiremesh showconf peer {name}`");
+    }
     eprintln!("registered {name}; this is the only time its private key is shown:\n");
     print!("{config}");
     a.qr.emit(&config)

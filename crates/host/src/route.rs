@@ -120,14 +120,15 @@ pub fn dev_towards(addr: IpAddr) -> Option<String> {
     routes.into_iter().next()?.dev
 }
 
-/// The MTU of the interface the kernel would use to reach `addr`.
-pub fn mtu_towards(addr: IpAddr) -> Option<u16> {
-    let dev = dev_towards(addr)?;
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// The MTU of the interface that holds the local address `addr`.
+pub fn mtu_of_local_address(addr: IpAddr) -> Option<u16> {
+    #[derive(Deserialize)]
+    struct Link {
+        mtu: u16,
+    }
+    let out = run(&["ip", "-json", "address", "show", "to", &addr.to_string()]).ok()?;
+    let links: Vec<Link> = serde_json::from_str(&out).ok()?;
+    links.into_iter().map(|l| l.mtu).min()
 }
 
 pub fn link_exists(dev: &str) -> bool {

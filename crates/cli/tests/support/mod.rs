@@ -168,7 +168,7 @@ impl Mesh {
         self.fabric.exec(&all).expect("wiremesh runs")
     }
 
-    fn wire(&self, ns: &Netns, ifname: &str, bridge: &str, addr: &str) {
+    pub fn wire(&self, ns: &Netns, ifname: &str, bridge: &str, addr: &str) {
         let peer = format!("f{}", random_suffix(8));
         ip(&[
             "link",
