@@ -64,6 +64,7 @@ struct KeyPair {
 }
 
 struct Peer {
+    public_key: PublicKey,
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     /// Remembered so `get` still reports the last handshake after its session expired.
@@ -323,6 +324,7 @@ impl Device {
             rl,
         );
         Arc::new(Mutex::new(Peer {
+            public_key: *key,
             tunn,
             endpoint: None,
             last_handshake: None,
@@ -368,6 +370,14 @@ impl Device {
             snap.peers.push(p);
         }
         snap
+    }
+
+    /// The peer an outgoing packet to `dst` is routed to (cryptokey routing), if any.
+    pub fn route(&self, dst: IpAddr) -> Option<PublicKey> {
+        let st = self.read();
+        let peer = st.routes.lookup(dst)?;
+        let key = lock(peer).public_key;
+        Some(key)
     }
 
     /// Remembers which peer owns the session index we just announced in a handshake
@@ -492,8 +502,9 @@ impl Device {
     }
 
     /// Runs every peer's timers (call every ~100-250 ms): handshake retries, rekeys,
-    /// keepalives, session expiry. Appends what to send.
-    pub fn tick(&self, out: &mut Vec<Output>) {
+    /// keepalives, session expiry. Appends what to send. `now` is the wall-clock time,
+    /// used to remember when each peer's last handshake happened.
+    pub fn tick(&self, now: SystemTime, out: &mut Vec<Output>) {
         let st = self.read();
         if let Some(rl) = &st.rate_limiter {
             rl.try_reset_count();
@@ -505,6 +516,11 @@ impl Device {
         }
         for entry in st.peers.values() {
             let mut peer = lock(&entry.peer);
+            // Noted while the session lives, so `get` still reports the handshake
+            // after the session has expired, as wireguard-go does.
+            if let Some(since) = peer.tunn.time_since_last_handshake() {
+                peer.last_handshake = now.checked_sub(since);
+            }
             let Some(dst) = peer.endpoint else {
                 continue;
             };
@@ -817,6 +833,38 @@ mod tests {
         let msgs = network(out);
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].1[0], 2, "handshake with cookie not answered");
+    }
+
+    #[test]
+    fn routes_to_the_peer_owning_the_longest_prefix() {
+        let a = side();
+        let (b, c) = (side(), side());
+        add_peer(&a, &b, B_ADDR, "10.0.0.0/8", None);
+        add_peer(&a, &c, "192.0.2.3:1", "10.1.0.0/16", None);
+        let to = |dst: [u8; 4]| a.dev.route(IpAddr::from(dst));
+        let (kb, kc) = (Some(b.key.public_key()), Some(c.key.public_key()));
+        assert_eq!(to([10, 2, 0, 1]), kb);
+        assert_eq!(to([10, 1, 0, 1]), kc);
+        assert_eq!(to([11, 0, 0, 1]), None);
+        // The first packet to each peer starts a handshake with that peer's endpoint.
+        let first = |dst: [u8; 4]| {
+            a.dev
+                .handle_tun_packet(ipv4_udp([10, 0, 0, 1], dst, b"x"))
+                .map(|(ep, _)| ep)
+        };
+        assert_eq!(first([10, 2, 0, 1]), Some(B_ADDR.parse().unwrap()));
+        assert_eq!(first([10, 1, 0, 1]), Some("192.0.2.3:1".parse().unwrap()));
+        assert_eq!(first([11, 0, 0, 1]), None);
+        // Moving 10.1.0.0/16 to B takes it from C, in the table and in `get`.
+        add_peer(&a, &b, B_ADDR, "10.1.0.0/16", None);
+        assert_eq!(to([10, 1, 0, 1]), kb);
+        let s = a.dev.snapshot(SystemTime::now());
+        assert_eq!(s.peers[0].allowed_ips.len(), 2);
+        assert!(s.peers[1].allowed_ips.is_empty());
+        // Garbage from the TUN side is dropped.
+        for junk in [&[][..], &[0x45][..], &[0x60; 20][..], &[0x10; 60][..]] {
+            assert!(a.dev.handle_tun_packet(BytesMut::from(junk)).is_none());
+        }
     }
 
     #[test]

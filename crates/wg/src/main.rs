@@ -21,8 +21,9 @@ const DAEMON_ENV: &str = "WIREMESH_WG_DAEMONIZED";
 /// /var/run/wireguard/IFNAME.sock, so `wg`, `wg-quick` and `wg syncconf` work on it.
 /// Set WG_QUICK_USERSPACE_IMPLEMENTATION=wiremesh-wg for wg-quick to use it.
 /// The device stops on SIGTERM/SIGINT, when the interface is deleted, or when its
-/// socket file is removed. Logs go to stderr; set LOG_LEVEL or RUST_LOG
-/// (error, warn, info, debug, trace).
+/// socket file is removed. In the foreground, logs go to stderr (detached, they are
+/// discarded); set RUST_LOG (a tracing filter) or LOG_LEVEL (error, warn, info, debug,
+/// trace, or wireguard-go's verbose / silent).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -56,9 +57,15 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
+    // wireguard-go's LOG_LEVEL words, mapped onto tracing levels.
+    let from_log_level = |s: String| match s.as_str() {
+        "verbose" => "debug".to_string(),
+        "silent" => "off".to_string(),
+        _ => s,
+    };
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .or_else(|| std::env::var("LOG_LEVEL").ok())
+        .or_else(|| std::env::var("LOG_LEVEL").ok().map(from_log_level))
         .and_then(|s| EnvFilter::try_new(s).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     tracing_subscriber::fmt()

@@ -284,7 +284,7 @@ impl Shared {
     fn timers(&self) {
         let mut out = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
-            self.device.tick(&mut out);
+            self.device.tick(SystemTime::now(), &mut out);
             let sockets = self.current_sockets();
             self.send_outputs(sockets.as_deref(), &mut out);
             std::thread::sleep(TICK);

@@ -240,6 +240,25 @@ fn hostile_uapi_clients() {
     assert!(node.alive());
     drop(idle);
     drop(half);
+    // A listen port that is taken is refused with EADDRINUSE; the old port stays.
+    let before = node.get().listen_port;
+    let squatter = node
+        .ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .expect("enter ns")
+        .expect("bind");
+    let taken = squatter.local_addr().expect("addr").port().to_string();
+    let out = node
+        .ns
+        .exec(&["wg", "set", &node.ifname, "listen-port", &taken])
+        .expect("wg");
+    assert!(!out.status.success(), "taking a used port succeeded");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.get().listen_port, before);
     // `wg` sees errors as errors.
     let err = node
         .ns
