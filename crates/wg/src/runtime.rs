@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
-use wiremesh_uapi::{Errno, Request};
+use wiremesh_uapi::{DeviceSnapshot, Errno, Request, SetRequest};
 
 use crate::device::{Device, Output};
 use crate::tun::Tun;
@@ -116,7 +116,6 @@ pub struct RunningDevice {
     threads: Vec<JoinHandle<()>>,
     socket_path: PathBuf,
     socket_ino: u64,
-    ifindex: u32,
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {
@@ -331,33 +330,37 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Applies a `set` request, then rebinds or re-marks the sockets if it asks for it.
+    fn configure(self: &Arc<Self>, req: &SetRequest) -> Errno {
+        let _guard = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let outcome = self.device.apply(req);
+        if outcome.rebind {
+            if let Err(e) = self.rebind() {
+                tracing::warn!(error = %e, "rebinding UDP sockets failed");
+                return if e.kind() == io::ErrorKind::AddrInUse {
+                    Errno::EADDRINUSE
+                } else {
+                    Errno::EIO
+                };
+            }
+        } else if outcome.fwmark_changed {
+            if let Some(s) = self.current_sockets() {
+                if let Err(e) = s.set_fwmark(self.device.fwmark()) {
+                    tracing::warn!(error = %e, "setting fwmark failed");
+                    return Errno::EIO;
+                }
+            }
+        }
+        Errno::OK
+    }
+}
+
 impl Handler for Arc<Shared> {
     fn handle(&self, request: Request) -> String {
         match request {
             Request::Get => self.device.snapshot(SystemTime::now()).render(),
-            Request::Set(req) => {
-                let _guard = self.config.lock().unwrap_or_else(PoisonError::into_inner);
-                let outcome = self.device.apply(&req);
-                let mut errno = Errno::OK;
-                if outcome.rebind {
-                    if let Err(e) = self.rebind() {
-                        tracing::warn!(error = %e, "rebinding UDP sockets failed");
-                        errno = if e.kind() == io::ErrorKind::AddrInUse {
-                            Errno::EADDRINUSE
-                        } else {
-                            Errno::EIO
-                        };
-                    }
-                } else if outcome.fwmark_changed {
-                    if let Some(s) = self.current_sockets() {
-                        if let Err(e) = s.set_fwmark(self.device.fwmark()) {
-                            tracing::warn!(error = %e, "setting fwmark failed");
-                            errno = Errno::EIO;
-                        }
-                    }
-                }
-                wiremesh_uapi::render_errno(errno)
-            }
+            Request::Set(req) => wiremesh_uapi::render_errno(self.configure(&req)),
         }
     }
 }
@@ -377,7 +380,6 @@ impl RunningDevice {
         let tun = Tun::create(&config.ifname).map_err(tun_err)?;
         tun.set_mtu(config.mtu).map_err(tun_err)?;
         tun.set_up().map_err(tun_err)?;
-        let ifindex = tun.index().unwrap_or(0);
         let socket_path = uapi_server::socket_path(&config.socket_dir, tun.name());
         let listener = uapi_server::listen(&socket_path).map_err(|source| StartError::Uapi {
             path: socket_path.clone(),
@@ -401,7 +403,6 @@ impl RunningDevice {
             threads: Vec::new(),
             socket_path,
             socket_ino,
-            ifindex,
         };
         shared.install(Arc::new(sockets))?;
         let s = Arc::clone(&shared);
@@ -425,7 +426,18 @@ impl RunningDevice {
         &self.socket_path
     }
 
-    /// The protocol core, for in-process configuration.
+    /// Applies a configuration change exactly as a UAPI `set` would (including
+    /// rebinding the sockets for a new listen port); `Errno::OK` on success.
+    pub fn configure(&self, req: &SetRequest) -> Errno {
+        self.shared.configure(req)
+    }
+
+    /// The device's state, as a UAPI `get` would return it.
+    pub fn snapshot(&self) -> DeviceSnapshot {
+        self.shared.device.snapshot(SystemTime::now())
+    }
+
+    /// The protocol core (routing queries; configure through [`Self::configure`]).
     pub fn device(&self) -> &Device {
         &self.shared.device
     }
@@ -442,7 +454,7 @@ impl RunningDevice {
         {
             return Some(r);
         }
-        if self.ifindex != 0 && self.shared.tun.index() != Some(self.ifindex) {
+        if !self.shared.tun.is_attached() {
             return Some(ExitReason::InterfaceDeleted);
         }
         if inode(&self.socket_path) != Some(self.socket_ino) {

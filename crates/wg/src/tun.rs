@@ -6,7 +6,6 @@
 //! When the interface is deleted (`ip link del`), reads fail with `EBADFD`, which the
 //! runtime treats as "stop".
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -95,12 +94,17 @@ impl Tun {
         &self.name
     }
 
-    /// The interface index, or `None` if the interface is gone.
-    pub fn index(&self) -> Option<u32> {
-        let c = CString::new(self.name.as_str()).ok()?;
-        // SAFETY: c is a valid NUL-terminated string.
-        let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        (idx != 0).then_some(idx)
+    /// Whether the interface still exists. Asks the TUN file descriptor itself
+    /// (`TUNGETIFF` fails once the interface is deleted), so the answer does not depend
+    /// on which network namespace the calling thread is in.
+    pub fn is_attached(&self) -> bool {
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes an ifreq, which `req` is laid out as.
+        unsafe { libc::ioctl(self.fd(), libc::TUNGETIFF, &mut req) == 0 }
     }
 
     /// Sets the MTU.

@@ -274,3 +274,51 @@ fn hostile_uapi_clients() {
         .expect("wg");
     assert!(!err.status.success());
 }
+
+/// The in-process API: a device started by a library call inside a namespace,
+/// configured without the socket, seen by `wg`, and cleaned up by `shutdown`.
+#[test]
+fn in_process_device() {
+    if !can_run(&[Impl::Wiremesh]) {
+        return;
+    }
+    let ns = Netns::new("lib").expect("netns");
+    let ifname = unique_ifname("wml");
+    // Threads started from a thread inside the namespace stay in it.
+    let dev = ns
+        .run(|| wiremesh_wg::RunningDevice::start(&wiremesh_wg::Config::new(&ifname)))
+        .expect("enter ns")
+        .expect("start device");
+    let key = PrivateKey::generate();
+    let peer = PrivateKey::generate().public_key();
+    let mut pc = wiremesh_uapi::PeerConfig::new(peer);
+    pc.allowed_ips = vec!["10.4.0.0/16".parse().expect("net")];
+    let errno = dev.configure(&wiremesh_uapi::SetRequest {
+        private_key: Some(key.clone()),
+        listen_port: Some(51840),
+        peers: vec![pc],
+        ..Default::default()
+    });
+    assert_eq!(errno, wiremesh_uapi::Errno::OK);
+    assert_eq!(dev.snapshot().listen_port, 51840);
+    assert_eq!(
+        dev.device().route("10.4.1.1".parse().expect("ip")),
+        Some(peer)
+    );
+    let shown = ns
+        .exec_ok(&["wg", "show", &ifname, "dump"])
+        .expect("wg show");
+    assert!(
+        shown.contains(&key.public_key().to_string()) && shown.contains("51840"),
+        "{shown}"
+    );
+    assert!(shown.contains("10.4.0.0/16"), "{shown}");
+    assert!(dev.poll_exit().is_none());
+    let socket = dev.socket_path().to_path_buf();
+    dev.shutdown();
+    assert!(!socket.exists(), "socket left behind");
+    assert!(
+        ns.exec_ok(&["ip", "link", "show", &ifname]).is_err(),
+        "interface left behind"
+    );
+}
