@@ -48,6 +48,8 @@ pub struct Mesh {
     pub fabric: Netns,
     pub nat: Option<Netns>,
     pub nodes: Vec<TestNode>,
+    /// Agents that exited at start-up and were started again (see [`Mesh::start`]).
+    pub start_failures: Vec<String>,
 }
 
 pub fn ip(args: &[&str]) {
@@ -89,6 +91,7 @@ impl Mesh {
             fabric,
             nat: None,
             nodes: Vec::new(),
+            start_failures: Vec::new(),
         };
         if with_nat {
             ip(&[
@@ -241,11 +244,39 @@ impl Mesh {
         self.dir.path().join(&self.nodes[i].name)
     }
 
-    /// Starts node `i`'s agent and waits until it has joined: claimed a pod CIDR
-    /// (its pod is then wired to the node).
+    /// Starts node `i`'s agent and waits until it has joined (see [`Mesh::await_join`]).
+    ///
+    /// An agent that exits during start-up is started again, twice at most, as a
+    /// supervisor would, and the exit is printed and kept in `start_failures`: the
+    /// agent gives up on the first registry error at start-up (an etcd election,
+    /// a request timeout under load), which the tests cannot rule out.
     pub fn start(&mut self, i: usize) {
         self.spawn_agent(i);
-        self.await_join(i);
+        self.see_through_start(i);
+    }
+
+    /// The waiting half of [`Mesh::start`], for an agent already spawned.
+    pub fn see_through_start(&mut self, i: usize) {
+        const RETRIES: usize = 2;
+        for attempt in 0..=RETRIES {
+            let Err(status) = self.try_join(i) else {
+                return;
+            };
+            let log = self.log(i);
+            let why = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            let failure = format!(
+                "{}'s agent exited ({status}) at start-up: {why}",
+                self.nodes[i].name
+            );
+            assert!(attempt < RETRIES, "{failure}\n{log}");
+            println!("{failure}; starting it again");
+            self.start_failures.push(failure);
+            self.spawn_agent(i);
+        }
     }
 
     /// Starts node `i`'s agent without waiting for it.
@@ -296,16 +327,35 @@ impl Mesh {
         n.agent = Some(child);
     }
 
-    /// Waits until node `i`'s agent has claimed its pod CIDR, then wires its pod.
+    /// Waits until node `i`'s agent has joined: claimed its pod CIDR and published
+    /// its record. Then wires its pod to the node.
     pub fn await_join(&mut self, i: usize) {
+        if let Err(status) = self.try_join(i) {
+            panic!(
+                "{}'s agent exited ({status}) before joining:\n{}",
+                self.nodes[i].name,
+                self.log(i)
+            );
+        }
+    }
+
+    /// [`Mesh::await_join`], or the agent's exit status if it exited first.
+    fn try_join(&mut self, i: usize) -> Result<(), std::process::ExitStatus> {
         let claim = self.state_dir(i).join("pod-cidr");
+        let cluster = self.cluster();
+        let record = format!("{}nodes/{}", cluster.prefix(), self.nodes[i].name);
+        let mut exited = None;
+        let agent = &mut self.nodes[i].agent;
+        let joined = wait_until(Duration::from_secs(20), || {
+            exited = agent.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            exited.is_some()
+                || (claim.exists() && cluster.store.get(&record).is_ok_and(|r| r.is_some()))
+        });
+        if let Some(status) = exited {
+            return Err(status);
+        }
+        assert!(joined, "{} did not join within 20 s", self.nodes[i].name);
         let n = &mut self.nodes[i];
-        // The agent writes its pod CIDR claim before it touches the device.
-        assert!(
-            wait_until(Duration::from_secs(20), || claim.exists()),
-            "{} never claimed a pod CIDR",
-            n.name
-        );
         if n.pod_ip.is_none() {
             let cidr: IpNet = std::fs::read_to_string(&claim)
                 .unwrap()
@@ -327,6 +377,7 @@ impl Mesh {
             .expect("pod link");
             n.pod_ip = Some(pod_ip);
         }
+        Ok(())
     }
 
     /// Stop an agent with SIGTERM (the device keeps running, as in production).
