@@ -292,6 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn cargo_bin_points_into_the_target_dir() {
+        let p = cargo_bin("wiremesh-wg");
+        assert_eq!(p.file_name().and_then(|n| n.to_str()), Some("wiremesh-wg"));
+        let profile = p
+            .parent()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str());
+        assert!(
+            matches!(profile, Some("debug" | "release")),
+            "{}",
+            p.display()
+        );
+    }
+
+    #[test]
     fn netns_lifecycle() {
         if !require_root() {
             return;

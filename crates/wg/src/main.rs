@@ -83,6 +83,8 @@ fn detach(args: &Args) -> Result<()> {
         .arg(args.mtu.to_string())
         .arg(&args.ifname)
         .env(DAEMON_ENV, "1")
+        // Like any daemon: hold no directory busy.
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
