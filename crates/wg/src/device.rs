@@ -280,18 +280,22 @@ impl Device {
             st.routes.retain(|p| !Arc::ptr_eq(p, &peer_ref));
         }
         let mut stolen = Vec::new();
+        let mut added = Vec::new();
         for net in &pc.allowed_ips {
             let net = net.trunc();
-            if let Some(old) = st.routes.insert(net, Arc::clone(&peer_ref)) {
-                if !Arc::ptr_eq(&old, &peer_ref) {
+            // The table and the per-peer lists agree, so the previous owner says whether
+            // the list already has this prefix (keeps big syncconfs linear).
+            match st.routes.insert(net, Arc::clone(&peer_ref)) {
+                Some(old) if Arc::ptr_eq(&old, &peer_ref) => {}
+                Some(old) => {
                     stolen.push((old, net));
+                    added.push(net);
                 }
+                None => added.push(net),
             }
-            if let Some(entry) = st.peers.get_mut(&pc.public_key) {
-                if !entry.allowed_ips.contains(&net) {
-                    entry.allowed_ips.push(net);
-                }
-            }
+        }
+        if let Some(entry) = st.peers.get_mut(&pc.public_key) {
+            entry.allowed_ips.extend(added);
         }
         // A prefix has one owner: moving it to this peer takes it from the other.
         for (old, net) in stolen {
