@@ -877,9 +877,11 @@ mod tests {
         let k1 = PrivateKey::generate().public_key();
         let k2 = PrivateKey::generate().public_key();
         let mut p1 = PeerConfig::new(k1);
+        // 10.0.0.9/24 is 10.0.0.0/24 again (host bits dropped): listed once.
         p1.allowed_ips = vec![
             "10.0.0.0/24".parse().unwrap(),
             "10.0.1.5/24".parse().unwrap(),
+            "10.0.0.9/24".parse().unwrap(),
         ];
         let mut p2 = PeerConfig::new(k2);
         p2.allowed_ips = vec!["10.0.1.0/24".parse().unwrap()];
