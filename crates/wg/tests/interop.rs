@@ -232,3 +232,59 @@ fn unknown_keys_and_garbage_get_no_answer() {
     // Still alive and serving its real peer.
     udp_echo(&p.b.ns, &p.a.ns, p.tun_a4, Duration::from_secs(10)).expect("echo after probes");
 }
+
+/// Reconfiguration while traffic flows: peers added and removed, allowed IPs
+/// replaced, keepalive changed, the listen port moved, `get` in between. The
+/// transfer must complete intact and nothing may deadlock.
+#[test]
+fn config_churn_during_transfer() {
+    if !can_run(&[Impl::Wiremesh]) {
+        return;
+    }
+    let p = Pair::new(Impl::Wiremesh, Impl::Wiremesh, Family::V4).expect("set up pair");
+    udp_echo(&p.a.ns, &p.b.ns, p.tun_b4, Duration::from_secs(10)).expect("echo");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let b_key = p.b.public_key();
+    std::thread::scope(|s| {
+        let churn = s.spawn(|| {
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && rounds < 2000 {
+                let extra = wiremesh_uapi::PrivateKey::generate().public_key();
+                let mut add = wiremesh_uapi::PeerConfig::new(extra);
+                add.allowed_ips = vec![format!("10.200.{}.0/24", rounds % 250)
+                    .parse()
+                    .expect("net")];
+                let mut b = wiremesh_uapi::PeerConfig::new(b_key);
+                b.persistent_keepalive_interval = Some((rounds % 3) as u16);
+                b.replace_allowed_ips = true;
+                b.allowed_ips = vec![
+                    "10.77.0.2/32".parse().expect("net"),
+                    "fd77::2/128".parse().expect("net"),
+                ];
+                let listen_port = (rounds % 50 == 49).then_some(40000 + (rounds % 1000) as u16);
+                p.a.set(&wiremesh_uapi::SetRequest {
+                    listen_port,
+                    peers: vec![add, b],
+                    ..Default::default()
+                })
+                .expect("set during traffic");
+                let mut rm = wiremesh_uapi::PeerConfig::new(extra);
+                rm.remove = true;
+                p.a.set(&wiremesh_uapi::SetRequest {
+                    peers: vec![rm],
+                    ..Default::default()
+                })
+                .expect("remove during traffic");
+                assert_eq!(p.a.get().peers.len(), 1);
+                rounds += 1;
+            }
+            rounds
+        });
+        tcp_transfer(&p.a.ns, &p.b.ns, p.tun_b4, 48 * MB, u64::MAX, || {})
+            .expect("transfer during churn");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = churn.join().expect("churn thread");
+        println!("{rounds} reconfiguration rounds during the transfer");
+        assert!(rounds > 0);
+    });
+}
