@@ -33,16 +33,20 @@
 //! server-side apply), [`KubeRegistry::leave`], and [`KubeRegistry::changes`]
 //! (`kube::runtime::watcher` on Nodes, Peers and Leases, filtered to what the mesh
 //! reads). The mapping itself is pure functions, tested both ways.
+//! [`BlockingKubeRegistry`] is the same for a std-thread caller such as the agent's
+//! loop: a private one-worker runtime, and changes on a std channel.
 //!
 //! [`manifests`] generates `deploy/` (CRD, RBAC, settings, DaemonSet) from the same
 //! types; the `wiremesh-kube-manifests` binary writes them.
 
+mod blocking;
 pub mod lease;
 pub mod manifests;
 pub mod node;
 pub mod peer;
 mod registry;
 
+pub use blocking::{BlockingKubeRegistry, Changes};
 pub use peer::{Peer, PeerSpec};
 pub use registry::{
     BadObject, Change, KubeError, KubeRegistry, Listing, FIELD_MANAGER, SETTINGS_CONFIG_MAP,

@@ -44,9 +44,21 @@ struct Sent {
 fn serve(
     answer: impl Fn(&Method, &str) -> (u16, Value) + Send + 'static,
 ) -> (Client, tokio::task::JoinHandle<Vec<Sent>>) {
+    serve_text(move |method, path, _query| {
+        let (status, body) = answer(method, path);
+        Some((status, serde_json::to_string(&body).unwrap()))
+    })
+}
+
+/// [`serve`] with the query string too, any response text, and `None` to leave a
+/// request unanswered (a watch that stays open and quiet).
+fn serve_text(
+    answer: impl Fn(&Method, &str, &str) -> Option<(u16, String)> + Send + 'static,
+) -> (Client, tokio::task::JoinHandle<Vec<Sent>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(async move {
         let mut sent = Vec::new();
+        let mut open = Vec::new();
         while let Some((request, reply)) = handle.next_request().await {
             let (parts, body) = request.into_parts();
             let bytes = body.collect_bytes().await.expect("request body");
@@ -55,7 +67,8 @@ fn serve(
             } else {
                 serde_json::from_slice(&bytes).expect("request body is JSON")
             };
-            let (status, answer) = answer(&parts.method, parts.uri.path());
+            let query = parts.uri.query().unwrap_or("").to_owned();
+            let answer = answer(&parts.method, parts.uri.path(), &query);
             sent.push(Sent {
                 uri: parts.uri.to_string(),
                 method: parts.method,
@@ -66,10 +79,14 @@ fn serve(
                     .unwrap_or_default(),
                 body,
             });
+            let Some((status, text)) = answer else {
+                open.push(reply);
+                continue;
+            };
             let response = Response::builder()
                 .status(status)
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .body(Body::from(text.into_bytes()))
                 .unwrap();
             reply.send_response(response);
         }
@@ -361,4 +378,126 @@ async fn settings_come_from_the_config_map() {
     assert!(matches!(err, KubeError::Settings { .. }), "{err}");
     drop(registry);
     server.await.unwrap();
+}
+
+/// The watches list, then watch; a kubelet status update is not a change, a new
+/// location is, and so is a new Peer.
+#[tokio::test]
+async fn changes_report_what_the_mesh_reads_and_nothing_else() {
+    use futures::StreamExt;
+    use wiremesh_kube::Change;
+
+    let a1 = [(PUBLIC_KEY, KEY_A), (LOCATION, "cloud-a")];
+    let mut status_only = node_object("a1", "10.42.1.0/24", &a1);
+    status_only["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+    let moved = node_object(
+        "a1",
+        "10.42.1.0/24",
+        &[(PUBLIC_KEY, KEY_A), (LOCATION, "cloud-b")],
+    );
+    let laptop = peer_object(&ExternalPeer {
+        name: "laptop".parse().unwrap(),
+        public_key: KEY_P.parse().unwrap(),
+        allowed_ips: vec!["10.99.0.1/32".parse().unwrap()],
+        endpoint: None,
+        persistent_keepalive: None,
+    });
+    let event = |kind: &str, object: &Value| {
+        let mut object = object.clone();
+        object["metadata"]["resourceVersion"] = "8".into();
+        json!({"type": kind, "object": object}).to_string()
+    };
+    let node_events = [event("MODIFIED", &status_only), event("MODIFIED", &moved)].join("\n");
+    let peer_events = event("ADDED", &laptop);
+    let watched = std::sync::Mutex::new(std::collections::HashSet::new());
+    let (client, server) = serve_text(move |method, path, query| {
+        assert_eq!(method, Method::GET);
+        if !query.contains("watch=true") {
+            let (kind, version) = match path {
+                "/api/v1/nodes" => ("NodeList", "v1"),
+                "/apis/wiremesh.io/v1alpha1/peers" => ("PeerList", "wiremesh.io/v1alpha1"),
+                _ => ("LeaseList", "coordination.k8s.io/v1"),
+            };
+            let items = match path {
+                "/api/v1/nodes" => vec![node_object("a1", "10.42.1.0/24", &a1)],
+                _ => vec![],
+            };
+            return Some((200, list(kind, version, items).to_string()));
+        }
+        // Each watch answers once, then stays open and quiet.
+        if !watched.lock().unwrap().insert(path.to_owned()) {
+            return None;
+        }
+        match path {
+            "/api/v1/nodes" => Some((200, node_events.clone())),
+            "/apis/wiremesh.io/v1alpha1/peers" => Some((200, peer_events.clone())),
+            _ => None,
+        }
+    });
+    let mut changes = KubeRegistry::new(client, "wiremesh").changes();
+    // Bounded waits: five changes are expected, then quiet.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < 5 {
+        match tokio::time::timeout_at(deadline, changes.next()).await {
+            Ok(Some(change)) => seen.push(change.unwrap()),
+            _ => panic!("only {seen:?} within 15 s"),
+        }
+    }
+    let quiet = Duration::from_millis(300);
+    if let Ok(Some(extra)) = tokio::time::timeout(quiet, changes.next()).await {
+        seen.push(extra.unwrap());
+    }
+    drop(changes);
+    server.abort();
+    let count = |c: &Change| seen.iter().filter(|s| *s == c).count();
+    assert_eq!(count(&Change::Relisted), 3, "{seen:?}");
+    assert_eq!(count(&Change::Node("a1".into())), 1, "{seen:?}");
+    assert_eq!(count(&Change::Peer("laptop".into())), 1, "{seen:?}");
+    assert_eq!(seen.len(), 5, "{seen:?}");
+}
+
+/// The agent's loop is a plain thread: the blocking face runs the client on a
+/// runtime of its own and hands watch changes over a std channel.
+#[test]
+fn the_blocking_face_works_from_a_plain_thread() {
+    use wiremesh_kube::{BlockingKubeRegistry, Change};
+
+    let a1: NodeName = "a1".parse().unwrap();
+    let answer = |method: &Method, path: &str, query: &str| {
+        let leases = "/apis/coordination.k8s.io/v1/namespaces/wiremesh/leases";
+        if query.contains("watch=true") {
+            return None;
+        }
+        let body = match (method.as_str(), path) {
+            ("PATCH", p) if p == format!("{leases}/a1") => lease_object("a1", NOW),
+            ("GET", "/api/v1/nodes") => list(
+                "NodeList",
+                "v1",
+                vec![node_object("a1", "10.42.1.0/24", &[(PUBLIC_KEY, KEY_A)])],
+            ),
+            ("GET", p) if p == leases => list(
+                "LeaseList",
+                "coordination.k8s.io/v1",
+                vec![lease_object("a1", NOW)],
+            ),
+            ("GET", "/apis/wiremesh.io/v1alpha1/peers") => {
+                list("PeerList", "wiremesh.io/v1alpha1", vec![])
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        Some((200, body.to_string()))
+    };
+    let registry = BlockingKubeRegistry::with_client("wiremesh", || serve_text(answer).0).unwrap();
+    registry
+        .heartbeat(&a1, NOW, Duration::from_secs(15))
+        .unwrap();
+    let listing = registry.list(&ClusterSettings::default(), NOW + 1).unwrap();
+    assert_eq!(listing.nodes.len(), 1, "{listing:?}");
+    assert_eq!(listing.nodes[0].name, a1);
+    let changes = registry.changes();
+    assert_eq!(
+        changes.recv_timeout(Duration::from_secs(15)).unwrap(),
+        Some(Change::Relisted)
+    );
 }
