@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -101,7 +102,8 @@ pub struct Device {
     state: RwLock<State>,
     by_index: Mutex<HashMap<u32, PeerRef>>,
     index_table: IndexTable,
-    mtu: u16,
+    /// The TUN MTU, followed by the runtime (`ip link set mtu` may change it).
+    mtu: AtomicU16,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,7 +134,7 @@ impl Device {
             state: RwLock::new(State::default()),
             by_index: Mutex::new(HashMap::new()),
             index_table: IndexTable::from_os_rng(),
-            mtu,
+            mtu: AtomicU16::new(mtu),
         }
     }
 
@@ -152,6 +154,11 @@ impl Device {
     /// The configured firewall mark (0: none).
     pub fn fwmark(&self) -> u32 {
         self.read().fwmark
+    }
+
+    /// Updates the TUN MTU that outgoing packets are padded up to (never beyond).
+    pub fn set_mtu(&self, mtu: u16) {
+        self.mtu.store(mtu, Ordering::Relaxed);
     }
 
     /// Records the port the sockets actually bound, reported by `get`.
@@ -446,7 +453,7 @@ impl Device {
                     dst: src,
                     payload: reply,
                 });
-                let mut mtu = MtuWatcher::new(self.mtu);
+                let mut mtu = MtuWatcher::new(self.mtu.load(Ordering::Relaxed));
                 let queued: Vec<WgKind> = peer.tunn.get_queued_packets(&mut mtu).collect();
                 for p in queued {
                     self.register_index(&p, &peer_ref);
@@ -495,7 +502,7 @@ impl Device {
         let peer_ref = Arc::clone(st.routes.lookup(dst)?);
         let mut peer = lock(&peer_ref);
         let endpoint = peer.endpoint?;
-        let mut mtu = MtuWatcher::new(self.mtu);
+        let mut mtu = MtuWatcher::new(self.mtu.load(Ordering::Relaxed));
         let wg = peer
             .tunn
             .handle_outgoing_packet(Packet::from_bytes(packet), Some(&mut mtu))?;

@@ -282,7 +282,16 @@ impl Shared {
 
     fn timers(&self) {
         let mut out = Vec::new();
+        let mut ticks = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
+            // Follow `ip link set mtu` about once a second. This thread was started in
+            // the device's namespace, so the by-name ioctl finds the interface.
+            if ticks.is_multiple_of(10) {
+                if let Ok(mtu) = self.tun.mtu() {
+                    self.device.set_mtu(mtu);
+                }
+            }
+            ticks += 1;
             self.device.tick(SystemTime::now(), &mut out);
             let sockets = self.current_sockets();
             self.send_outputs(sockets.as_deref(), &mut out);

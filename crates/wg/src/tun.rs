@@ -123,6 +123,22 @@ impl Tun {
         Ok(())
     }
 
+    /// The current MTU.
+    pub fn mtu(&self) -> io::Result<u16> {
+        let sock = ioctl_socket()?;
+        let mut req = IfReqInt {
+            name: ifname_bytes(&self.name)?,
+            value: 0,
+            _pad: [0; 20],
+        };
+        // SAFETY: SIOCGIFMTU writes ifr_mtu into an ifreq laid out as `req`.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        u16::try_from(req.value).map_err(|_| io::Error::other("MTU out of range"))
+    }
+
     /// Brings the interface up.
     pub fn set_up(&self) -> io::Result<()> {
         let sock = ioctl_socket()?;
