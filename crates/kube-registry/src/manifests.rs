@@ -55,54 +55,58 @@ pub const HEADER: &str =
 
 /// Every file of `deploy/`: its name and its text.
 pub fn manifests(options: &Options) -> Vec<(&'static str, String)> {
+    documents(options)
+        .into_iter()
+        .map(|(file, objects)| (file, render(&objects)))
+        .collect()
+}
+
+/// Every file of `deploy/`: its name and its objects, as JSON.
+fn documents(options: &Options) -> Vec<(&'static str, Vec<serde_json::Value>)> {
     vec![
-        ("00-namespace.yaml", render(&[&namespace()])),
-        ("10-crd.yaml", render(&[&Peer::crd()])),
+        ("00-namespace.yaml", vec![json(&namespace())]),
+        ("10-crd.yaml", vec![json(&Peer::crd())]),
         (
             "20-rbac.yaml",
-            render(&[
-                &service_account(),
-                &cluster_role(),
-                &cluster_role_binding(),
-                &role(),
-                &role_binding(),
-            ]),
+            vec![
+                json(&service_account()),
+                json(&cluster_role()),
+                json(&cluster_role_binding()),
+                json(&role()),
+                json(&role_binding()),
+            ],
         ),
-        ("30-settings.yaml", render(&[&settings()])),
-        ("40-daemonset.yaml", render(&[&daemon_set(options)])),
+        ("30-settings.yaml", vec![json(&settings())]),
+        ("40-daemonset.yaml", vec![json(&daemon_set(options))]),
     ]
 }
 
-/// YAML documents, with `apiVersion` and `kind` first as people write them.
-fn render(objects: &[&dyn ErasedObject]) -> String {
+/// The object as the API server takes it, `apiVersion` and `kind` included.
+fn json<K: Resource<DynamicType = ()> + Serialize>(object: &K) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).expect("objects serialize");
+    value["apiVersion"] = K::api_version(&()).into_owned().into();
+    value["kind"] = K::kind(&()).into_owned().into();
+    value
+}
+
+/// YAML documents, `apiVersion` and `kind` first as people write them, the rest
+/// sorted by key.
+fn render(objects: &[serde_json::Value]) -> String {
     let mut text = HEADER.to_owned();
     for object in objects {
+        let mut rest = object.clone();
+        let map = rest.as_object_mut().expect("objects are maps");
+        let api_version = map.remove("apiVersion").expect("set by json()");
+        let kind = map.remove("kind").expect("set by json()");
         text.push_str("---\n");
-        text.push_str(&object.yaml());
+        text.push_str(&format!(
+            "apiVersion: {}\nkind: {}\n",
+            api_version.as_str().expect("a string"),
+            kind.as_str().expect("a string"),
+        ));
+        text.push_str(&serde_saphyr::to_string(&rest).expect("JSON renders as YAML"));
     }
     text
-}
-
-/// A Kubernetes object that renders as one YAML document.
-trait ErasedObject {
-    fn yaml(&self) -> String;
-}
-
-impl<K: Resource<DynamicType = ()> + Serialize> ErasedObject for K {
-    fn yaml(&self) -> String {
-        let mut value = serde_json::to_value(self).expect("objects serialize");
-        if let Some(map) = value.as_object_mut() {
-            map.remove("apiVersion");
-            map.remove("kind");
-        }
-        // apiVersion and kind first, as people write them; the rest sorted by key.
-        format!(
-            "apiVersion: {}\nkind: {}\n{}",
-            K::api_version(&()),
-            K::kind(&()),
-            serde_saphyr::to_string(&value).expect("JSON renders as YAML")
-        )
-    }
 }
 
 fn labels() -> BTreeMap<String, String> {
@@ -362,6 +366,21 @@ fn daemon_set(options: &Options) -> DaemonSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The YAML reads back as exactly the typed objects (quoting, folded strings).
+    #[test]
+    fn the_yaml_means_the_objects() {
+        let options = Options::default();
+        let texts = manifests(&options);
+        for ((file, objects), (_, text)) in documents(&options).into_iter().zip(texts) {
+            let docs: Vec<&str> = text.split("---\n").skip(1).collect();
+            assert_eq!(docs.len(), objects.len(), "{file}");
+            for (doc, object) in docs.iter().zip(objects) {
+                let parsed: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+                assert_eq!(parsed, object, "{file}");
+            }
+        }
+    }
 
     #[test]
     fn every_document_names_its_api() {
