@@ -150,3 +150,59 @@ fn canonical(a: SocketAddr) -> SocketAddr {
         v4 => v4,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_port_is_shared_and_both_families_work() {
+        let s = UdpSockets::bind(0, 0).expect("bind");
+        assert_ne!(s.port, 0);
+        for (s_addr, peer_bind) in [
+            (SocketAddr::from(([127, 0, 0, 1], s.port)), "127.0.0.1:0"),
+            (SocketAddr::from((Ipv6Addr::LOCALHOST, s.port)), "[::1]:0"),
+        ] {
+            let family_sock = if s_addr.is_ipv4() { &s.v4 } else { &s.v6 };
+            let Some(sock) = family_sock else {
+                continue; // no IPv6 on this host
+            };
+            let peer = std::net::UdpSocket::bind(peer_bind).expect("peer");
+            peer.send_to(b"hi", s_addr).expect("send");
+            let mut buf = [0u8; 16];
+            let (n, from) = recv_from(sock, &mut buf).expect("recv").expect("datagram");
+            assert_eq!(&buf[..n], b"hi");
+            assert_eq!(from, peer.local_addr().expect("addr"));
+            s.send_to(b"back", from).expect("reply");
+            let (n, _) = peer.recv_from(&mut buf).expect("peer recv");
+            assert_eq!(&buf[..n], b"back");
+        }
+    }
+
+    #[test]
+    fn receive_times_out_instead_of_blocking() {
+        let s = UdpSockets::bind(0, 0).expect("bind");
+        let sock = s.v4.as_ref().expect("v4");
+        let start = std::time::Instant::now();
+        assert!(recv_from(sock, &mut [0u8; 16]).expect("recv").is_none());
+        assert!(start.elapsed() < RECV_TIMEOUT * 10);
+    }
+
+    #[test]
+    fn port_in_use_is_reported() {
+        let a = UdpSockets::bind(0, 0).expect("bind");
+        let err = UdpSockets::bind(a.port, 0).expect_err("second bind");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn canonical_unmaps_v4_mapped_sources() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.1]:7".parse().expect("addr");
+        assert_eq!(
+            canonical(mapped),
+            "192.0.2.1:7".parse::<SocketAddr>().expect("addr")
+        );
+        let v6: SocketAddr = "[2001:db8::1]:7".parse().expect("addr");
+        assert_eq!(canonical(v6), v6);
+    }
+}
