@@ -98,17 +98,20 @@ fn detach(args: &Args) -> Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("starting the device process")?;
     let socket = uapi_server::socket_path(
         &PathBuf::from(uapi_server::DEFAULT_SOCKET_DIR),
         &args.ifname,
     );
+    // A socket already there belongs to someone else (maybe a live device): only a
+    // new one, made by our child, means it is ready.
+    let old_inode = inode(&socket);
+    let mut child = cmd.spawn().context("starting the device process")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("device process exited during start-up ({status}); run with -f to see why");
         }
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        if inode(&socket) != old_inode && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -116,6 +119,11 @@ fn detach(args: &Args) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn inode(path: &std::path::Path) -> Option<u64> {
+    use std::os::linux::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.st_ino())
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -62,7 +62,7 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The TUN interface could not be created or configured.
-    #[error("creating TUN interface {ifname}: {source}")]
+    #[error("creating TUN interface {ifname}")]
     Tun {
         /// The interface name.
         ifname: String,
@@ -70,7 +70,7 @@ pub enum StartError {
         source: io::Error,
     },
     /// The UAPI socket could not be created.
-    #[error("creating UAPI socket {path}: {source}")]
+    #[error("creating UAPI socket {}", path.display())]
     Uapi {
         /// The socket path.
         path: PathBuf,
@@ -78,11 +78,11 @@ pub enum StartError {
         source: io::Error,
     },
     /// The UDP sockets could not be bound.
-    #[error("binding UDP sockets: {0}")]
-    Udp(io::Error),
+    #[error("binding UDP sockets")]
+    Udp(#[source] io::Error),
     /// A thread could not be spawned.
-    #[error("spawning thread: {0}")]
-    Thread(io::Error),
+    #[error("spawning thread")]
+    Thread(#[source] io::Error),
 }
 
 /// Why a device stopped on its own.

@@ -157,6 +157,13 @@ fn detaches_and_exits_when_interface_deleted() {
         .exec_ok(&["ip", "-o", "link", "show", &ifname])
         .expect("link");
     assert!(mtu.contains("mtu 1420"), "{mtu}");
+    // A second device for the same interface fails instead of claiming success.
+    let again = ns.exec(&[wiremesh_bin(), &ifname]).expect("second start");
+    assert!(!again.status.success(), "second instance reported success");
+    assert!(
+        UnixStream::connect(socket_path(&ifname)).is_ok(),
+        "first device hurt"
+    );
     ns.exec_ok(&["ip", "link", "del", &ifname])
         .expect("del link");
     assert!(
