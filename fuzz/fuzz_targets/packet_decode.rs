@@ -1,5 +1,6 @@
-//! Hostile datagrams and TUN packets through the device core: never a panic, and
-//! nothing answered except (under load) cookie replies.
+//! Hostile datagrams and TUN reads (plain, and with a vnet header to split) through
+//! the device core: never a panic, and nothing answered except (under load) cookie
+//! replies.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -48,5 +49,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = dev.handle_tun_packet(BytesMut::from(data));
+    // The same bytes as a TUN read with a vnet header (offloads on).
+    let mut segments = Vec::new();
+    if wiremesh_wg::offload::split(data, &mut segments).is_ok() {
+        for seg in segments {
+            let _ = dev.handle_tun_packet(seg);
+        }
+    }
     dev.tick(std::time::SystemTime::UNIX_EPOCH, &mut out);
 });

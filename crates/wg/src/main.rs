@@ -30,6 +30,9 @@ struct Args {
     /// Stay in the foreground instead of detaching.
     #[arg(short, long)]
     foreground: bool,
+    /// Do not ask the TUN device for checksum and TCP segmentation offload.
+    #[arg(long)]
+    no_offload: bool,
     /// MTU of the interface.
     #[arg(long, default_value_t = wiremesh_wg::tun::DEFAULT_MTU)]
     mtu: u16,
@@ -81,6 +84,7 @@ fn detach(args: &Args) -> Result<()> {
     cmd.arg("--foreground")
         .arg("--mtu")
         .arg(args.mtu.to_string())
+        .args(args.no_offload.then_some("--no-offload"))
         .arg(&args.ifname)
         .env(DAEMON_ENV, "1")
         // Like any daemon: hold no directory busy.
@@ -155,6 +159,7 @@ fn run(args: &Args) -> Result<()> {
     let signals = block_signals();
     let mut config = Config::new(&args.ifname);
     config.mtu = args.mtu;
+    config.offload = !args.no_offload;
     let device = RunningDevice::start(&config)?;
     loop {
         if let Some(sig) = wait_signal(&signals, Duration::from_millis(200)) {

@@ -45,6 +45,8 @@ pub struct Config {
     pub mtu: u16,
     /// Where the UAPI socket goes (`/var/run/wireguard`).
     pub socket_dir: PathBuf,
+    /// Ask the TUN device for checksum and TCP segmentation offload.
+    pub offload: bool,
 }
 
 impl Config {
@@ -54,6 +56,7 @@ impl Config {
             ifname: ifname.into(),
             mtu: crate::tun::DEFAULT_MTU,
             socket_dir: PathBuf::from(uapi_server::DEFAULT_SOCKET_DIR),
+            offload: true,
         }
     }
 }
@@ -252,7 +255,9 @@ impl Shared {
     }
 
     fn tun_reader(&self) {
-        let mut buf = vec![0u8; BUF_LEN];
+        // Room for a vnet header plus the largest (64 KiB) super-packet.
+        let mut buf = vec![0u8; BUF_LEN + crate::offload::VNET_HDR_LEN];
+        let mut packets = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             match self.tun.recv(&mut buf, POLL) {
                 Ok(None) => {}
@@ -260,10 +265,19 @@ impl Shared {
                     let Some(data) = buf.get(..n) else {
                         continue;
                     };
-                    if let Some((dst, payload)) =
-                        self.device.handle_tun_packet(BytesMut::from(data))
-                    {
-                        if let Some(s) = self.current_sockets() {
+                    if self.tun.has_vnet_hdr() {
+                        if let Err(e) = crate::offload::split(data, &mut packets) {
+                            tracing::debug!(error = %e, "dropped TUN read");
+                        }
+                    } else {
+                        packets.push(BytesMut::from(data));
+                    }
+                    let sockets = self.current_sockets();
+                    for p in packets.drain(..) {
+                        let Some((dst, payload)) = self.device.handle_tun_packet(p) else {
+                            continue;
+                        };
+                        if let Some(s) = &sockets {
                             if let Err(e) = s.send_to(&payload, dst) {
                                 tracing::trace!(error = %e, %dst, "udp send failed");
                             }
@@ -386,7 +400,7 @@ impl RunningDevice {
             ifname: config.ifname.clone(),
             source,
         };
-        let tun = Tun::create(&config.ifname).map_err(tun_err)?;
+        let tun = Tun::create(&config.ifname, config.offload).map_err(tun_err)?;
         tun.set_mtu(config.mtu).map_err(tun_err)?;
         tun.set_up().map_err(tun_err)?;
         let socket_path = uapi_server::socket_path(&config.socket_dir, tun.name());

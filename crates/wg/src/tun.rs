@@ -21,6 +21,9 @@ pub const DEFAULT_MTU: u16 = 1420;
 pub struct Tun {
     file: File,
     name: String,
+    /// Reads and writes carry a `virtio_net_hdr` and reads may be TSO super-packets
+    /// (see [`crate::offload`]).
+    vnet_hdr: bool,
 }
 
 #[repr(C)]
@@ -63,16 +66,45 @@ fn ioctl_socket() -> io::Result<File> {
 }
 
 impl Tun {
-    /// Creates (or attaches to) the TUN interface `name`.
-    pub fn create(name: &str) -> io::Result<Self> {
+    /// Creates (or attaches to) the TUN interface `name`. With `offload`, asks for
+    /// checksum and TCP segmentation offload (falling back to plain packets if the
+    /// kernel refuses).
+    pub fn create(name: &str, offload: bool) -> io::Result<Self> {
+        if offload {
+            match Self::open(name, true) {
+                Ok(tun) => {
+                    let features = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+                    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+                    let rc = unsafe {
+                        libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD, features as libc::c_ulong)
+                    };
+                    if rc == 0 {
+                        return Ok(tun);
+                    }
+                    tracing::info!(
+                        error = %io::Error::last_os_error(),
+                        "TUN offloads unavailable; using plain packets"
+                    );
+                }
+                Err(e) => tracing::info!(error = %e, "TUN vnet header unavailable"),
+            }
+        }
+        Self::open(name, false)
+    }
+
+    fn open(name: &str, vnet_hdr: bool) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open("/dev/net/tun")?;
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
         let mut req = IfReqFlags {
             name: ifname_bytes(name)?,
-            flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+            flags: flags as libc::c_short,
             _pad: [0; 22],
         };
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
@@ -86,7 +118,16 @@ impl Tun {
             .position(|&c| c == 0)
             .unwrap_or(req.name.len());
         let name = req.name[..len].iter().map(|&c| c as u8 as char).collect();
-        Ok(Self { file, name })
+        Ok(Self {
+            file,
+            name,
+            vnet_hdr,
+        })
+    }
+
+    /// Whether reads and writes carry a `virtio_net_hdr` (offloads on).
+    pub fn has_vnet_hdr(&self) -> bool {
+        self.vnet_hdr
     }
 
     /// The kernel's name for the interface.
@@ -204,8 +245,21 @@ impl Tun {
 
     /// Writes one IP packet.
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        // SAFETY: packet is valid for packet.len() bytes.
-        let n = unsafe { libc::write(self.fd(), packet.as_ptr().cast(), packet.len()) };
+        // With a vnet header, an all-zero one says "no offload, checksums complete".
+        let hdr = [0u8; crate::offload::VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: packet.as_ptr() as *mut libc::c_void,
+                iov_len: packet.len(),
+            },
+        ];
+        let iov = if self.vnet_hdr { &iov[..] } else { &iov[1..] };
+        // SAFETY: every iovec points at a live buffer of its length; writev only reads.
+        let n = unsafe { libc::writev(self.fd(), iov.as_ptr(), iov.len() as libc::c_int) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
