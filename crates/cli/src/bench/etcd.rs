@@ -73,11 +73,13 @@ impl LocalEtcd {
         format!("etcd://{}", members.join(","))
     }
 
+    #[allow(dead_code)] // used by the end-to-end tests
     pub fn len(&self) -> usize {
         self.members.len()
     }
 
     /// Where the members' data directories and logs are.
+    #[allow(dead_code)] // used by the end-to-end tests
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -97,6 +99,7 @@ impl LocalEtcd {
     }
 
     /// Starts member `i` again on its data and waits until it serves.
+    #[allow(dead_code)] // used by the end-to-end tests
     pub fn restart(&mut self, i: usize) -> Result<()> {
         self.kill(i);
         self.spawn(i)?;

@@ -1,6 +1,8 @@
 //! `wiremesh bench`: measurements that are too slow or too noisy to be tests.
 
 mod convergence;
+mod etcd;
+mod fanout;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -10,10 +12,14 @@ pub enum BenchCommand {
     /// Time from a node joining until every other node's device has it as a peer,
     /// for clusters of several sizes (full granularity, real agents and devices).
     Convergence(convergence::Args),
+    /// Time from a new node record until each of N agents watching the registry (etcd
+    /// by default, started locally) has applied it: median, 90th percentile, slowest.
+    Fanout(fanout::Args),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Convergence(args) => convergence::run(args),
+        BenchCommand::Fanout(args) => fanout::run(args),
     }
 }

@@ -82,7 +82,20 @@ impl Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let cluster = format!("t{}", random_suffix(6));
         let fabric = Netns::new("fabric").expect("netns");
-        ip(&["-n", fabric.name(), "link", "add", "lan", "type", "bridge"]);
+        // A fixed MAC: a bridge without one takes the lowest of its ports', which
+        // changes as nodes join, and etcd listens on the bridge itself; agents would
+        // send to the old MAC until their ARP entry aged out.
+        ip(&[
+            "-n",
+            fabric.name(),
+            "link",
+            "add",
+            "lan",
+            "address",
+            "02:77:6d:00:00:01",
+            "type",
+            "bridge",
+        ]);
         ip(&["-n", fabric.name(), "link", "set", "lan", "up"]);
         let mut mesh = Mesh {
             etcd: None,
