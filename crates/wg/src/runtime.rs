@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use std::net::SocketAddr;
+
 use bytes::BytesMut;
+use gotatun::packet::Packet;
 use wiremesh_uapi::{DeviceSnapshot, Errno, Request, SetRequest};
 
 use crate::device::{Device, Output};
@@ -235,14 +238,17 @@ impl Shared {
         while !self.stop.load(Ordering::Relaxed)
             && self.generation.load(Ordering::Relaxed) == generation
         {
-            match udp::recv_from(sock, &mut buf) {
+            match udp::recv(sock, &mut buf) {
                 Ok(None) => {}
-                Ok(Some((n, src))) => {
-                    let Some(data) = buf.get(..n) else {
+                Ok(Some(r)) => {
+                    let Some(data) = buf.get(..r.len) else {
                         continue;
                     };
-                    self.device
-                        .handle_datagram(BytesMut::from(data), src, &mut out);
+                    // One datagram, or several the kernel coalesced (UDP GRO).
+                    for d in data.chunks(r.segment) {
+                        self.device
+                            .handle_datagram(BytesMut::from(d), r.src, &mut out);
+                    }
                     self.send_outputs(Some(sockets), &mut out);
                 }
                 Err(e) => {
@@ -258,6 +264,7 @@ impl Shared {
         // Room for a vnet header plus the largest (64 KiB) super-packet.
         let mut buf = vec![0u8; BUF_LEN + crate::offload::VNET_HDR_LEN];
         let mut packets = Vec::new();
+        let mut sends: Vec<(SocketAddr, Packet)> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             match self.tun.recv(&mut buf, POLL) {
                 Ok(None) => {}
@@ -272,17 +279,22 @@ impl Shared {
                     } else {
                         packets.push(BytesMut::from(data));
                     }
-                    let sockets = self.current_sockets();
                     for p in packets.drain(..) {
-                        let Some((dst, payload)) = self.device.handle_tun_packet(p) else {
-                            continue;
-                        };
-                        if let Some(s) = &sockets {
-                            if let Err(e) = s.send_to(&payload, dst) {
+                        if let Some(t) = self.device.handle_tun_packet(p) {
+                            sends.push(t);
+                        }
+                    }
+                    // Consecutive datagrams for one endpoint go out as one GSO batch.
+                    if let Some(s) = self.current_sockets() {
+                        for run in sends.chunk_by(|a, b| a.0 == b.0) {
+                            let dst = run[0].0;
+                            let batch: Vec<&Packet> = run.iter().map(|(_, p)| p).collect();
+                            if let Err(e) = s.send_batch(&batch, dst) {
                                 tracing::trace!(error = %e, %dst, "udp send failed");
                             }
                         }
                     }
+                    sends.clear();
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                     self.set_exit(ExitReason::InterfaceDeleted);

@@ -3,13 +3,31 @@
 //!
 //! Receives time out so reader threads can notice shutdown or a rebind. IPv6 is
 //! optional (hosts without it still work over IPv4).
+//!
+//! Batching: [`UdpSockets::send_batch`] hands runs of equal-sized datagrams for one
+//! destination to the kernel in one `sendmsg` with `UDP_SEGMENT` (UDP GSO), and
+//! sockets ask for `UDP_GRO`, so [`recv`] may return several datagrams coalesced,
+//! each `segment` bytes long. Both fall back to one datagram a call when the kernel
+//! or the path does not support them.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, MaybeUninitSlice, MsgHdr, MsgHdrMut, Protocol, SockAddr, Socket, Type};
+
+// From <linux/udp.h>; not exported by libc for glibc targets.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+/// Most datagrams one GSO send may carry (the kernel's `UDP_MAX_SEGMENTS`).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Most payload bytes one GSO send may carry (an IP packet is at most 64 KiB).
+const MAX_GSO_BYTES: usize = 65_000;
+/// Size of a `cmsghdr` rounded to its alignment (`CMSG_ALIGN(sizeof(struct cmsghdr))`).
+const CMSG_HDR: usize = (std::mem::size_of::<libc::cmsghdr>() + 7) & !7;
 
 /// How long a receive blocks before the reader re-checks for shutdown.
 pub const RECV_TIMEOUT: Duration = Duration::from_millis(200);
@@ -26,6 +44,8 @@ pub struct UdpSockets {
     pub v6: Option<Socket>,
     /// The port both are bound to.
     pub port: u16,
+    /// UDP GSO works here; cleared after the first send the kernel refuses.
+    gso: AtomicBool,
 }
 
 fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Socket> {
@@ -45,6 +65,18 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Socket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     s.set_read_timeout(Some(RECV_TIMEOUT))?;
+    // Coalesced receives; without kernel support datagrams just come one by one.
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from a live local.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     s.bind(&addr.into())?;
     Ok(s)
 }
@@ -77,6 +109,7 @@ impl UdpSockets {
                         v4: Some(v4),
                         v6: Some(v6),
                         port: bound,
+                        gso: AtomicBool::new(true),
                     })
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && port == 0 => {
@@ -91,6 +124,7 @@ impl UdpSockets {
                         v4: Some(v4),
                         v6: None,
                         port: bound,
+                        gso: AtomicBool::new(true),
                     })
                 }
                 Err(e) => return Err(e),
@@ -107,36 +141,162 @@ impl UdpSockets {
         Ok(())
     }
 
-    /// Sends one datagram through the socket of `dst`'s family.
-    pub fn send_to(&self, payload: &[u8], dst: SocketAddr) -> io::Result<()> {
+    fn socket_for(&self, dst: SocketAddr) -> io::Result<&Socket> {
         let s = match dst {
             SocketAddr::V4(_) => self.v4.as_ref(),
             SocketAddr::V6(_) => self.v6.as_ref(),
         };
-        let s = s.ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
-        s.send_to(payload, &SockAddr::from(dst))?;
+        s.ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))
+    }
+
+    /// Sends one datagram through the socket of `dst`'s family.
+    pub fn send_to(&self, payload: &[u8], dst: SocketAddr) -> io::Result<()> {
+        self.socket_for(dst)?
+            .send_to(payload, &SockAddr::from(dst))?;
+        Ok(())
+    }
+
+    /// Sends datagrams to one destination, in order, batching runs of equal size
+    /// (a shorter last one may end a run) into single UDP GSO sends.
+    pub fn send_batch<P: AsRef<[u8]>>(&self, datagrams: &[P], dst: SocketAddr) -> io::Result<()> {
+        let mut rest = datagrams;
+        while let Some(first) = rest.first() {
+            let seg = first.as_ref().len();
+            let mut n = 1;
+            let mut bytes = seg;
+            while let Some(next) = rest.get(n) {
+                let len = next.as_ref().len();
+                if len > seg || n >= MAX_GSO_SEGMENTS || bytes + len > MAX_GSO_BYTES || seg == 0 {
+                    break;
+                }
+                n += 1;
+                bytes += len;
+                if len < seg {
+                    break; // only the last segment may be short
+                }
+            }
+            let (run, tail) = rest.split_at(n);
+            rest = tail;
+            if run.len() > 1 && self.gso.load(Ordering::Relaxed) {
+                match self.send_gso(run, seg, dst) {
+                    Ok(()) => continue,
+                    // EIO: the route's device cannot checksum; EINVAL/EOPNOTSUPP: no GSO.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
+                        ) =>
+                    {
+                        tracing::info!(error = %e, "UDP GSO unavailable; sending one by one");
+                        self.gso.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for d in run {
+                self.send_to(d.as_ref(), dst)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_gso<P: AsRef<[u8]>>(&self, run: &[P], seg: usize, dst: SocketAddr) -> io::Result<()> {
+        let s = self.socket_for(dst)?;
+        let iov: Vec<IoSlice<'_>> = run.iter().map(|d| IoSlice::new(d.as_ref())).collect();
+        let seg = u16::try_from(seg).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // One cmsg: SOL_UDP / UDP_SEGMENT / u16 segment size, laid out like CMSG_*.
+        let mut control = [0u8; CMSG_HDR + 8];
+        let cmsg_len = CMSG_HDR + std::mem::size_of::<u16>();
+        let hdr = libc::cmsghdr {
+            cmsg_len: cmsg_len as _,
+            cmsg_level: SOL_UDP,
+            cmsg_type: UDP_SEGMENT,
+        };
+        // SAFETY: `control` has room for a cmsghdr; the write is unaligned-safe.
+        unsafe { std::ptr::write_unaligned(control.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
+        control[CMSG_HDR..CMSG_HDR + 2].copy_from_slice(&seg.to_ne_bytes());
+        let addr = SockAddr::from(dst);
+        let msg = MsgHdr::new()
+            .with_addr(&addr)
+            .with_buffers(&iov)
+            .with_control(&control);
+        s.sendmsg(&msg, 0)?;
         Ok(())
     }
 }
 
-/// Receives one datagram into `buf`: `Ok(None)` on timeout.
-pub fn recv_from(s: &Socket, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
-    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and socket2 only writes into
-    // the slice; initialised bytes stay initialised.
+/// Datagrams from one receive: `len` bytes in the buffer from `src`, each `segment`
+/// bytes long (the last may be shorter); one datagram unless the kernel coalesced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// Where they came from.
+    pub src: SocketAddr,
+    /// Size of each datagram.
+    pub segment: usize,
+}
+
+/// The `UDP_GRO` segment size in a received control buffer, if present.
+fn gro_segment(control: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while at + CMSG_HDR <= control.len() {
+        // SAFETY: `at + CMSG_HDR` bytes are in bounds; the read is unaligned-safe.
+        let hdr: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(control.as_ptr().add(at).cast()) };
+        let len = hdr.cmsg_len as usize;
+        if len < CMSG_HDR {
+            return None;
+        }
+        if hdr.cmsg_level == SOL_UDP && hdr.cmsg_type == UDP_GRO {
+            let b = control.get(at + CMSG_HDR..at + CMSG_HDR + 4)?;
+            let size = libc::c_int::from_ne_bytes(b.try_into().ok()?);
+            return usize::try_from(size).ok().filter(|s| *s > 0);
+        }
+        at += (len + 7) & !7;
+    }
+    None
+}
+
+/// Receives into `buf`: `Ok(None)` on timeout.
+pub fn recv(s: &Socket, buf: &mut [u8]) -> io::Result<Option<Received>> {
+    let mut addr = SockAddr::from(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)));
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and the kernel only writes
+    // into the slice; initialised bytes stay initialised.
     let uninit: &mut [MaybeUninit<u8>] =
         unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast(), buf.len()) };
-    match s.recv_from(uninit) {
-        Ok((n, addr)) => Ok(addr.as_socket().map(|a| (n, canonical(a)))),
+    let mut bufs = [MaybeUninitSlice::new(uninit)];
+    const CONTROL_LEN: usize = 64;
+    let mut control = [MaybeUninit::<u8>::uninit(); CONTROL_LEN];
+    let mut msg = MsgHdrMut::new()
+        .with_addr(&mut addr)
+        .with_buffers(&mut bufs)
+        .with_control(&mut control);
+    let n = match s.recvmsg(&mut msg, 0) {
+        Ok(n) => n,
         Err(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
             ) =>
         {
-            Ok(None)
+            return Ok(None)
         }
-        Err(e) => Err(e),
-    }
+        Err(e) => return Err(e),
+    };
+    let control_len = msg.control_len().min(CONTROL_LEN);
+    // SAFETY: the kernel initialised the first `control_len` bytes.
+    let control: &[u8] =
+        unsafe { std::slice::from_raw_parts(control.as_ptr().cast(), control_len) };
+    let Some(src) = addr.as_socket() else {
+        return Ok(None);
+    };
+    let segment = gro_segment(control).unwrap_or(n).max(1);
+    Ok(Some(Received {
+        len: n,
+        src: canonical(src),
+        segment,
+    }))
 }
 
 /// IPv4-mapped IPv6 sources cannot occur on an `IPV6_V6ONLY` socket, but map them
@@ -170,7 +330,8 @@ mod tests {
             let peer = std::net::UdpSocket::bind(peer_bind).expect("peer");
             peer.send_to(b"hi", s_addr).expect("send");
             let mut buf = [0u8; 16];
-            let (n, from) = recv_from(sock, &mut buf).expect("recv").expect("datagram");
+            let r = recv(sock, &mut buf).expect("recv").expect("datagram");
+            let (n, from) = (r.len, r.src);
             assert_eq!(&buf[..n], b"hi");
             assert_eq!(from, peer.local_addr().expect("addr"));
             s.send_to(b"back", from).expect("reply");
@@ -179,12 +340,61 @@ mod tests {
         }
     }
 
+    /// Batches keep datagram boundaries end to end, coalesced (GSO, GRO) or not.
+    #[test]
+    fn batches_keep_datagram_boundaries() {
+        let a = UdpSockets::bind(0, 0).expect("bind");
+        let b = UdpSockets::bind(0, 0).expect("bind");
+        let dst = SocketAddr::from(([127, 0, 0, 1], b.port));
+        let mut sent: Vec<Vec<u8>> = (0..70u8).map(|i| vec![i; 100]).collect();
+        sent.push(vec![200; 40]);
+        sent.push(vec![201; 100]); // after a short one: starts a new run
+        a.send_batch(&sent, dst).expect("send");
+        let sock = b.v4.as_ref().expect("v4");
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let mut receives = 0;
+        while got.len() < sent.len() {
+            let r = recv(sock, &mut buf)
+                .expect("recv")
+                .expect("datagrams before timeout");
+            assert_eq!(r.src.port(), a.port);
+            got.extend(buf[..r.len].chunks(r.segment).map(<[u8]>::to_vec));
+            receives += 1;
+        }
+        assert_eq!(got, sent);
+        // Which paths ran (GSO send, GRO receive) depends on the kernel.
+        println!(
+            "{} datagrams in {receives} receives, gso {}",
+            sent.len(),
+            a.gso.load(Ordering::Relaxed)
+        );
+    }
+
+    #[test]
+    fn gro_control_message_is_parsed() {
+        let mut control = vec![0u8; CMSG_HDR + 8];
+        let hdr = libc::cmsghdr {
+            cmsg_len: (CMSG_HDR + 4) as _,
+            cmsg_level: SOL_UDP,
+            cmsg_type: UDP_GRO,
+        };
+        // SAFETY: the buffer has room for a cmsghdr.
+        unsafe { std::ptr::write_unaligned(control.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
+        control[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&1452i32.to_ne_bytes());
+        assert_eq!(gro_segment(&control), Some(1452));
+        assert_eq!(gro_segment(&control[..CMSG_HDR]), None);
+        assert_eq!(gro_segment(&[]), None);
+        assert_eq!(gro_segment(&[0xff; 7]), None);
+        assert_eq!(gro_segment(&[0; 40]), None);
+    }
+
     #[test]
     fn receive_times_out_instead_of_blocking() {
         let s = UdpSockets::bind(0, 0).expect("bind");
         let sock = s.v4.as_ref().expect("v4");
         let start = std::time::Instant::now();
-        assert!(recv_from(sock, &mut [0u8; 16]).expect("recv").is_none());
+        assert!(recv(sock, &mut [0u8; 16]).expect("recv").is_none());
         assert!(start.elapsed() < RECV_TIMEOUT * 10);
     }
 
