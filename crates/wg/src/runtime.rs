@@ -6,9 +6,10 @@
 //! interface is deleted or its UAPI socket file is removed or replaced; the owner
 //! learns why from [`RunningDevice::poll_exit`].
 //!
-//! Batching (recvmmsg/sendmmsg, UDP GSO/GRO, TUN offloads) and parallel crypto slot in
-//! behind the same [`Device`] calls: readers would hand batches to it instead of
-//! single packets.
+//! Batching: the TUN reader gets TCP super-packets (TSO, [`crate::offload`]) and
+//! sends each one's datagrams with UDP GSO; UDP readers get GRO-coalesced datagrams.
+//! Not yet: coalescing decrypted TCP segments into super-packets for the TUN (the
+//! receiving side is now the bottleneck) and parallel crypto across peers.
 
 use std::io;
 use std::os::linux::fs::MetadataExt;
