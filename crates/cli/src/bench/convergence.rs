@@ -349,6 +349,24 @@ impl Bed {
     }
 }
 
+impl Bed {
+    /// What the cluster's records weigh in the registry, by kind (`nodes`, `status`,
+    /// ...): keys and bytes of values. Every agent reads all of them on each reconcile.
+    pub fn registry_weight(&self) -> Result<Vec<(String, usize, usize)>> {
+        let prefix = self.cluster.prefix();
+        let (kvs, _) = self.cluster.store.list(&prefix)?;
+        let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for kv in &kvs {
+            let rest = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
+            let kind = rest.split('/').next().unwrap_or(rest).to_owned();
+            let entry = kinds.entry(kind).or_default();
+            entry.0 += 1;
+            entry.1 += kv.value.len();
+        }
+        Ok(kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect())
+    }
+}
+
 /// For each of nodes `0..n`, the time from `start` until its device has `key` as
 /// a peer (polling every device in turn; at most 60 s).
 fn until_all_have(n: usize, key: &PublicKey, start: Instant) -> Result<Vec<Duration>> {

@@ -76,6 +76,14 @@ pub fn run(args: Args) -> Result<()> {
         ms(percentile(&all, 90)),
         ms(*all.last().expect("agents"))
     );
+    let weight: Vec<String> = bed
+        .registry_weight()?
+        .iter()
+        .map(|(kind, keys, bytes)| {
+            format!("{kind}: {keys} keys, {:.1} KiB", *bytes as f64 / 1024.0)
+        })
+        .collect();
+    println!("the cluster in the registry: {}", weight.join("; "));
     if bed.restarts > 0 {
         println!(
             "({} agents exited at start-up and were started again)",
