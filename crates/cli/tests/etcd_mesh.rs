@@ -11,6 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use support::{Mesh, Pinger};
+use wiremesh_registry::LeaseId;
 use wiremesh_testkit::{require_root, wait_until};
 
 /// The agents' lease (`--lease-ttl 3` in the test bed) is far shorter than this.
@@ -268,5 +269,60 @@ fn twenty_agents_starting_at_once_get_distinct_pod_cidrs() {
     // And the mesh they form works end to end.
     all_reach(&mesh, &[0], N - 1, Duration::from_secs(30));
     all_reach(&mesh, &[N - 1], 0, Duration::from_secs(10));
+    report_start_failures(&mesh);
+}
+
+/// Leases can end while etcd is away (etcd 3.4 restarts every lease's clock when
+/// a leader is elected, so an outage alone ends none, but an agent that stays away
+/// longer than its TTL afterwards loses its lease). Here every agent's lease is
+/// revoked at once: each must notice, take a new lease, publish its record again,
+/// and the mesh must come back.
+#[test]
+fn agents_rejoin_when_their_lease_has_ended() {
+    let Some((mut mesh, _lock)) = bed(3) else {
+        return;
+    };
+    for name in ["n1", "n2", "n3"] {
+        let i = mesh.add_node(name, "site", true);
+        mesh.start(i);
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+        all_reach(&mesh, &[a], b, Duration::from_secs(20));
+    }
+    let cluster = mesh.cluster();
+    let nodes = format!("{}nodes/", cluster.prefix());
+    let leases = |cluster: &wiremesh_agent::Cluster| -> Vec<(String, Option<LeaseId>)> {
+        let (kvs, _) = cluster.store.list(&nodes).unwrap();
+        kvs.into_iter().map(|kv| (kv.key, kv.lease)).collect()
+    };
+    let before = leases(&cluster);
+    assert_eq!(before.len(), 3);
+    for (key, lease) in &before {
+        let lease = lease.unwrap_or_else(|| panic!("{key} has no lease"));
+        cluster.store.revoke_lease(lease).unwrap();
+    }
+    // Each agent's next heartbeat (every ttl/3 = 1 s) finds its lease gone.
+    let rejoined = wait_until(Duration::from_secs(15), || {
+        let now = leases(&cluster);
+        now.len() == 3
+            && now
+                .iter()
+                .all(|(_, lease)| !before.iter().any(|(_, b)| b == lease))
+    });
+    assert!(
+        rejoined,
+        "records after the leases ended: {:?}",
+        leases(&cluster)
+    );
+    for i in 0..3 {
+        assert!(
+            mesh.log(i).contains("lease ended; rejoining"),
+            "{} did not say it re-joined",
+            mesh.nodes[i].name
+        );
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+        all_reach(&mesh, &[a], b, Duration::from_secs(20));
+    }
     report_start_failures(&mesh);
 }
