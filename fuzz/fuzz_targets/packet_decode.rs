@@ -52,9 +52,20 @@ fuzz_target!(|data: &[u8]| {
     // The same bytes as a TUN read with a vnet header (offloads on).
     let mut segments = Vec::new();
     if wiremesh_wg::offload::split(data, &mut segments).is_ok() {
+        // What the receiving side would merge back for its TUN must split again.
+        let mut frames = Vec::new();
+        wiremesh_wg::offload::coalesce(&segments, &mut frames);
+        for f in &frames {
+            let mut again = Vec::new();
+            wiremesh_wg::offload::split(f, &mut again).expect("coalesced frame splits");
+        }
         for seg in segments {
             let _ = dev.handle_tun_packet(seg);
         }
     }
+    // Arbitrary bytes as decrypted packets to merge.
+    let mut frames = Vec::new();
+    let half = data.len() / 2;
+    wiremesh_wg::offload::coalesce(&[&data[..half], &data[half..]], &mut frames);
     dev.tick(std::time::SystemTime::UNIX_EPOCH, &mut out);
 });

@@ -7,9 +7,9 @@
 //! learns why from [`RunningDevice::poll_exit`].
 //!
 //! Batching: the TUN reader gets TCP super-packets (TSO, [`crate::offload`]) and
-//! sends each one's datagrams with UDP GSO; UDP readers get GRO-coalesced datagrams.
-//! Not yet: coalescing decrypted TCP segments into super-packets for the TUN (the
-//! receiving side is now the bottleneck) and parallel crypto across peers.
+//! sends each one's datagrams with UDP GSO; UDP readers get GRO-coalesced datagrams
+//! and merge the decrypted TCP segments back into super-packets for the TUN. Not yet:
+//! parallel crypto (one thread per direction does all of it).
 
 use std::io;
 use std::os::linux::fs::MetadataExt;
@@ -236,6 +236,8 @@ impl Shared {
         };
         let mut buf = vec![0u8; BUF_LEN];
         let mut out = Vec::new();
+        let mut to_tun = Vec::new();
+        let mut frames = Vec::new();
         while !self.stop.load(Ordering::Relaxed)
             && self.generation.load(Ordering::Relaxed) == generation
         {
@@ -250,7 +252,17 @@ impl Shared {
                         self.device
                             .handle_datagram(BytesMut::from(d), r.src, &mut out);
                     }
-                    self.send_outputs(Some(sockets), &mut out);
+                    for o in out.drain(..) {
+                        match o {
+                            Output::Network { dst, payload } => {
+                                if let Err(e) = sockets.send_to(&payload, dst) {
+                                    tracing::trace!(error = %e, %dst, "udp send failed");
+                                }
+                            }
+                            Output::Tunnel(p) => to_tun.push(p),
+                        }
+                    }
+                    self.write_tunnel(&mut to_tun, &mut frames);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "udp receive failed");
@@ -259,6 +271,26 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Writes decrypted packets to the TUN device, merging TCP segments into
+    /// super-packets when it takes vnet headers (one write instead of dozens).
+    fn write_tunnel(&self, packets: &mut Vec<Packet>, frames: &mut Vec<BytesMut>) {
+        if self.tun.has_vnet_hdr() {
+            crate::offload::coalesce(packets, frames);
+            for f in frames.drain(..) {
+                if let Err(e) = self.tun.send_frame(&f) {
+                    tracing::trace!(error = %e, "tun write failed");
+                }
+            }
+        } else {
+            for p in packets.iter() {
+                if let Err(e) = self.tun.send(p) {
+                    tracing::trace!(error = %e, "tun write failed");
+                }
+            }
+        }
+        packets.clear();
     }
 
     fn tun_reader(&self) {

@@ -243,6 +243,20 @@ impl Tun {
         Ok(Some(n as usize))
     }
 
+    /// Writes one frame that already starts with its vnet header (see
+    /// [`crate::offload::coalesce`]); only for a TUN with [`Self::has_vnet_hdr`].
+    pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        if !self.vnet_hdr {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        // SAFETY: frame is valid for frame.len() bytes.
+        let n = unsafe { libc::write(self.fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Writes one IP packet.
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
         // With a vnet header, an all-zero one says "no offload, checksums complete".
