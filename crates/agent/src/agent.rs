@@ -89,12 +89,14 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         source,
     };
     let mut private_key = keys::load_or_create(&config.state_dir).map_err(state_err)?;
-    let settings = cluster.settings()?;
+    let settings = until_available(&stop, "reading the cluster settings", || cluster.settings())?;
     let block_file = config.state_dir.join(BLOCK_FILE);
     let previous: Option<IpNet> = std::fs::read_to_string(&block_file)
         .ok()
         .and_then(|s| s.trim().parse().ok());
-    let block = cluster.claim_block(&config.name, &settings, previous)?;
+    let block = until_available(&stop, "claiming a pod CIDR", || {
+        cluster.claim_block(&config.name, &settings, previous)
+    })?;
     std::fs::write(&block_file, format!("{}\n", block.pod_cidr)).map_err(state_err)?;
     tracing::info!(node = %config.name, pod_cidr = %block.pod_cidr, mesh_ip = %block.mesh_ip, public_key = %private_key.public_key(), "joining the mesh");
 
@@ -141,13 +143,18 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     };
     let mut state = LoopState {
         firewall: None,
-        lease: cluster.store.grant_lease(config.lease_ttl)?,
+        lease: until_available(&stop, "taking a lease", || {
+            Ok(cluster.store.grant_lease(config.lease_ttl)?)
+        })?,
         last_keepalive: Instant::now(),
     };
-    cluster.put_node(&me, state.lease)?;
-
-    let (_, revision) = cluster.store.list(&cluster.prefix())?;
-    let mut watch = cluster.store.watch(&cluster.prefix(), revision)?;
+    until_available(&stop, "publishing this node", || {
+        cluster.put_node(&me, state.lease)
+    })?;
+    let mut watch = until_available(&stop, "watching the registry", || {
+        let (_, revision) = cluster.store.list(&cluster.prefix())?;
+        Ok(cluster.store.watch(&cluster.prefix(), revision)?)
+    })?;
     let mut dirty = true;
     let mut last_full = Instant::now();
     let mut last_status = Instant::now() - STATUS_EVERY;
@@ -289,6 +296,29 @@ fn rotate_key(
     cluster.put_node(me, state.lease)?;
     tracing::info!(public_key = %me.public_key, "rotated the node's key pair");
     Ok(Some(key))
+}
+
+/// Retry `f` while the registry is unreachable (a member restarting, a network
+/// blip), so an agent started during an outage joins when it ends; other errors,
+/// and a stop request, end the wait.
+fn until_available<T>(
+    stop: &AtomicBool,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, ClusterError>,
+) -> Result<T, AgentError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f() {
+            Err(ClusterError::Store(StoreError::Unavailable { reason }))
+                if !stop.load(Ordering::Relaxed) =>
+            {
+                tracing::warn!("{what}: registry unavailable ({reason}); retrying in {delay:?}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other.map_err(AgentError::from),
+        }
+    }
 }
 
 struct LoopState {

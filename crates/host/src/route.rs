@@ -136,8 +136,13 @@ pub fn link_exists(dev: &str) -> bool {
 }
 
 /// Write a sysctl under /proc/sys (e.g. `net/ipv4/ip_forward`) in the current namespace.
+/// A value already in place is not written again: in a container whose /proc/sys is
+/// read-only (a DaemonSet with only NET_ADMIN), an init step may have set it.
 pub fn sysctl(key: &str, value: &str) -> Result<(), HostError> {
     let path = format!("/proc/sys/{key}");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
     std::fs::write(&path, value).map_err(|e| HostError::Command {
         command: format!("sysctl {key}={value}"),
         stderr: e.to_string(),
