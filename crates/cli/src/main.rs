@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod peers;
 mod status;
+mod ui;
 
 use std::path::PathBuf;
 
@@ -106,6 +107,14 @@ enum Command {
     /// Print the WireGuard config of an external peer (wg-quick) or of a node.
     #[command(subcommand)]
     Showconf(peers::ShowconfCommand),
+    /// Serve a live topology page: locations, leaders, nodes and tunnels, updating as the mesh changes.
+    Ui {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Address to serve the page on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// Replace this node's key pair; the running agent applies it within a second and every peer follows.
     RotateKey {
         /// The agent's state directory.
@@ -191,6 +200,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { registry, json } => status::print(&registry.open()?, json),
         Command::Graph { registry, svg } => status::graph(&registry.open()?, svg),
         Command::Demo(a) => demo::run(a),
+        Command::Ui { registry, listen } => ui::serve(registry.open()?, listen),
         Command::RotateKey { state_dir } => {
             let public = wiremesh_agent::keys::request_rotation(&state_dir)
                 .with_context(|| format!("writing a new key into {}", state_dir.display()))?;
