@@ -352,8 +352,8 @@ impl Shared {
             }
             ticks += 1;
             self.device.tick(SystemTime::now(), &mut out);
-            let sockets = self.current_sockets();
-            self.send_outputs(sockets.as_deref(), &mut out);
+            // Not held across the sleep: a rebind must be able to close old sockets.
+            self.send_outputs(self.current_sockets().as_deref(), &mut out);
             std::thread::sleep(TICK);
         }
     }

@@ -50,6 +50,14 @@ fn setconf_then_showconf_reads_back_exactly() {
     node.wg(&["setconf", &node.ifname, &path]).expect("setconf");
     let shown = node.wg(&["showconf", &node.ifname]).expect("showconf");
     assert_eq!(shown, conf);
+    // The sockets moved to the new port at once (the old ones are closed) and carry
+    // the mark.
+    let ss = node.ns.exec_ok(&["ss", "-uaneH"]).expect("ss");
+    let lines: Vec<&str> = ss.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 2, "{ss}");
+    for l in lines {
+        assert!(l.contains(":51820 ") && l.contains("fwmark:0x42"), "{l}");
+    }
 
     // syncconf: drop a peer, change the other's allowed IPs and endpoint.
     let conf2 = format!(
