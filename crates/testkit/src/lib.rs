@@ -155,7 +155,7 @@ impl Netns {
         }
     }
 
-    /// Like [`Netns::exec_ok`] with environment variables set.
+    /// Like [`Netns::exec`], with environment variables set.
     pub fn exec_env(&self, env: &[(&str, &str)], args: &[&str]) -> io::Result<Output> {
         let mut c = self.command(args);
         c.envs(env.iter().copied()).stdin(Stdio::null());
