@@ -70,6 +70,7 @@ fn member_crash_and_restart_keeps_the_mesh_and_admits_new_nodes() {
         all_reach(&mesh, &[a], b, Duration::from_secs(20));
     }
     let pinger = Pinger::start(&mesh, 0, 2);
+    let logged_before: Vec<usize> = (0..3).map(|i| mesh.log(i).len()).collect();
     // Member 1 is every agent's first endpoint.
     mesh.etcd.as_mut().unwrap().kill(0);
     // Agents keep running through a few heartbeats and a resync while it is down.
@@ -84,6 +85,16 @@ fn member_crash_and_restart_keeps_the_mesh_and_admits_new_nodes() {
         !agents_alive,
         "an agent exited while an etcd member was down"
     );
+    // Two members are a quorum, so ideally no request fails; print how many did.
+    let failed: usize = (0..3)
+        .map(|i| {
+            mesh.log(i)[logged_before[i]..]
+                .lines()
+                .filter(|l| l.contains("failed"))
+                .count()
+        })
+        .sum();
+    println!("registry requests the agents logged as failed while a member was down: {failed}");
     mesh.etcd
         .as_mut()
         .unwrap()
@@ -100,13 +111,12 @@ fn member_crash_and_restart_keeps_the_mesh_and_admits_new_nodes() {
     report_start_failures(&mesh);
 }
 
-/// A node that joins while one of three members is down should join: two members
-/// are a quorum. It does not, reliably: the agent's start-up gives up on the first
-/// registry error, and the etcd client sends part of its requests to the dead
-/// member (tonic's balanced channel keeps a refused endpoint in rotation,
-/// grpc/grpc-rust#2839, formerly hyperium/tonic), or the request meets the election ("leader changed").
+/// A node joins while one of three members is down (two are a quorum), with no
+/// second chance: the agent gives up on the first registry error at start-up, so
+/// this also watches for errors that leak through from the dead member (tonic's
+/// balanced channel keeps a refused endpoint in rotation,
+/// grpc/grpc-rust#2839, formerly hyperium/tonic) or from the election.
 #[test]
-#[ignore = "agent start-up does not retry transient registry errors; see the comment"]
 fn node_joins_while_a_member_is_down() {
     let Some((mut mesh, _lock)) = bed(3) else {
         return;
