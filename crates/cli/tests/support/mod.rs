@@ -48,8 +48,6 @@ pub struct Mesh {
     pub fabric: Netns,
     pub nat: Option<Netns>,
     pub nodes: Vec<TestNode>,
-    /// Agents that exited at start-up and were started again (see [`Mesh::start`]).
-    pub start_failures: Vec<String>,
 }
 
 pub fn ip(args: &[&str]) {
@@ -104,7 +102,6 @@ impl Mesh {
             fabric,
             nat: None,
             nodes: Vec::new(),
-            start_failures: Vec::new(),
         };
         if with_nat {
             ip(&[
@@ -258,38 +255,9 @@ impl Mesh {
     }
 
     /// Starts node `i`'s agent and waits until it has joined (see [`Mesh::await_join`]).
-    ///
-    /// An agent that exits during start-up is started again, twice at most, as a
-    /// supervisor would, and the exit is printed and kept in `start_failures`: the
-    /// agent gives up on the first registry error at start-up (an etcd election,
-    /// a request timeout under load), which the tests cannot rule out.
     pub fn start(&mut self, i: usize) {
         self.spawn_agent(i);
-        self.see_through_start(i);
-    }
-
-    /// The waiting half of [`Mesh::start`], for an agent already spawned.
-    pub fn see_through_start(&mut self, i: usize) {
-        const RETRIES: usize = 2;
-        for attempt in 0..=RETRIES {
-            let Err(status) = self.try_join(i) else {
-                return;
-            };
-            let log = self.log(i);
-            let why = log
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
-            let failure = format!(
-                "{}'s agent exited ({status}) at start-up: {why}",
-                self.nodes[i].name
-            );
-            assert!(attempt < RETRIES, "{failure}\n{log}");
-            println!("{failure}; starting it again");
-            self.start_failures.push(failure);
-            self.spawn_agent(i);
-        }
+        self.await_join(i);
     }
 
     /// Starts node `i`'s agent without waiting for it.
