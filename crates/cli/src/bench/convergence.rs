@@ -252,8 +252,8 @@ impl Bed {
             .context("starting an agent")
     }
 
-    /// Starts again every agent that has exited (the agent gives up on a registry
-    /// error during its start-up; a supervisor would restart it).
+    /// Starts again every agent that has exited, as a supervisor would; they are
+    /// counted in `restarts` and the bench reports them.
     fn restart_exited(&mut self) -> Result<()> {
         for i in 0..self.agents.len() {
             if let Ok(Some(status)) = self.agents[i].try_wait() {
