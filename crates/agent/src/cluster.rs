@@ -114,15 +114,17 @@ impl Cluster {
     /// Every usable node and peer, the records that were not usable, and the revision read.
     pub fn snapshot(&self) -> Result<(Snapshot, Vec<BadRecord>, Revision), ClusterError> {
         let settings = self.settings()?;
-        let (kvs, revision) = self.store.list(&self.prefix())?;
+        let nodes_prefix = self.key("nodes/");
+        let peers_prefix = self.key("peers/");
+        // Only what the topology reads: `status/*` is most of a big cluster's bytes.
+        let (mut kvs, revision) = self.store.list(&nodes_prefix)?;
+        kvs.extend(self.store.list(&peers_prefix)?.0);
         let mut snapshot = Snapshot {
             settings,
             nodes: Vec::new(),
             peers: Vec::new(),
         };
         let mut bad = Vec::new();
-        let nodes_prefix = self.key("nodes/");
-        let peers_prefix = self.key("peers/");
         for kv in kvs {
             if kv.key.starts_with(&nodes_prefix) {
                 match Node::from_json(&kv.value) {

@@ -51,7 +51,7 @@ const WATCH_CLOSED_CHECK: Duration = Duration::from_millis(500);
 impl EtcdStore {
     /// Connects to the cluster through `endpoints` (`http://host:2379`, or
     /// `https://` with [`EtcdOptions::tls`]). Requests are balanced over the
-    /// endpoints, and a member that goes away is routed around.
+    /// endpoints, and a member that goes away is routed around (requests that cannot reach a member are retried, see `call`).
     pub fn connect<E: AsRef<str>>(
         endpoints: &[E],
         options: EtcdOptions,
@@ -103,17 +103,35 @@ impl EtcdStore {
 
     /// Runs one request on the runtime with a fresh handle on the shared client.
     /// `lease` is the lease the request names, for a precise `LeaseNotFound`.
+    ///
+    /// A request that could not reach a member is tried again a few times: the
+    /// client's balancer keeps a dead member in rotation (grpc-rust#2839), so the
+    /// next attempt usually lands on a live one. Retrying is safe here because every
+    /// caller tolerates a repeat (puts overwrite, a compare-and-put that did land
+    /// reads back as the caller's own value).
     fn call<T, F>(
         &self,
         lease: Option<LeaseId>,
-        request: impl FnOnce(Client) -> F,
+        request: impl Fn(Client) -> F,
     ) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.runtime
-            .block_on(request(self.client.clone()))
-            .map_err(|e| map_error(e, lease))
+        const ATTEMPTS: usize = 4;
+        let mut attempt = 1;
+        loop {
+            match self
+                .runtime
+                .block_on(request(self.client.clone()))
+                .map_err(|e| map_error(e, lease))
+            {
+                Err(StoreError::Unavailable { reason }) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, "etcd unavailable ({reason}); trying again");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -164,7 +182,10 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key, value, put_options(lease))]);
-        let response = self.call(lease, |mut c| async move { c.txn(txn).await })?;
+        let response = self.call(lease, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
         Ok(response.succeeded())
     }
 
