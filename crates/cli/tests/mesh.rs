@@ -127,12 +127,7 @@ fn agent_restart_loses_no_packets_on_unchanged_tunnels() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("full", false);
-    let n1 = mesh.add_node("n1", "site", true);
-    let n2 = mesh.add_node("n2", "site", true);
-    mesh.start(n1);
-    mesh.start(n2);
-    assert!(mesh.eventually_pings(n1, n2, Duration::from_secs(20)));
+    let (mut mesh, n1, n2) = Mesh::pair();
     let pinger = Pinger::start(&mesh, n1, n2);
     mesh.stop(n1);
     mesh.start(n1);
@@ -160,12 +155,7 @@ fn malformed_records_are_rejected_and_the_mesh_keeps_working() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("full", false);
-    let n1 = mesh.add_node("n1", "site", true);
-    let n2 = mesh.add_node("n2", "site", true);
-    mesh.start(n1);
-    mesh.start(n2);
-    assert!(mesh.eventually_pings(n1, n2, Duration::from_secs(20)));
+    let (mesh, n1, n2) = Mesh::pair();
     let cluster = mesh.cluster();
     let prefix = cluster.prefix();
     cluster

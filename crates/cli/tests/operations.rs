@@ -171,12 +171,7 @@ fn key_rotation_keeps_a_long_transfer_intact() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("full", false);
-    let n1 = mesh.add_node("n1", "site", true);
-    let n2 = mesh.add_node("n2", "site", true);
-    mesh.start(n1);
-    mesh.start(n2);
-    assert!(mesh.eventually_pings(n1, n2, Duration::from_secs(20)));
+    let (mesh, n1, n2) = Mesh::pair();
     let key_of = |mesh: &Mesh| {
         let (snapshot, _, _) = mesh.cluster().snapshot().unwrap();
         snapshot

@@ -60,6 +60,20 @@ pub fn ip(args: &[&str]) {
 }
 
 impl Mesh {
+    /// Two started nodes of one site (full granularity) whose pods already reach each other.
+    pub fn pair() -> (Mesh, usize, usize) {
+        let mut mesh = Mesh::new("full", false);
+        let n1 = mesh.add_node("n1", "site", true);
+        let n2 = mesh.add_node("n2", "site", true);
+        mesh.start(n1);
+        mesh.start(n2);
+        assert!(
+            mesh.eventually_pings(n1, n2, Duration::from_secs(20)),
+            "n1 cannot reach n2"
+        );
+        (mesh, n1, n2)
+    }
+
     /// An empty cluster with a directory registry and one bridge (`lan`) for public
     /// nodes and, if asked, a NAT router in front of a second bridge (`natlan`).
     pub fn new(granularity: &str, with_nat: bool) -> Mesh {
