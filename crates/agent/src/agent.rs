@@ -67,6 +67,11 @@ pub enum AgentError {
     },
     #[error("WireGuard device: {0}")]
     Device(std::io::Error),
+    #[error("serving metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("this node's record: {0}")]
     Record(FieldError),
 }
@@ -163,9 +168,8 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         ..Metrics::default()
     }));
     if let Some(addr) = config.metrics {
-        crate::metrics::serve(addr, metrics.clone()).map_err(|e| {
-            AgentError::Device(std::io::Error::other(format!("metrics on {addr}: {e}")))
-        })?;
+        crate::metrics::serve(addr, metrics.clone())
+            .map_err(|source| AgentError::Metrics { addr, source })?;
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
     while !stop.load(Ordering::Relaxed) {
