@@ -123,9 +123,83 @@ impl<'de> serde::Deserialize<'de> for PublicKey {
     }
 }
 
-/// The device's Curve25519 private key. Zeroized on drop; `Debug` is redacted.
-#[derive(Clone)]
-pub struct PrivateKey([u8; KEY_LEN]);
+/// A 32-byte secret: zeroized on drop, compared in constant time, redacted in `Debug`,
+/// with the base64 and hex (UAPI) forms. One definition for both kinds of secret.
+macro_rules! secret_key {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $name([u8; KEY_LEN]);
+
+        impl $name {
+            /// Wraps raw bytes.
+            pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+                Self(bytes)
+            }
+
+            /// Parses the base64 form.
+            pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+                decode_base64(s).map(Self)
+            }
+
+            /// Renders the base64 form. The caller owns the secret it returns.
+            pub fn to_base64(&self) -> String {
+                BASE64.encode(self.0)
+            }
+
+            /// Parses the hex form used by UAPI.
+            pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+                decode_hex(s).map(Self)
+            }
+
+            /// Renders the hex form used by UAPI.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+
+            /// The raw secret bytes.
+            pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+                &self.0
+            }
+
+            /// UAPI uses an all-zero key to mean "no key".
+            pub fn is_zero(&self) -> bool {
+                self.0.ct_eq(&[0u8; KEY_LEN]).into()
+            }
+        }
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                self.0.zeroize();
+            }
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.ct_eq(&other.0).into()
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+    };
+}
+
+secret_key!(
+    /// The device's Curve25519 private key. Zeroized on drop; `Debug` is redacted.
+    PrivateKey
+);
+
+secret_key!(
+    /// An optional symmetric key mixed into the handshake (whitepaper §5.2). Zeroized on
+    /// drop; `Debug` is redacted.
+    PresharedKey
+);
 
 impl PrivateKey {
     /// A fresh random key from the operating system's CSPRNG, clamped like `wg genkey`.
@@ -139,72 +213,12 @@ impl PrivateKey {
         Self(bytes)
     }
 
-    /// Wraps raw bytes.
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self(bytes)
-    }
-
-    /// Parses the base64 form.
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_base64(s).map(Self)
-    }
-
-    /// Renders the base64 form. The caller owns the secret it returns.
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-
-    /// Parses the hex form used by UAPI.
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        decode_hex(s).map(Self)
-    }
-
-    /// Renders the hex form used by UAPI.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The raw secret bytes.
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-
-    /// UAPI uses an all-zero key to mean "no private key".
-    pub fn is_zero(&self) -> bool {
-        self.0.ct_eq(&[0u8; KEY_LEN]).into()
-    }
-
     /// The matching public key (X25519 base-point multiplication).
     pub fn public_key(&self) -> PublicKey {
         let secret = x25519_dalek::StaticSecret::from(self.0);
         PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
     }
 }
-
-impl Drop for PrivateKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl PartialEq for PrivateKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-
-impl Eq for PrivateKey {}
-
-impl fmt::Debug for PrivateKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PrivateKey([redacted])")
-    }
-}
-
-/// An optional symmetric key mixed into the handshake (whitepaper §5.2). Zeroized on
-/// drop; `Debug` is redacted.
-#[derive(Clone)]
-pub struct PresharedKey([u8; KEY_LEN]);
 
 impl PresharedKey {
     /// A fresh random key from the operating system's CSPRNG, like `wg genpsk`.
@@ -213,61 +227,6 @@ impl PresharedKey {
         let mut bytes = [0u8; KEY_LEN];
         rand_core::OsRng.fill_bytes(&mut bytes);
         Self(bytes)
-    }
-
-    /// Wraps raw bytes.
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self(bytes)
-    }
-
-    /// Parses the base64 form.
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_base64(s).map(Self)
-    }
-
-    /// Renders the base64 form.
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-
-    /// Parses the hex form used by UAPI.
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        decode_hex(s).map(Self)
-    }
-
-    /// Renders the hex form used by UAPI.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The raw secret bytes.
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-
-    /// UAPI uses an all-zero key to mean "no preshared key".
-    pub fn is_zero(&self) -> bool {
-        self.0.ct_eq(&[0u8; KEY_LEN]).into()
-    }
-}
-
-impl Drop for PresharedKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl PartialEq for PresharedKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-
-impl Eq for PresharedKey {}
-
-impl fmt::Debug for PresharedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PresharedKey([redacted])")
     }
 }
 
