@@ -169,3 +169,30 @@ mod tests {
         assert!(text.contains("# TYPE wiremesh_peer_transmit_bytes_total counter"));
     }
 }
+
+#[cfg(test)]
+mod dashboard {
+    use super::*;
+
+    /// The Grafana dashboard in deploy/grafana only queries metrics the agent serves.
+    #[test]
+    fn dashboard_queries_only_served_metrics() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/grafana/wiremesh.json"
+        );
+        let dashboard = std::fs::read_to_string(path).expect("the dashboard");
+        let served = render(&Metrics::default());
+        let mut queried = 0;
+        for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("wiremesh_") {
+                queried += 1;
+                assert!(
+                    served.contains(&format!("# TYPE {word} ")),
+                    "the dashboard queries {word}, which the agent does not serve"
+                );
+            }
+        }
+        assert!(queried >= 7, "the dashboard queries the agent's metrics");
+    }
+}
