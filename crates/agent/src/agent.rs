@@ -86,6 +86,8 @@ const BLOCK_FILE: &str = "pod-cidr";
 const TICK: Duration = Duration::from_millis(500);
 /// Device reports are published after every change and at least this often.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// An unchanged device report is published again this often, at the least.
+const STATUS_REFRESH: Duration = Duration::from_secs(60);
 
 /// Run the agent until `stop` is set.
 pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
@@ -163,6 +165,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     let mut dirty = true;
     let mut last_full = Instant::now();
     let mut last_status = Instant::now() - STATUS_EVERY;
+    let mut published: Option<NodeStatus> = None;
     let metrics = Arc::new(Mutex::new(Metrics {
         node: config.name.to_string(),
         ..Metrics::default()
@@ -246,7 +249,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         }
         if device_changed || last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
-            match publish_status(&cluster, &config, &socket, state.lease) {
+            match publish_status(&cluster, &config, &socket, state.lease, &mut published) {
                 Ok(status) => {
                     let mut m = metrics.lock().unwrap_or_else(PoisonError::into_inner);
                     m.rejected_records = status.rejected.len();
@@ -429,6 +432,7 @@ fn publish_status(
     config: &AgentConfig,
     socket: &std::path::Path,
     lease: LeaseId,
+    published: &mut Option<NodeStatus>,
 ) -> Result<NodeStatus, AgentError> {
     let device = uapi_client::get(socket)?;
     let (snapshot, bad, _) = cluster.snapshot()?;
@@ -468,6 +472,16 @@ fn publish_status(
             .collect(),
         updated: unix_now(),
     };
-    cluster.put_status(&status, lease)?;
+    // Every write reaches every watcher (and rewrites the embedded store's file):
+    // an unchanged report is repeated only once a minute.
+    let unchanged = published.as_ref().is_some_and(|p| {
+        p.peers == status.peers
+            && p.rejected == status.rejected
+            && status.updated.saturating_sub(p.updated) < STATUS_REFRESH.as_secs()
+    });
+    if !unchanged {
+        cluster.put_status(&status, lease)?;
+        *published = Some(status.clone());
+    }
     Ok(status)
 }
