@@ -53,36 +53,44 @@ fn decode_hex(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
     Ok(out)
 }
 
+/// The base64 (`wg`, config files) and hex (UAPI) forms and the raw bytes, shared by
+/// every key type.
+macro_rules! key_encodings {
+    ($name:ident) => {
+        impl $name {
+            /// Parses the 44-character base64 form used by `wg` and configuration files.
+            pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+                decode_base64(s).map(Self)
+            }
+
+            /// Renders the base64 form (for a secret, the caller owns what it returns).
+            pub fn to_base64(&self) -> String {
+                BASE64.encode(self.0)
+            }
+
+            /// Parses the 64-digit hex form used by UAPI.
+            pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+                decode_hex(s).map(Self)
+            }
+
+            /// Renders the lowercase hex form used by UAPI.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+
+            /// The raw 32 bytes.
+            pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+                &self.0
+            }
+        }
+    };
+}
+
 /// A peer's (or the device's) Curve25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey(pub [u8; KEY_LEN]);
 
-impl PublicKey {
-    /// Parses the 44-character base64 form used by `wg` and configuration files.
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_base64(s).map(Self)
-    }
-
-    /// Renders the base64 form.
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-
-    /// Parses the 64-digit hex form used by UAPI.
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        decode_hex(s).map(Self)
-    }
-
-    /// Renders the lowercase hex form used by UAPI.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The raw 32 bytes.
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-}
+key_encodings!(PublicKey);
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -137,36 +145,13 @@ macro_rules! secret_key {
                 Self(bytes)
             }
 
-            /// Parses the base64 form.
-            pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-                decode_base64(s).map(Self)
-            }
-
-            /// Renders the base64 form. The caller owns the secret it returns.
-            pub fn to_base64(&self) -> String {
-                BASE64.encode(self.0)
-            }
-
-            /// Parses the hex form used by UAPI.
-            pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-                decode_hex(s).map(Self)
-            }
-
-            /// Renders the hex form used by UAPI.
-            pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
-            }
-
-            /// The raw secret bytes.
-            pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-                &self.0
-            }
-
             /// UAPI uses an all-zero key to mean "no key".
             pub fn is_zero(&self) -> bool {
                 self.0.ct_eq(&[0u8; KEY_LEN]).into()
             }
         }
+
+        key_encodings!($name);
 
         impl Drop for $name {
             fn drop(&mut self) {
