@@ -45,13 +45,9 @@ fn bed(members: usize) -> Option<(Mesh, MutexGuard<'static, ()>)> {
     Some((Mesh::with_etcd("full", members)?, lock))
 }
 
-/// A member is SIGKILLed while agents run: traffic goes on without loss, and after
-/// it restarts a new node joins and is reached by everyone.
-#[test]
-fn member_crash_and_restart_keeps_the_mesh_and_admits_new_nodes() {
-    let Some((mut mesh, _lock)) = bed(3) else {
-        return;
-    };
+/// [`bed`] with three started nodes (n1..n3) whose pods reach each other.
+fn three_connected_nodes() -> Option<(Mesh, MutexGuard<'static, ()>)> {
+    let (mut mesh, lock) = bed(3)?;
     for name in ["n1", "n2", "n3"] {
         let i = mesh.add_node(name, "site", true);
         mesh.start(i);
@@ -59,6 +55,16 @@ fn member_crash_and_restart_keeps_the_mesh_and_admits_new_nodes() {
     for (a, b) in [(0, 1), (1, 2), (2, 0)] {
         all_reach(&mesh, &[a], b, Duration::from_secs(20));
     }
+    Some((mesh, lock))
+}
+
+/// A member is SIGKILLed while agents run: traffic goes on without loss, and after
+/// it restarts a new node joins and is reached by everyone.
+#[test]
+fn member_crash_and_restart_keeps_the_mesh_and_admits_new_nodes() {
+    let Some((mut mesh, _lock)) = three_connected_nodes() else {
+        return;
+    };
     let pinger = Pinger::start(&mesh, 0, 2);
     let logged_before: Vec<usize> = (0..3).map(|i| mesh.log(i).len()).collect();
     // Member 1 is every agent's first endpoint.
@@ -131,16 +137,9 @@ fn node_joins_while_a_member_is_down() {
 /// back the agents reconcile again: a node that joins afterwards is reached.
 #[test]
 fn registry_outage_keeps_the_data_plane_and_reconcile_resumes() {
-    let Some((mut mesh, _lock)) = bed(3) else {
+    let Some((mut mesh, _lock)) = three_connected_nodes() else {
         return;
     };
-    for name in ["n1", "n2", "n3"] {
-        let i = mesh.add_node(name, "site", true);
-        mesh.start(i);
-    }
-    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
-        all_reach(&mesh, &[a], b, Duration::from_secs(20));
-    }
     let logged_before: Vec<usize> = (0..3).map(|i| mesh.log(i).len()).collect();
     let pingers = [
         Pinger::start(&mesh, 0, 1),
@@ -281,16 +280,9 @@ fn twenty_agents_starting_at_once_get_distinct_pod_cidrs() {
 /// and the mesh must come back.
 #[test]
 fn agents_rejoin_when_their_lease_has_ended() {
-    let Some((mut mesh, _lock)) = bed(3) else {
+    let Some((mesh, _lock)) = three_connected_nodes() else {
         return;
     };
-    for name in ["n1", "n2", "n3"] {
-        let i = mesh.add_node(name, "site", true);
-        mesh.start(i);
-    }
-    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
-        all_reach(&mesh, &[a], b, Duration::from_secs(20));
-    }
     let cluster = mesh.cluster();
     let nodes = format!("{}nodes/", cluster.prefix());
     let leases = |cluster: &wiremesh_agent::Cluster| -> Vec<(String, Option<LeaseId>)> {
