@@ -413,12 +413,16 @@ mod tests {
         check("a1", Some("10.42.3.1/24"), (LOCATION, "x"), "spec.podCIDR");
         // Outside the settings' cluster CIDR: no mesh IP for it.
         check("a1", Some("10.244.1.0/24"), (LOCATION, "x"), "spec.podCIDR");
-        check(
-            "ip-10-0-0-1.ec2.internal",
-            cidr,
-            (LOCATION, "x"),
-            "metadata.name",
-        );
+        check("ip_10_0_0_1", cidr, (LOCATION, "x"), "metadata.name");
+    }
+
+    /// Cloud providers name nodes with DNS subdomains; they join as they are.
+    #[test]
+    fn dotted_node_names_map() {
+        let mut node = model_node();
+        node.name = "ip-10-0-0-1.ec2.internal".parse().unwrap();
+        let back = node_from_kube(&annotated(&node), &settings(), node.last_seen).unwrap();
+        assert_eq!(back, Some(node));
     }
 
     #[test]

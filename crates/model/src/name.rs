@@ -1,5 +1,9 @@
-//! Names of nodes, locations and external peers: DNS-1123 labels, so they can be
-//! Kubernetes object names, interface-name suffixes and DNS labels alike.
+//! Names of nodes, locations and external peers. Locations and peers are DNS-1123
+//! labels. Node names are DNS-1123 subdomains (dot-separated labels, at most 253
+//! characters), because that is what Kubernetes names nodes (`ip-10-0-0-1.ec2.internal`)
+//! and a node's name must be its Node object's. Nothing derives an interface or file
+//! name from a node name (interfaces are named by flag, registry keys allow dots), so
+//! the dots are safe.
 
 use std::fmt;
 
@@ -28,8 +32,26 @@ fn check_label(field: &str, s: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// A DNS-1123 subdomain: labels joined by dots, 253 characters at most.
+fn check_subdomain(field: &str, s: &str) -> Result<(), FieldError> {
+    if s.len() > 253 {
+        return Err(FieldError::new(
+            field,
+            format!("{s:?} is longer than 253 characters"),
+        ));
+    }
+    s.split('.').try_for_each(|label| {
+        check_label(field, label).map_err(|_| {
+            FieldError::new(
+                field,
+                format!("{s:?} is not a DNS name (dot-separated labels of lowercase letters, digits and '-', not at either end)"),
+            )
+        })
+    })
+}
+
 macro_rules! label_type {
-    ($(#[$doc:meta])* $ty:ident, $field:literal) => {
+    ($(#[$doc:meta])* $ty:ident, $field:literal, $check:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -44,7 +66,7 @@ macro_rules! label_type {
         impl TryFrom<String> for $ty {
             type Error = FieldError;
             fn try_from(s: String) -> Result<Self, FieldError> {
-                check_label($field, &s)?;
+                $check($field, &s)?;
                 Ok($ty(s))
             }
         }
@@ -71,19 +93,22 @@ macro_rules! label_type {
 }
 
 label_type!(
-    /// A node's name, unique in the cluster.
+    /// A node's name, unique in the cluster: a DNS subdomain, as Kubernetes node names are.
     NodeName,
-    "name"
+    "name",
+    check_subdomain
 );
 label_type!(
     /// A site: nodes of one location share a private network.
     Location,
-    "location"
+    "location",
+    check_label
 );
 label_type!(
     /// A device outside the cluster (laptop, VM, phone) that joins the mesh.
     PeerName,
-    "name"
+    "name",
+    check_label
 );
 
 #[cfg(test)]
@@ -94,7 +119,40 @@ mod tests {
     fn labels() {
         assert!("a1".parse::<NodeName>().is_ok());
         assert!("edge-2".parse::<Location>().is_ok());
-        for bad in ["", "-a", "a-", "A1", "a_b", &"x".repeat(64)] {
+        for bad in ["", "-a", "a-", "A1", "a_b", &"x".repeat(64), "a.b"] {
+            let err = bad.parse::<PeerName>().unwrap_err();
+            assert_eq!(err.field, "name", "{bad}");
+            assert!(bad.parse::<Location>().is_err(), "{bad}");
+        }
+    }
+
+    /// Kubernetes names nodes with DNS subdomains; each label is still checked.
+    #[test]
+    fn node_names_are_dns_subdomains() {
+        let long_ok = vec!["x".repeat(63); 3].join(".") + "." + &"y".repeat(61);
+        for ok in [
+            "a1",
+            "ip-10-0-0-1.ec2.internal",
+            "node.example.com",
+            &long_ok,
+        ] {
+            assert_eq!(ok.parse::<NodeName>().unwrap().as_str(), ok);
+        }
+        let too_long = long_ok.clone() + "y";
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "-a.b",
+            "a.b-",
+            "a.-b",
+            "A.b",
+            "a_b.c",
+            &format!("{}.a", "x".repeat(64)),
+            &too_long,
+        ] {
             let err = bad.parse::<NodeName>().unwrap_err();
             assert_eq!(err.field, "name", "{bad}");
         }
