@@ -13,6 +13,7 @@
 
 pub mod hub;
 pub mod link;
+pub mod routes;
 
 pub use hub::{Hub, LinkStats, PortSpec};
 pub use link::{DropReason, Impairment, Link, Loss, Verdict};

@@ -93,6 +93,34 @@ impl Loss {
     }
 }
 
+impl Loss {
+    /// The variance of how many of `packets` consecutive packets are lost, for
+    /// confidence bounds. Random loss is binomial; the Gilbert–Elliott chain's losses
+    /// are correlated (its second eigenvalue `λ = 1 − p_good_to_bad − p_bad_to_good`),
+    /// which adds `2·(loss_in_bad − loss_in_good)²·π_good·π_bad·λ/(1−λ)` per packet
+    /// (asymptotically, starting from the stationary state).
+    pub fn count_variance(&self, packets: u64) -> f64 {
+        let n = packets as f64;
+        let q = self.stationary_loss();
+        let independent = n * q * (1.0 - q);
+        match *self {
+            Loss::GilbertElliott {
+                p_good_to_bad,
+                p_bad_to_good,
+                loss_in_good,
+                loss_in_bad,
+            } if p_good_to_bad + p_bad_to_good > 0.0 => {
+                let moving = p_good_to_bad + p_bad_to_good;
+                let (pi_good, pi_bad) = (p_bad_to_good / moving, p_good_to_bad / moving);
+                let lambda = 1.0 - moving;
+                let spread = (loss_in_bad - loss_in_good).powi(2);
+                independent + n * 2.0 * spread * pi_good * pi_bad * lambda / (1.0 - lambda)
+            }
+            _ => independent,
+        }
+    }
+}
+
 impl Impairment {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), WanemError> {
@@ -206,13 +234,6 @@ impl Link {
         Ok(())
     }
 
-    /// Whether packets pass with no delay of any kind (the hub then forwards them at
-    /// once, without going through its scheduler).
-    pub fn is_immediate(&self) -> bool {
-        let i = &self.impairment;
-        i.delay.is_zero() && i.jitter.is_zero() && i.rate_bps.is_none()
-    }
-
     /// Decides the fate of a packet of `size` bytes arriving at `now`.
     pub fn handle_packet(&mut self, now: Duration, size: usize) -> Verdict {
         if self.impairment.down {
@@ -283,4 +304,311 @@ impl Link {
 pub fn transmission_time(size: usize, rate_bps: u64) -> Duration {
     let nanos = size as u128 * 8 * 1_000_000_000 / u128::from(rate_bps);
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn link(impairment: Impairment) -> Link {
+        Link::new(impairment, 7, 0).unwrap()
+    }
+
+    fn departures(link: &mut Link, arrivals: &[(Duration, usize)]) -> Vec<Verdict> {
+        arrivals
+            .iter()
+            .map(|&(t, size)| link.handle_packet(t, size))
+            .collect()
+    }
+
+    /// Whether `lost` of `n` is within `z` standard deviations of `loss`'s mean.
+    fn within(loss: &Loss, n: u64, lost: u64, z: f64) -> bool {
+        let mean = loss.stationary_loss() * n as f64;
+        let sd = loss.count_variance(n).sqrt();
+        (lost as f64 - mean).abs() <= z * sd + 1.0
+    }
+
+    fn count_lost(loss: Loss, seed: u64, n: u64) -> u64 {
+        let mut l = Link::new(
+            Impairment {
+                loss,
+                ..Impairment::default()
+            },
+            seed,
+            3,
+        )
+        .unwrap();
+        (0..n)
+            .filter(|&i| matches!(l.handle_packet(i as u32 * MS, 100), Verdict::Drop(_)))
+            .count() as u64
+    }
+
+    #[test]
+    fn no_impairment_departs_on_arrival_and_delay_adds_exactly() {
+        let mut plain = link(Impairment::default());
+        assert_eq!(
+            plain.handle_packet(5 * MS, 1500),
+            Verdict::Deliver { at: 5 * MS }
+        );
+        let mut delayed = link(Impairment {
+            delay: 20 * MS,
+            ..Impairment::default()
+        });
+        assert_eq!(
+            delayed.handle_packet(5 * MS, 1500),
+            Verdict::Deliver { at: 25 * MS }
+        );
+    }
+
+    #[test]
+    fn a_down_link_drops_everything_and_comes_back() {
+        let mut l = link(Impairment {
+            down: true,
+            ..Impairment::default()
+        });
+        assert_eq!(l.handle_packet(MS, 64), Verdict::Drop(DropReason::LinkDown));
+        l.set_impairment(Impairment::default()).unwrap();
+        assert_eq!(l.handle_packet(2 * MS, 64), Verdict::Deliver { at: 2 * MS });
+    }
+
+    #[test]
+    fn a_full_rate_queue_tail_drops() {
+        // 8 Mbit/s: a 1000-byte packet takes 1 ms; the queue holds 4.
+        let mut l = link(Impairment {
+            rate_bps: Some(8_000_000),
+            queue_packets: 4,
+            ..Impairment::default()
+        });
+        let burst: Vec<_> = (0..6).map(|_| (Duration::ZERO, 1000)).collect();
+        let verdicts = departures(&mut l, &burst);
+        let at = |ms: u32| Verdict::Deliver { at: ms * MS };
+        let full = Verdict::Drop(DropReason::QueueOverflow);
+        assert_eq!(verdicts, [at(1), at(2), at(3), at(4), full, full]);
+        // Once the first has left there is room for one more, behind the rest.
+        assert_eq!(l.handle_packet(MS, 1000), at(5));
+    }
+
+    #[test]
+    fn bad_values_are_rejected_naming_the_field() {
+        let check = |impairment: Impairment, field: &str| {
+            let err = Link::new(impairment, 0, 0).unwrap_err();
+            assert!(
+                matches!(&err, WanemError::Invalid { field: f, .. } if f == field),
+                "{err}"
+            );
+        };
+        check(
+            Impairment {
+                loss: Loss::Random { probability: 1.5 },
+                ..Impairment::default()
+            },
+            "loss.probability",
+        );
+        check(
+            Impairment {
+                loss: Loss::GilbertElliott {
+                    p_good_to_bad: 0.1,
+                    p_bad_to_good: f64::NAN,
+                    loss_in_good: 0.0,
+                    loss_in_bad: 1.0,
+                },
+                ..Impairment::default()
+            },
+            "loss.p_bad_to_good",
+        );
+        check(
+            Impairment {
+                rate_bps: Some(0),
+                ..Impairment::default()
+            },
+            "rate_bps",
+        );
+    }
+
+    #[test]
+    fn gilbert_elliott_losses_come_in_bursts() {
+        let loss = Loss::GilbertElliott {
+            p_good_to_bad: 0.01,
+            p_bad_to_good: 0.2,
+            loss_in_good: 0.0,
+            loss_in_bad: 1.0,
+        };
+        let mut l = link(Impairment {
+            loss,
+            ..Impairment::default()
+        });
+        let lost: Vec<bool> = (0..20_000)
+            .map(|i| matches!(l.handle_packet(i * MS, 100), Verdict::Drop(_)))
+            .collect();
+        let runs = lost.windows(2).filter(|w| w[1] && !w[0]).count() as f64;
+        let mean_burst = lost.iter().filter(|&&x| x).count() as f64 / runs;
+        // Bursts last 1 / p_bad_to_good = 5 packets on average.
+        assert!((4.0..6.0).contains(&mean_burst), "mean burst {mean_burst}");
+    }
+
+    fn arrivals() -> impl Strategy<Value = Vec<(Duration, usize)>> {
+        prop::collection::vec((0u64..2_000_000, 40usize..1500), 1..300).prop_map(|gaps| {
+            let mut t = Duration::ZERO;
+            gaps.into_iter()
+                .map(|(gap_ns, size)| {
+                    t += Duration::from_nanos(gap_ns);
+                    (t, size)
+                })
+                .collect()
+        })
+    }
+
+    fn delivered(verdicts: &[Verdict]) -> Vec<Duration> {
+        verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Deliver { at } => Some(*at),
+                Verdict::Drop(_) => None,
+            })
+            .collect()
+    }
+
+    proptest! {
+        // Each case fails by chance with probability < 1e-6 (z = 5), so a run of
+        // cases stays far from a flaky failure while a wrong loss rate still fails.
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn random_loss_is_binomial(seed: u64, probability in 0.0f64..=1.0) {
+            let loss = Loss::Random { probability };
+            let lost = count_lost(loss.clone(), seed, 20_000);
+            prop_assert!(within(&loss, 20_000, lost, 5.0), "lost {lost} of 20000 at {probability}");
+        }
+
+        #[test]
+        fn gilbert_elliott_loses_its_stationary_fraction(
+            seed: u64,
+            p_good_to_bad in 0.005f64..0.5,
+            p_bad_to_good in 0.05f64..1.0,
+            loss_in_good in 0.0f64..0.1,
+            loss_in_bad in 0.2f64..=1.0,
+        ) {
+            let loss = Loss::GilbertElliott { p_good_to_bad, p_bad_to_good, loss_in_good, loss_in_bad };
+            let lost = count_lost(loss.clone(), seed, 50_000);
+            prop_assert!(
+                within(&loss, 50_000, lost, 5.0),
+                "lost {lost} of 50000, expected {}", loss.stationary_loss() * 50_000.0
+            );
+        }
+
+        #[test]
+        fn departures_never_go_backwards_without_reorder(
+            seed: u64,
+            arrivals in arrivals(),
+            delay_us in 0u64..50_000,
+            jitter_us in 0u64..50_000,
+            rate_bps in prop::option::of(1_000_000u64..1_000_000_000),
+        ) {
+            let mut l = Link::new(Impairment {
+                delay: Duration::from_micros(delay_us),
+                jitter: Duration::from_micros(jitter_us),
+                rate_bps,
+                ..Impairment::default()
+            }, seed, 0).unwrap();
+            let verdicts = departures(&mut l, &arrivals);
+            let at = delivered(&verdicts);
+            prop_assert!(at.windows(2).all(|w| w[0] <= w[1]));
+            for (&(arrival, _), v) in arrivals.iter().zip(&verdicts) {
+                if let Verdict::Deliver { at } = v {
+                    prop_assert!(*at >= arrival);
+                }
+            }
+        }
+
+        #[test]
+        fn reorder_keeps_each_packet_within_its_jitter(
+            seed: u64,
+            arrivals in arrivals(),
+            delay_us in 0u64..50_000,
+            jitter_us in 1u64..50_000,
+        ) {
+            let (delay, jitter) = (Duration::from_micros(delay_us), Duration::from_micros(jitter_us));
+            let mut l = Link::new(Impairment { delay, jitter, reorder: true, ..Impairment::default() }, seed, 0).unwrap();
+            for &(arrival, size) in &arrivals {
+                let Verdict::Deliver { at } = l.handle_packet(arrival, size) else {
+                    return Err(TestCaseError::fail("dropped with no loss"));
+                };
+                prop_assert!(at >= arrival && at >= (arrival + delay).saturating_sub(jitter));
+                prop_assert!(at <= arrival + delay + jitter);
+            }
+        }
+
+        #[test]
+        fn the_rate_is_never_exceeded(
+            seed: u64,
+            arrivals in arrivals(),
+            rate_bps in 1_000_000u64..1_000_000_000,
+            queue_packets in 0usize..50,
+            delay_us in 0u64..50_000,
+        ) {
+            let mut l = Link::new(Impairment {
+                rate_bps: Some(rate_bps),
+                queue_packets,
+                delay: Duration::from_micros(delay_us),
+                ..Impairment::default()
+            }, seed, 0).unwrap();
+            let verdicts = departures(&mut l, &arrivals);
+            // Consecutive departures are at least the later packet's transmission
+            // time apart: no window carries more than the rate (plus one packet).
+            let sent: Vec<(Duration, usize)> = arrivals.iter().zip(&verdicts)
+                .filter_map(|(&(_, size), v)| match v {
+                    Verdict::Deliver { at } => Some((*at, size)),
+                    Verdict::Drop(_) => None,
+                })
+                .collect();
+            for w in sent.windows(2) {
+                prop_assert!(w[1].0 - w[0].0 >= transmission_time(w[1].1, rate_bps));
+            }
+        }
+
+        #[test]
+        fn identical_seeds_give_identical_decisions(
+            seed: u64,
+            arrivals in arrivals(),
+            probability in 0.0f64..0.5,
+            jitter_us in 0u64..10_000,
+            reorder: bool,
+        ) {
+            let impairment = Impairment {
+                delay: 5 * MS,
+                jitter: Duration::from_micros(jitter_us),
+                reorder,
+                loss: Loss::Random { probability },
+                rate_bps: Some(50_000_000),
+                ..Impairment::default()
+            };
+            let mut a = Link::new(impairment.clone(), seed, 9).unwrap();
+            let mut b = Link::new(impairment, seed, 9).unwrap();
+            prop_assert_eq!(departures(&mut a, &arrivals), departures(&mut b, &arrivals));
+        }
+    }
+
+    #[test]
+    fn links_on_different_streams_draw_differently() {
+        let loss = Loss::Random { probability: 0.5 };
+        let decisions = |stream| {
+            let mut l = Link::new(
+                Impairment {
+                    loss: loss.clone(),
+                    ..Impairment::default()
+                },
+                1,
+                stream,
+            )
+            .unwrap();
+            (0..64u32)
+                .map(|i| l.handle_packet(i * MS, 100))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(decisions(0), decisions(0));
+        assert_ne!(decisions(0), decisions(1));
+    }
 }
