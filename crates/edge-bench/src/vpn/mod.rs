@@ -9,6 +9,9 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 
+mod process;
+pub mod tinc;
+
 /// How the VPN's tunnels are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Shape {
