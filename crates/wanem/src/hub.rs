@@ -15,6 +15,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -298,7 +299,8 @@ impl Hub {
     }
 
     /// Packets from each port (index = port) that the hub could not route: no port
-    /// has their destination address, or they are not IP.
+    /// has their destination address, or they are not IP. Multicast and broadcast
+    /// packets are dropped without counting: the hosts' own link chatter.
     pub fn unroutable(&self) -> Vec<u64> {
         self.shared
             .unroutable
@@ -469,7 +471,13 @@ fn run_reader(shared: &Shared, port: usize, to_scheduler: &Sender<Scheduled>) {
             }
         };
         let packet = &buf[..n];
-        let to = routes::destination(packet).and_then(|dst| {
+        let destination = routes::destination(packet);
+        if destination.is_some_and(|d| d.is_multicast() || d == Ipv4Addr::BROADCAST) {
+            // A host's own link chatter (IPv6 router solicitations, MLD reports):
+            // no other host asked for it, and it would blur the unroutable count.
+            continue;
+        }
+        let to = destination.and_then(|dst| {
             shared
                 .routes
                 .read()
