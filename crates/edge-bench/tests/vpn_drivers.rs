@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use wiremesh_edge_bench::vpn::openvpn::OpenVpn;
 use wiremesh_edge_bench::vpn::tinc::Tinc;
 use wiremesh_edge_bench::vpn::{Bed, Host, Role, Shape, Vpn, VpnError};
 use wiremesh_testkit::{require_root, require_tool, unique_ifname, veth_pair, wait_until, Netns};
@@ -326,4 +327,30 @@ fn tinc_hub_and_spoke() {
 #[test]
 fn tinc_mesh() {
     check_vpn(Tinc::new(), Shape::Mesh);
+}
+
+#[test]
+fn openvpn_hub_and_spoke() {
+    check_vpn(OpenVpn::new(), Shape::HubAndSpoke);
+}
+
+#[test]
+fn openvpn_refuses_the_mesh_shape() {
+    let bed = Bed {
+        hosts: Vec::new(),
+        overlay_cidr: "10.77.0.0/24".parse().unwrap(),
+        work_dir: std::env::temp_dir(),
+        underlay_mtu: 1500,
+    };
+    let err = OpenVpn::new().up(&bed, Shape::Mesh).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VpnError::Unsupported {
+                shape: Shape::Mesh,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

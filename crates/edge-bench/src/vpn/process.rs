@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Bed, Host, VpnError};
+use super::{Bed, Host, Shape, VpnError};
 
 /// How long a driver waits for every worker to answer through a fresh tunnel.
 pub(crate) const BRING_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +58,19 @@ pub(crate) fn require_programs(
     }
 }
 
+/// `Err(Unsupported)` unless `shape` is one of the VPN's `shapes`.
+pub(crate) fn require_shape(
+    vpn: &'static str,
+    shapes: &[Shape],
+    shape: Shape,
+) -> Result<(), VpnError> {
+    if shapes.contains(&shape) {
+        Ok(())
+    } else {
+        Err(VpnError::Unsupported { vpn, shape })
+    }
+}
+
 /// A command that runs `args` inside network namespace `netns`.
 pub(crate) fn in_netns(netns: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
@@ -91,6 +104,15 @@ pub(crate) fn write_config(vpn: &'static str, path: &Path, contents: &str) -> Re
 /// Writes a script a daemon runs (`tinc-up`): mode 0755.
 pub(crate) fn write_script(vpn: &'static str, path: &Path, contents: &str) -> Result<(), VpnError> {
     write_with_mode(vpn, path, contents.as_bytes(), 0o755)
+}
+
+/// Writes a private key or anything holding one: mode 0600 from the first byte.
+pub(crate) fn write_secret(
+    vpn: &'static str,
+    path: &Path,
+    contents: &[u8],
+) -> Result<(), VpnError> {
+    write_with_mode(vpn, path, contents, 0o600)
 }
 
 fn write_with_mode(
