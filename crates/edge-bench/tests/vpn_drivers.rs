@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use wiremesh_edge_bench::vpn::nebula::Nebula;
 use wiremesh_edge_bench::vpn::openvpn::OpenVpn;
 use wiremesh_edge_bench::vpn::tinc::Tinc;
 use wiremesh_edge_bench::vpn::{Bed, Host, Role, Shape, Vpn, VpnError};
@@ -243,6 +244,21 @@ fn installed(vpn: &dyn Vpn) -> bool {
     }
 }
 
+/// The tail of every daemon's log, to see why a bring-up failed.
+fn print_logs(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            println!("--- {}", path.display());
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                println!("{line}");
+            }
+        }
+    }
+}
+
 /// Up, prove the pods are reached only through the tunnel, down, prove nothing is left.
 fn check_vpn(mut vpn: impl Vpn, shape: Shape) {
     if !installed(&vpn) {
@@ -257,8 +273,10 @@ fn check_vpn(mut vpn: impl Vpn, shape: Shape) {
     assert_eq!(fetch(&master.ns, pod_addr(1)), None);
 
     let started = Instant::now();
-    vpn.up(&t.bed, shape)
-        .unwrap_or_else(|e| panic!("{} up: {e}", vpn.name()));
+    if let Err(e) = vpn.up(&t.bed, shape) {
+        print_logs(&t.bed.work_dir);
+        panic!("{} up: {e}", vpn.name());
+    }
     println!("{} {shape:?}: up in {:?}", vpn.name(), started.elapsed());
     let pids = vpn.pids();
     assert!(!pids.is_empty(), "a daemon runs on every host");
@@ -353,4 +371,14 @@ fn openvpn_refuses_the_mesh_shape() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn nebula_hub_and_spoke() {
+    check_vpn(Nebula::new(), Shape::HubAndSpoke);
+}
+
+#[test]
+fn nebula_mesh() {
+    check_vpn(Nebula::new(), Shape::Mesh);
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 
+pub mod nebula;
 pub mod openvpn;
 mod process;
 pub mod tinc;
