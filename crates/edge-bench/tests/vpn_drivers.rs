@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use wiremesh_edge_bench::vpn::nebula::Nebula;
 use wiremesh_edge_bench::vpn::openvpn::OpenVpn;
+use wiremesh_edge_bench::vpn::softether::SoftEther;
 use wiremesh_edge_bench::vpn::tinc::Tinc;
 use wiremesh_edge_bench::vpn::{Bed, Host, Role, Shape, Vpn, VpnError};
 use wiremesh_testkit::{require_root, require_tool, unique_ifname, veth_pair, wait_until, Netns};
@@ -381,4 +382,9 @@ fn nebula_hub_and_spoke() {
 #[test]
 fn nebula_mesh() {
     check_vpn(Nebula::new(), Shape::Mesh);
+}
+
+#[test]
+fn softether_hub_and_spoke() {
+    check_vpn(SoftEther::new(), Shape::HubAndSpoke);
 }

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 pub mod nebula;
 pub mod openvpn;
 mod process;
+pub mod softether;
 pub mod tinc;
 
 /// How the VPN's tunnels are laid out.

@@ -96,6 +96,13 @@ pub(crate) fn run(vpn: &'static str, what: &str, cmd: &mut Command) -> Result<St
     }
 }
 
+/// Runs `ip ARGS` inside `netns`.
+pub(crate) fn ip(vpn: &'static str, netns: &str, args: &[&str]) -> Result<String, VpnError> {
+    let mut c = Command::new("ip");
+    c.args(["-n", netns]).args(args);
+    run(vpn, &format!("ip {} in {netns}", args.join(" ")), &mut c)
+}
+
 /// Writes a config file (readable by all: it holds no secret).
 pub(crate) fn write_config(vpn: &'static str, path: &Path, contents: &str) -> Result<(), VpnError> {
     write_with_mode(vpn, path, contents.as_bytes(), 0o644)
@@ -185,7 +192,19 @@ impl Deployment {
         netns: &str,
         args: &[&str],
         log: &Path,
-    ) -> Result<u32, VpnError> {
+    ) -> Result<(), VpnError> {
+        self.spawn_command(vpn, what, in_netns(netns, args), log)
+    }
+
+    /// Like [`Deployment::spawn`], for a command built by the driver (it must `exec`
+    /// the daemon, so that the child is the daemon).
+    pub(crate) fn spawn_command(
+        &mut self,
+        vpn: &'static str,
+        what: &str,
+        mut command: Command,
+        log: &Path,
+    ) -> Result<(), VpnError> {
         let open_log = || {
             OpenOptions::new()
                 .create(true)
@@ -196,18 +215,17 @@ impl Deployment {
         let (out, err) = open_log()
             .and_then(|f: File| Ok((f.try_clone()?, f)))
             .map_err(|e| setup_error(vpn, format!("opening log {}", log.display()), e))?;
-        let child = in_netns(netns, args)
+        let child = command
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(|e| setup_error(vpn, format!("starting {what}"), e))?;
-        let pid = child.id();
         self.daemons.push(Daemon {
             what: what.to_string(),
             child,
         });
-        Ok(pid)
+        Ok(())
     }
 
     /// Remembers a link in `netns` for `down` to delete if it outlives its daemon.
@@ -215,8 +233,15 @@ impl Deployment {
         self.links.push((netns.to_string(), interface.to_string()));
     }
 
+    /// Every daemon and the processes it forked (SoftEther's watchdog forks its worker).
     pub(crate) fn pids(&self) -> Vec<u32> {
-        self.daemons.iter().map(|d| d.child.id()).collect()
+        let mut pids: Vec<u32> = self.daemons.iter().map(|d| d.child.id()).collect();
+        let mut i = 0;
+        while i < pids.len() {
+            pids.extend(children(pids[i]));
+            i += 1;
+        }
+        pids
     }
 
     /// Fails naming the first daemon that has exited, pointing at `logs`.
@@ -239,12 +264,9 @@ impl Deployment {
     /// Stops every daemon (SIGTERM, then SIGKILL after a grace period), reaps it and
     /// deletes the tracked links. Idempotent: a second call finds nothing to do.
     pub(crate) fn down(&mut self, vpn: &'static str) -> Result<(), VpnError> {
-        for d in &self.daemons {
-            if let Ok(pid) = libc::pid_t::try_from(d.child.id()) {
-                // SAFETY: kill has no memory-safety preconditions; the child is ours and
-                // not yet reaped, so the PID cannot have been reused.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+        let pids = self.pids();
+        for pid in &pids {
+            signal(*pid, libc::SIGTERM);
         }
         let deadline = Instant::now() + STOP_GRACE;
         let mut failures = Vec::new();
@@ -257,6 +279,18 @@ impl Deployment {
             }
             if let Err(e) = d.child.wait() {
                 failures.push(format!("{}: {e}", d.what));
+            }
+        }
+        // Forked children are not ours to reap: wait until they are gone too.
+        let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists();
+        if !poll(deadline.saturating_duration_since(Instant::now()), || {
+            !pids.iter().any(alive)
+        }) {
+            for pid in pids.iter().filter(|p| alive(p)) {
+                signal(*pid, libc::SIGKILL);
+            }
+            if !poll(STOP_GRACE, || !pids.iter().any(alive)) {
+                failures.push("processes survived SIGKILL".to_string());
             }
         }
         for (netns, link) in std::mem::take(&mut self.links) {
@@ -280,6 +314,30 @@ impl Deployment {
         } else {
             Err(setup_error(vpn, "stopping", failures.join("; ")))
         }
+    }
+}
+
+/// The direct children of every thread of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill has no memory-safety preconditions. The PIDs are our children
+        // (not yet reaped, so not reused) or were their children a moment ago.
+        unsafe { libc::kill(pid, signal) };
     }
 }
 
