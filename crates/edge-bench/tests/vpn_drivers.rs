@@ -87,14 +87,25 @@ fn counter(ns: &Netns, name: &str) -> u64 {
     words[at + 1].parse().unwrap()
 }
 
-/// A pod that answers every connection with its name.
-fn serve_pod(pod: &Netns, addr: SocketAddr, name: String) {
+/// What worker `i`'s pod answers: its name, padded so that full-size segments
+/// have to cross the tunnel (a wrong tunnel MTU shows here).
+fn pod_reply(worker: u8) -> String {
+    format!("w{worker}") + &".".repeat(256 * 1024)
+}
+
+/// A pod that answers every connection with `reply`.
+fn serve_pod(pod: &Netns, addr: SocketAddr, reply: String) {
     let listener = pod.run(move || TcpListener::bind(addr)).unwrap().unwrap();
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
-            let _ = conn.write_all(name.as_bytes());
+            let _ = conn.write_all(reply.as_bytes());
         }
     });
+}
+
+/// Whether `from` gets worker `i`'s whole reply from its pod.
+fn reaches_pod(from: &Netns, worker: u8) -> bool {
+    fetch(from, pod_addr(worker)).is_some_and(|r| r == pod_reply(worker))
 }
 
 /// What `from` reads from the pod at `to`, if it connects within a second.
@@ -181,7 +192,7 @@ fn build_bed() -> TestBed {
                     &format!("10.78.{i}.1"),
                 ],
             );
-            serve_pod(&pod, pod_addr(i), name.clone());
+            serve_pod(&pod, pod_addr(i), pod_reply(i));
             pod
         });
         hosts.push(Host {
@@ -245,6 +256,24 @@ fn installed(vpn: &dyn Vpn) -> bool {
     }
 }
 
+/// Key files, and the vpncmd batches holding passwords, are readable by root only.
+fn assert_private_files_are_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            assert_private_files_are_private(&path);
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "key" || e == "priv" || e == "vpncmd")
+        {
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} has mode {mode:o}", path.display());
+        }
+    }
+}
+
 /// The tail of every daemon's log, to see why a bring-up failed.
 fn print_logs(dir: &Path) {
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
@@ -260,6 +289,36 @@ fn print_logs(dir: &Path) {
     }
 }
 
+/// The control for the "no plaintext" check: routed over the bare underlay, pod
+/// traffic does show in the counters. They are zeroed again afterwards.
+fn check_counters_see_plaintext(t: &TestBed) {
+    let (master, w1) = (&t.nodes[0], &t.nodes[1]);
+    let route = [
+        "ip",
+        "route",
+        "add",
+        "10.78.1.0/24",
+        "via",
+        &w1.underlay.to_string(),
+    ];
+    sh(&master.ns, &route);
+    assert!(
+        reaches_pod(&master.ns, 1),
+        "the bare underlay reaches w1's pod"
+    );
+    assert!(
+        counter(&master.ns, "plain") > 0,
+        "plaintext on the underlay is counted"
+    );
+    sh(&master.ns, &["ip", "route", "del", "10.78.1.0/24"]);
+    for node in &t.nodes {
+        sh(
+            &node.ns,
+            &["nft", "reset", "counters", "table", "inet", "wmtest"],
+        );
+    }
+}
+
 /// Up, prove the pods are reached only through the tunnel, down, prove nothing is left.
 fn check_vpn(mut vpn: impl Vpn, shape: Shape) {
     if !installed(&vpn) {
@@ -272,6 +331,7 @@ fn check_vpn(mut vpn: impl Vpn, shape: Shape) {
 
     // Without the VPN there is no route to a pod: the check below can fail.
     assert_eq!(fetch(&master.ns, pod_addr(1)), None);
+    check_counters_see_plaintext(&t);
 
     let started = Instant::now();
     if let Err(e) = vpn.up(&t.bed, shape) {
@@ -285,18 +345,15 @@ fn check_vpn(mut vpn: impl Vpn, shape: Shape) {
     for i in 1..=WORKERS {
         // The first packets may race the last routes of a fresh tunnel.
         assert!(
-            wait_until(Duration::from_secs(10), || fetch(&master.ns, pod_addr(i))
-                .as_deref()
-                == Some(&format!("w{i}"))),
+            wait_until(Duration::from_secs(10), || reaches_pod(&master.ns, i)),
             "the master reaches w{i}'s pod"
         );
     }
     assert!(
-        wait_until(Duration::from_secs(10), || fetch(&w1.ns, pod_addr(2))
-            .as_deref()
-            == Some("w2")),
+        wait_until(Duration::from_secs(10), || reaches_pod(&w1.ns, 2)),
         "w1 reaches w2's pod"
     );
+    assert_private_files_are_private(&t.bed.work_dir);
     assert!(
         counter(&master.ns, "pod_port") > 0,
         "the master's pod traffic was counted"

@@ -435,3 +435,44 @@ pub(crate) fn wait_for_workers(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_names_itself_and_the_packages() {
+        let err =
+            require_programs("tinc", &["sh", "wiremesh-no-such-program"], &["tinc"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tinc is not installed: wiremesh-no-such-program not found; apt-get install -y tinc"
+        );
+        assert!(require_programs("sh", &["sh"], &[]).is_ok());
+    }
+
+    #[test]
+    fn an_unsupported_shape_is_refused() {
+        let err = require_shape("openvpn", &[Shape::HubAndSpoke], Shape::Mesh).unwrap_err();
+        assert!(matches!(
+            err,
+            VpnError::Unsupported {
+                shape: Shape::Mesh,
+                ..
+            }
+        ));
+        assert!(require_shape("openvpn", &[Shape::HubAndSpoke], Shape::HubAndSpoke).is_ok());
+    }
+
+    #[test]
+    fn secrets_are_written_0600_even_over_a_readable_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.key");
+        write_config("x", &path, "public").unwrap();
+        write_secret("x", &path, b"secret").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+    }
+}
