@@ -198,3 +198,36 @@ impl Vpn for Nebula {
         self.deployment.down(NAME)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_and_spoke_workers_accept_only_the_master_and_relay_through_it() {
+        let bed = process::example_bed();
+        let config = config(&bed, Path::new("/pki"), &bed.hosts[1], Shape::HubAndSpoke);
+        for line in [
+            "  am_lighthouse: false\n  interval: 10\n  hosts: [\"10.99.0.1\"]\n",
+            "  remote_allow_list:\n    \"0.0.0.0/0\": false\n    \"192.168.0.1/32\": true\n",
+            "relay:\n  am_relay: false\n  use_relays: true\n  relays: [\"10.99.0.1\"]\n",
+            "    - route: 10.42.2.0/24\n      via: 10.99.0.3\n",
+            "  read_buffer: 10485760\n",
+        ] {
+            assert!(config.contains(line), "{line:?} missing from\n{config}");
+        }
+        assert!(
+            !config.contains("10.42.1.0/24"),
+            "a worker does not route its own pods"
+        );
+    }
+
+    #[test]
+    fn in_the_mesh_the_master_is_lighthouse_only() {
+        let bed = process::example_bed();
+        let config = config(&bed, Path::new("/pki"), bed.master(), Shape::Mesh);
+        assert!(config.contains("  am_lighthouse: true\n"));
+        assert!(config.contains("relay:\n  am_relay: false\n  use_relays: false\n"));
+        assert!(!config.contains("remote_allow_list"));
+    }
+}

@@ -289,3 +289,37 @@ impl Vpn for OpenVpn {
         self.deployment.down(NAME)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_client_config_dir_file_pins_its_address_and_routes() {
+        let bed = process::example_bed();
+        let w1 = &bed.hosts[1];
+        assert_eq!(
+            client_config_dir_file(&bed, w1),
+            "ifconfig-push 10.99.0.2 255.255.255.0\n\
+             iroute 10.42.1.0 255.255.255.0\n\
+             push \"route 10.42.2.0 255.255.255.0\"\n"
+        );
+    }
+
+    #[test]
+    fn the_server_routes_each_pod_cidr_to_its_worker() {
+        let bed = process::example_bed();
+        let pki = Pki { dir: "/pki".into() };
+        let config = server_config(&bed, &pki, Path::new("/ccd"));
+        assert!(
+            config.contains("route 10.42.1.0 255.255.255.0 10.99.0.2\n"),
+            "{config}"
+        );
+        assert!(
+            config.contains("route 10.42.2.0 255.255.255.0 10.99.0.3\n"),
+            "{config}"
+        );
+        assert!(config.contains("data-ciphers AES-256-GCM:CHACHA20-POLY1305\n"));
+        assert!(config.contains("tun-mtu 1420\n"));
+    }
+}

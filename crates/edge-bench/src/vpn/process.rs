@@ -436,6 +436,32 @@ pub(crate) fn wait_for_workers(
     Ok(())
 }
 
+/// A master and two workers, for the drivers' config rendering tests.
+#[cfg(test)]
+pub(crate) fn example_bed() -> Bed {
+    use super::Role;
+    let host = |i: u8| Host {
+        name: if i == 0 {
+            "master".into()
+        } else {
+            format!("w{i}")
+        },
+        role: if i == 0 { Role::Master } else { Role::Worker },
+        netns: format!("ns{i}"),
+        underlay: [192, 168, 0, 1 + i].into(),
+        underlay_if: "ul0".into(),
+        pod_cidr: (i > 0).then(|| format!("10.42.{i}.0/24").parse().unwrap()),
+        overlay: [10, 99, 0, 1 + i].into(),
+        behind_nat: i == 2,
+    };
+    Bed {
+        hosts: (0..3).map(host).collect(),
+        overlay_cidr: "10.99.0.0/24".parse().unwrap(),
+        work_dir: "/work".into(),
+        underlay_mtu: 1500,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

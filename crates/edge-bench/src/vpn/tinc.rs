@@ -194,3 +194,29 @@ impl Vpn for Tinc {
         self.deployment.down(NAME)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_and_spoke_workers_dial_the_master_and_take_data_through_it() {
+        let bed = process::example_bed();
+        let w1 = &bed.hosts[1];
+        assert_eq!(
+            host_file(w1, Shape::HubAndSpoke, "KEY\n"),
+            "Address = 192.168.0.2 655\nSubnet = 10.99.0.2/32\nSubnet = 10.42.1.0/24\n\
+             IndirectData = yes\nCipher = aes-256-cbc\nDigest = sha256\nKEY\n"
+        );
+        assert!(tinc_conf(&bed, w1, Shape::HubAndSpoke).ends_with("ConnectTo = master\n"));
+    }
+
+    #[test]
+    fn mesh_hosts_dial_every_host_not_behind_a_nat() {
+        let bed = process::example_bed();
+        let w2 = &bed.hosts[2];
+        assert!(tinc_conf(&bed, w2, Shape::Mesh).ends_with("ConnectTo = master\nConnectTo = w1\n"));
+        // w2 is behind a NAT: nobody is told an address to dial it at.
+        assert!(!host_file(w2, Shape::Mesh, "").contains("Address"));
+    }
+}
