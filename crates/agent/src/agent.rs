@@ -1,8 +1,9 @@
 //! The agent's loop. It owns every piece of the node's state; registry watch
 //! batches and a one-second tick are its only inputs.
 //!
-//! Start-up: key pair (made once, 0600) → settings → pod CIDR claim (compare-and-swap,
-//! remembered in the state dir) → device → lease + node record. Then, whenever a
+//! Start-up: key pair (made once, 0600) → settings → pod CIDR (claimed by
+//! compare-and-swap in a store, remembered in the state dir; the Node's on
+//! Kubernetes) → device → join (liveness + node record). Then, whenever a
 //! record that matters changes (and every `resync` anyway): snapshot → topology →
 //! plan against the device and routes → apply the difference. Failures are logged
 //! once here and retried on the next pass; the last applied state stays in place.
@@ -16,14 +17,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use wiremesh_host::{nft, route, uapi_client, HostError};
 use wiremesh_model::{FieldError, Location, Node, NodeName, PrivateKey};
-use wiremesh_registry::{LeaseId, StoreError};
 use wiremesh_topology::{compute, Topology};
 use wiremesh_uapi::SetRequest;
 
-use crate::cluster::{Cluster, ClusterError, NodeStatus, PeerStatus};
 use crate::device::DeviceBackend;
 use crate::metrics::Metrics;
 use crate::plan::{plan_device, plan_routes};
+use crate::registry::{Membership, NodeStatus, PeerStatus, Registry, RegistryError};
 use crate::{firewall, keys};
 
 #[derive(Debug, Clone)]
@@ -55,9 +55,7 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Cluster(#[from] ClusterError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    Registry(#[from] RegistryError),
     #[error(transparent)]
     Host(#[from] HostError),
     #[error("state directory {path}: {source}")]
@@ -90,19 +88,25 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 const STATUS_REFRESH: Duration = Duration::from_secs(60);
 
 /// Run the agent until `stop` is set.
-pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
+pub fn run(
+    registry: &dyn Registry,
+    config: AgentConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<(), AgentError> {
     let state_err = |source| AgentError::State {
         path: config.state_dir.display().to_string(),
         source,
     };
     let mut private_key = keys::load_or_create(&config.state_dir).map_err(state_err)?;
-    let settings = until_available(&stop, "reading the cluster settings", || cluster.settings())?;
+    let settings = until_available(&stop, "reading the cluster settings", || {
+        registry.settings()
+    })?;
     let block_file = config.state_dir.join(BLOCK_FILE);
     let previous: Option<IpNet> = std::fs::read_to_string(&block_file)
         .ok()
         .and_then(|s| s.trim().parse().ok());
     let block = until_available(&stop, "claiming a pod CIDR", || {
-        cluster.claim_block(&config.name, &settings, previous)
+        registry.claim_block(&config.name, &settings, previous)
     })?;
     std::fs::write(&block_file, format!("{}\n", block.pod_cidr)).map_err(state_err)?;
     tracing::info!(node = %config.name, pod_cidr = %block.pod_cidr, mesh_ip = %block.mesh_ip, public_key = %private_key.public_key(), "joining the mesh");
@@ -150,18 +154,12 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     };
     let mut state = LoopState {
         firewall: None,
-        lease: until_available(&stop, "taking a lease", || {
-            Ok(cluster.store.grant_lease(config.lease_ttl)?)
+        membership: until_available(&stop, "joining the registry", || {
+            registry.join(&me, config.lease_ttl)
         })?,
         last_keepalive: Instant::now(),
     };
-    until_available(&stop, "publishing this node", || {
-        cluster.put_node(&me, state.lease)
-    })?;
-    let mut watch = until_available(&stop, "watching the registry", || {
-        let (_, revision) = cluster.store.list(&cluster.prefix())?;
-        Ok(cluster.store.watch(&cluster.prefix(), revision)?)
-    })?;
+    let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
     let mut dirty = true;
     let mut last_full = Instant::now();
     let mut last_status = Instant::now() - STATUS_EVERY;
@@ -176,15 +174,12 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
     while !stop.load(Ordering::Relaxed) {
-        match watch.recv_timeout(TICK) {
-            Ok(Some(mut batch)) => loop {
-                dirty |= batch
-                    .events
-                    .iter()
-                    .any(|e| cluster.affects_topology(e.key()));
+        match changes.recv_timeout(TICK) {
+            Ok(Some(mut change)) => loop {
+                dirty |= change.affects_topology();
                 // Coalesce a burst (many nodes joining) into one reconcile.
-                match watch.try_recv() {
-                    Ok(Some(next)) => batch = next,
+                match changes.try_recv() {
+                    Ok(Some(next)) => change = next,
                     _ => break,
                 }
             },
@@ -192,12 +187,8 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
             Err(e) => {
                 tracing::warn!("registry watch ended ({e}); re-reading the registry");
                 dirty = true;
-                match cluster
-                    .store
-                    .list(&cluster.prefix())
-                    .and_then(|(_, rev)| cluster.store.watch(&cluster.prefix(), rev))
-                {
-                    Ok(w) => watch = w,
+                match registry.changes() {
+                    Ok(c) => changes = c,
                     Err(e) => {
                         tracing::warn!("registry unavailable: {e}; the data plane keeps its last configuration");
                         std::thread::sleep(TICK);
@@ -205,10 +196,10 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
                 }
             }
         }
-        if let Err(e) = state.heartbeat(&cluster, &me, config.lease_ttl) {
+        if let Err(e) = state.heartbeat(&me, config.lease_ttl) {
             tracing::warn!("heartbeat failed: {e}");
         }
-        match rotate_key(&cluster, &config, &socket, &mut me, &state) {
+        match rotate_key(&config, &socket, &mut me, &mut state) {
             Ok(Some(key)) => {
                 private_key = key;
                 dirty = true;
@@ -224,7 +215,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
             }
             let started = Instant::now();
             let result = reconcile(
-                &cluster,
+                registry,
                 &config,
                 &private_key,
                 &socket,
@@ -249,7 +240,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
         }
         if device_changed || last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
-            match publish_status(&cluster, &config, &socket, state.lease, &mut published) {
+            match publish_status(registry, &config, &socket, &mut state, &mut published) {
                 Ok(status) => {
                     let mut m = metrics.lock().unwrap_or_else(PoisonError::into_inner);
                     m.rejected_records = status.rejected.len();
@@ -262,8 +253,7 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
     }
     if config.leave_on_exit {
         tracing::info!(node = %config.name, "leaving the mesh");
-        cluster.delete_node(&config.name)?;
-        let _ = cluster.store.revoke_lease(state.lease);
+        state.membership.leave()?;
         for r in route::list_own()? {
             let _ = route::delete(&r);
         }
@@ -276,11 +266,10 @@ pub fn run(cluster: Cluster, config: AgentConfig, stop: Arc<AtomicBool>) -> Resu
 /// then the new public key is published so every peer swaps it in. Established
 /// connections ride over the gap (one handshake) on their retransmissions.
 fn rotate_key(
-    cluster: &Cluster,
     config: &AgentConfig,
     socket: &std::path::Path,
     me: &mut Node,
-    state: &LoopState,
+    state: &mut LoopState,
 ) -> Result<Option<PrivateKey>, AgentError> {
     let state_err = |source| AgentError::State {
         path: config.state_dir.display().to_string(),
@@ -300,26 +289,24 @@ fn rotate_key(
     )?;
     keys::commit_rotation(&config.state_dir).map_err(state_err)?;
     me.public_key = key.public_key();
-    cluster.put_node(me, state.lease)?;
+    state.membership.publish(me)?;
     tracing::info!(public_key = %me.public_key, "rotated the node's key pair");
     Ok(Some(key))
 }
 
 /// Retry `f` while the registry is unreachable (a member restarting, a network
-/// blip), so an agent started during an outage joins when it ends; other errors,
-/// and a stop request, end the wait.
-fn until_available<T>(
+/// blip) or not ready for this node (no pod CIDR yet), so an agent started during an
+/// outage joins when it ends; other errors, and a stop request, end the wait.
+pub fn until_available<T>(
     stop: &AtomicBool,
     what: &str,
-    mut f: impl FnMut() -> Result<T, ClusterError>,
+    mut f: impl FnMut() -> Result<T, RegistryError>,
 ) -> Result<T, AgentError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match f() {
-            Err(ClusterError::Store(StoreError::Unavailable { reason }))
-                if !stop.load(Ordering::Relaxed) =>
-            {
-                tracing::warn!("{what}: registry unavailable ({reason}); retrying in {delay:?}");
+            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
+                tracing::warn!("{what}: {e}; retrying in {delay:?}");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -329,42 +316,33 @@ fn until_available<T>(
 }
 
 struct LoopState {
-    lease: LeaseId,
+    membership: Box<dyn Membership>,
     /// The ruleset last applied, so an unchanged one is not reloaded on every pass.
     firewall: Option<String>,
     last_keepalive: Instant,
 }
 
 impl LoopState {
-    /// Keep the lease alive; if it ended (the registry was away too long), take a new
-    /// one and publish the record again.
-    fn heartbeat(&mut self, cluster: &Cluster, me: &Node, ttl: Duration) -> Result<(), AgentError> {
+    /// Keep the node live, three times a TTL (the membership rejoins if it had ended).
+    fn heartbeat(&mut self, me: &Node, ttl: Duration) -> Result<(), AgentError> {
         if self.last_keepalive.elapsed() < ttl / 3 {
             return Ok(());
         }
-        match cluster.store.keep_alive(self.lease) {
-            Ok(()) => {}
-            Err(StoreError::LeaseNotFound { .. }) => {
-                tracing::warn!("lease ended; rejoining");
-                self.lease = cluster.store.grant_lease(ttl)?;
-                cluster.put_node(me, self.lease)?;
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.membership.heartbeat(me)?;
         self.last_keepalive = Instant::now();
         Ok(())
     }
 }
 
 fn reconcile(
-    cluster: &Cluster,
+    registry: &dyn Registry,
     config: &AgentConfig,
     private_key: &PrivateKey,
     socket: &std::path::Path,
     me: &mut Node,
     state: &mut LoopState,
 ) -> Result<bool, AgentError> {
-    let (snapshot, bad, _) = cluster.snapshot()?;
+    let (snapshot, bad) = registry.snapshot()?;
     for b in &bad {
         tracing::warn!(key = %b.key, "ignoring a registry record: {}", b.error);
     }
@@ -373,7 +351,7 @@ fn reconcile(
         // Our own record is not in the snapshot yet (just expired, or being rewritten).
         Err(e) => {
             tracing::info!("no topology yet: {e}");
-            cluster.put_node(me, state.lease)?;
+            state.membership.publish(me)?;
             return Ok(false);
         }
     };
@@ -422,20 +400,20 @@ fn reconcile(
         .collect();
     if observed != me.observed_endpoints {
         me.observed_endpoints = observed;
-        cluster.put_node(me, state.lease)?;
+        state.membership.publish(me)?;
     }
     Ok(request.is_some() || !plan.is_empty())
 }
 
 fn publish_status(
-    cluster: &Cluster,
+    registry: &dyn Registry,
     config: &AgentConfig,
     socket: &std::path::Path,
-    lease: LeaseId,
+    state: &mut LoopState,
     published: &mut Option<NodeStatus>,
 ) -> Result<NodeStatus, AgentError> {
     let device = uapi_client::get(socket)?;
-    let (snapshot, bad, _) = cluster.snapshot()?;
+    let (snapshot, bad) = registry.snapshot()?;
     let name_of = |key| {
         snapshot
             .nodes
@@ -466,10 +444,7 @@ fn publish_status(
                 tx_bytes: p.tx_bytes,
             })
             .collect(),
-        rejected: bad
-            .iter()
-            .map(|b| format!("{}: {}", b.key, b.error))
-            .collect(),
+        rejected: bad.iter().map(ToString::to_string).collect(),
         updated: unix_now(),
     };
     // Every write reaches every watcher (and rewrites the embedded store's file):
@@ -480,7 +455,7 @@ fn publish_status(
             && status.updated.saturating_sub(p.updated) < STATUS_REFRESH.as_secs()
     });
     if !unchanged {
-        cluster.put_status(&status, lease)?;
+        state.membership.report(&status)?;
         *published = Some(status.clone());
     }
     Ok(status)

@@ -9,15 +9,23 @@
 //!
 //! A record that fails to parse is reported with its key and the field, and left
 //! out of the snapshot: it never stops the rest of the mesh.
+//!
+//! [`Cluster`] is the [`Registry`] of every store backend; `wiremesh demo`, the
+//! benchmarks and the tests also reach its keys directly.
 
-use std::net::SocketAddr;
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
-use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName};
-use wiremesh_registry::{Address, EtcdOptions, LeaseId, Revision, Store, StoreError};
+use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName, PeerName};
+use wiremesh_registry::{Address, EtcdOptions, Event, LeaseId, Revision, Store, StoreError, Watch};
 use wiremesh_topology::{ipam, Snapshot};
+
+use crate::registry::{
+    set_aside_conflicts, BadRecord, Change, Changes, Membership, NodeStatus, Registry,
+    RegistryError,
+};
 
 /// Open a registry from its address: `dir:/path` (or a bare path) for the embedded
 /// store, `etcd://host:port,...` (or `etcd+https://`) for etcd with default options.
@@ -28,36 +36,6 @@ pub fn open_store(address: &str) -> Result<Arc<dyn Store>, StoreError> {
 /// [`open_store`] with etcd credentials and TLS.
 pub fn open_store_with(address: &str, etcd: EtcdOptions) -> Result<Arc<dyn Store>, StoreError> {
     address.parse::<Address>()?.open(etcd)
-}
-
-/// A record the registry holds but wiremesh could not use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadRecord {
-    pub key: String,
-    pub error: FieldError,
-}
-
-/// What one node's device reported last: published for `wiremesh status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub node: String,
-    pub interface: String,
-    pub peers: Vec<PeerStatus>,
-    /// Records this node rejected, as `key: error`.
-    #[serde(default)]
-    pub rejected: Vec<String>,
-    pub updated: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub name: String,
-    pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: Vec<IpNet>,
-    /// Unix seconds of the last handshake, 0 if none.
-    pub last_handshake: u64,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,8 +131,12 @@ impl Cluster {
                 }
             }
         }
-        drop_conflicting_nodes(&mut snapshot, &mut bad, &nodes_prefix);
-        drop_conflicting_peers(&mut snapshot, &mut bad, &peers_prefix);
+        set_aside_conflicts(
+            &mut snapshot,
+            &mut bad,
+            |node| format!("{nodes_prefix}{node}"),
+            |peer| format!("{peers_prefix}{peer}"),
+        );
         Ok((snapshot, bad, revision))
     }
 
@@ -273,111 +255,146 @@ impl Cluster {
             .collect())
     }
 
-    /// Whether a key change can alter any node's topology (status updates cannot).
-    pub fn affects_topology(&self, key: &str) -> bool {
-        let rest = key.strip_prefix(&self.prefix()).unwrap_or("");
-        rest == "settings" || rest.starts_with("nodes/") || rest.starts_with("peers/")
+    /// What a write to `key` changed; `None` for keys no reader follows (`ipam/*`).
+    fn change_of(&self, key: &str) -> Option<Change> {
+        let rest = key.strip_prefix(&self.prefix())?;
+        if rest == "settings" {
+            return Some(Change::Settings);
+        }
+        let (kind, name) = rest.split_once('/')?;
+        let name = name.to_owned();
+        match kind {
+            "nodes" => Some(Change::Node(name)),
+            "peers" => Some(Change::Peer(name)),
+            "status" => Some(Change::Status(name)),
+            _ => None,
+        }
     }
 }
 
-/// Two records may not claim one public key or overlapping pod CIDRs: the later
-/// (by name) is dropped as bad, so a forged or stale record cannot hijack traffic.
-fn drop_conflicting_nodes(snapshot: &mut Snapshot, bad: &mut Vec<BadRecord>, nodes_prefix: &str) {
-    snapshot.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut kept: Vec<Node> = Vec::new();
-    for node in std::mem::take(&mut snapshot.nodes) {
-        let clash = kept.iter().find_map(|k| {
-            if k.public_key == node.public_key {
-                Some(FieldError::new(
-                    "public_key",
-                    format!("already used by node {}", k.name),
-                ))
-            } else if k.pod_cidr.contains(&node.pod_cidr.network())
-                || node.pod_cidr.contains(&k.pod_cidr.network())
-            {
-                Some(FieldError::new(
-                    "pod_cidr",
-                    format!(
-                        "{} overlaps node {}'s {}",
-                        node.pod_cidr, k.name, k.pod_cidr
-                    ),
-                ))
+impl Registry for Cluster {
+    fn settings(&self) -> Result<ClusterSettings, RegistryError> {
+        Ok(Cluster::settings(self)?)
+    }
+
+    fn claim_block(
+        &self,
+        node: &NodeName,
+        settings: &ClusterSettings,
+        previous: Option<IpNet>,
+    ) -> Result<ipam::NodeBlock, RegistryError> {
+        Ok(Cluster::claim_block(self, node, settings, previous)?)
+    }
+
+    fn join(&self, node: &Node, ttl: Duration) -> Result<Box<dyn Membership>, RegistryError> {
+        let lease = self.store.grant_lease(ttl)?;
+        self.put_node(node, lease)?;
+        Ok(Box::new(StoreMembership {
+            cluster: self.clone(),
+            name: node.name.clone(),
+            lease,
+            ttl,
+        }))
+    }
+
+    fn snapshot(&self) -> Result<(Snapshot, Vec<BadRecord>), RegistryError> {
+        let (snapshot, bad, _) = Cluster::snapshot(self)?;
+        Ok((snapshot, bad))
+    }
+
+    fn changes(&self) -> Result<Box<dyn Changes>, RegistryError> {
+        let (_, revision) = self.store.list(&self.prefix())?;
+        let watch = self.store.watch(&self.prefix(), revision)?;
+        Ok(Box::new(StoreChanges {
+            cluster: self.clone(),
+            watch,
+            waiting: VecDeque::new(),
+        }))
+    }
+
+    fn statuses(&self) -> Result<Vec<NodeStatus>, RegistryError> {
+        Ok(Cluster::statuses(self)?)
+    }
+
+    fn put_peer(&self, peer: &ExternalPeer) -> Result<(), RegistryError> {
+        Ok(Cluster::put_peer(self, peer)?)
+    }
+
+    fn delete_peer(&self, name: &PeerName) -> Result<bool, RegistryError> {
+        Ok(Cluster::delete_peer(self, name.as_str())?)
+    }
+}
+
+/// A node's records under a store lease.
+struct StoreMembership {
+    cluster: Cluster,
+    name: NodeName,
+    lease: LeaseId,
+    ttl: Duration,
+}
+
+impl Membership for StoreMembership {
+    fn publish(&mut self, node: &Node) -> Result<(), RegistryError> {
+        Ok(self.cluster.put_node(node, self.lease)?)
+    }
+
+    fn heartbeat(&mut self, node: &Node) -> Result<(), RegistryError> {
+        match self.cluster.store.keep_alive(self.lease) {
+            Ok(()) => Ok(()),
+            Err(StoreError::LeaseNotFound { .. }) => {
+                tracing::warn!("lease ended; rejoining");
+                self.lease = self.cluster.store.grant_lease(self.ttl)?;
+                Ok(self.cluster.put_node(node, self.lease)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn report(&mut self, status: &NodeStatus) -> Result<(), RegistryError> {
+        Ok(self.cluster.put_status(status, self.lease)?)
+    }
+
+    fn leave(self: Box<Self>) -> Result<(), RegistryError> {
+        self.cluster.delete_node(&self.name)?;
+        // The records are gone already; a lease that cannot be revoked just expires.
+        let _ = self.cluster.store.revoke_lease(self.lease);
+        Ok(())
+    }
+}
+
+/// A store watch on the cluster's prefix, one [`Change`] per event.
+struct StoreChanges {
+    cluster: Cluster,
+    watch: Watch,
+    /// The rest of the last batch.
+    waiting: VecDeque<Change>,
+}
+
+impl Changes for StoreChanges {
+    fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Change>, RegistryError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(change) = self.waiting.pop_front() {
+                return Ok(Some(change));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let batch = if left.is_zero() {
+                self.watch.try_recv()?
             } else {
-                None
+                self.watch.recv_timeout(left)?
+            };
+            let Some(batch) = batch else {
+                return Ok(None);
+            };
+            self.waiting.extend(
+                batch
+                    .events
+                    .iter()
+                    .filter_map(|e: &Event| self.cluster.change_of(e.key())),
+            );
+            if self.waiting.is_empty() && Instant::now() >= deadline {
+                return Ok(None);
             }
-        });
-        match clash {
-            Some(error) => {
-                let name = node.name.to_string();
-                bad.push(BadRecord {
-                    key: format!("{nodes_prefix}{name}"),
-                    error: error.within(&format!("node {name}")),
-                })
-            }
-            None => kept.push(node),
         }
     }
-    snapshot.nodes = kept;
-}
-
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
-/// An external peer may not claim a node's prefixes, another peer's addresses, or
-/// a key already in use: such a record is dropped as bad, the rest stays.
-fn drop_conflicting_peers(snapshot: &mut Snapshot, bad: &mut Vec<BadRecord>, peers_prefix: &str) {
-    snapshot.peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let node_prefixes: Vec<(String, IpNet)> = snapshot
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            [
-                (n.name.to_string(), n.pod_cidr),
-                (n.name.to_string(), IpNet::from(n.mesh_ip)),
-            ]
-        })
-        .collect();
-    let mut kept: Vec<ExternalPeer> = Vec::new();
-    for peer in std::mem::take(&mut snapshot.peers) {
-        let taken_key = snapshot
-            .nodes
-            .iter()
-            .any(|n| n.public_key == peer.public_key)
-            || kept.iter().any(|k| k.public_key == peer.public_key);
-        let clash = peer.allowed_ips.iter().find_map(|ip| {
-            let owner = node_prefixes
-                .iter()
-                .find(|(_, p)| overlaps(p, ip))
-                .map(|(n, _)| format!("node {n}"));
-            owner
-                .or_else(|| {
-                    kept.iter()
-                        .find(|k| k.allowed_ips.iter().any(|o| overlaps(o, ip)))
-                        .map(|k| format!("peer {}", k.name))
-                })
-                .map(|owner| {
-                    FieldError::new("allowed_ips", format!("{ip} overlaps {owner}'s addresses"))
-                })
-        });
-        let error = if taken_key {
-            Some(FieldError::new(
-                "public_key",
-                "already used by another node or peer",
-            ))
-        } else {
-            clash
-        };
-        match error {
-            Some(error) => {
-                let name = peer.name.to_string();
-                bad.push(BadRecord {
-                    key: format!("{peers_prefix}{name}"),
-                    error: error.within(&format!("peer {name}")),
-                })
-            }
-            None => kept.push(peer),
-        }
-    }
-    snapshot.peers = kept;
 }

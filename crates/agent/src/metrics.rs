@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::cluster::PeerStatus;
+use crate::registry::PeerStatus;
 
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {

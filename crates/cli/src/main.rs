@@ -11,8 +11,9 @@ mod ui;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use wiremesh_agent::{KubeCluster, Registry};
 use wiremesh_registry::{EtcdOptions, EtcdTls};
 
 /// An encrypted WireGuard overlay for containers across nodes, clouds and edge sites.
@@ -26,17 +27,24 @@ struct Cli {
 /// Where the cluster's records live.
 #[derive(Args, Clone)]
 pub struct RegistryArgs {
-    /// Registry address: `dir:/path` for the embedded one-host registry, or
-    /// `etcd://host:port,host:port` (`etcd+https://` for TLS) for etcd.
+    /// Registry address: `dir:/path` for the embedded one-host registry,
+    /// `etcd://host:port,host:port` (`etcd+https://` for TLS) for etcd, or
+    /// `kubernetes` for the Kubernetes API (in a pod its service account, else
+    /// KUBECONFIG or ~/.kube/config).
     #[arg(
         long,
         env = "WIREMESH_REGISTRY",
         default_value = "dir:/var/lib/wiremesh/registry"
     )]
     registry: String,
-    /// Cluster name: one registry can hold several clusters.
+    /// Cluster name: one registry can hold several clusters (not with `kubernetes`:
+    /// one Kubernetes cluster is one mesh).
     #[arg(long, env = "WIREMESH_CLUSTER", default_value = "default")]
     cluster: String,
+    /// With `--registry kubernetes`: the namespace of wiremesh's Leases and settings
+    /// ConfigMap (default: the pod's own, or the kubeconfig context's).
+    #[arg(long, env = "WIREMESH_NAMESPACE")]
+    kube_namespace: Option<String>,
     /// etcd user name; the password comes from WIREMESH_ETCD_PASSWORD (never a flag: flags show in `ps`).
     #[arg(long, env = "WIREMESH_ETCD_USER")]
     etcd_user: Option<String>,
@@ -51,8 +59,39 @@ pub struct RegistryArgs {
     etcd_key: Option<PathBuf>,
 }
 
+/// `--registry kubernetes`.
+const KUBERNETES: &str = "kubernetes";
+
 impl RegistryArgs {
-    fn open(&self) -> Result<wiremesh_agent::Cluster> {
+    fn is_kubernetes(&self) -> bool {
+        self.registry == KUBERNETES
+    }
+
+    /// The registry, whichever kind `--registry` names.
+    fn open(&self) -> Result<Box<dyn Registry>> {
+        if self.is_kubernetes() {
+            return Ok(Box::new(self.open_kubernetes()?));
+        }
+        Ok(Box::new(self.connect_store()?))
+    }
+
+    fn open_kubernetes(&self) -> Result<KubeCluster> {
+        KubeCluster::connect(self.kube_namespace.as_deref())
+            .context("connecting to the Kubernetes API")
+    }
+
+    /// A key-value store registry (`dir:`, `etcd://`), for what only it can do;
+    /// `kubernetes` is an error naming `command`.
+    fn open_store(&self, command: &str) -> Result<wiremesh_agent::Cluster> {
+        if self.is_kubernetes() {
+            bail!(
+                "`wiremesh {command}` works with a dir: or etcd:// registry, not yet on Kubernetes"
+            );
+        }
+        self.connect_store()
+    }
+
+    fn connect_store(&self) -> Result<wiremesh_agent::Cluster> {
         let read = |path: &PathBuf| {
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))
         };
@@ -188,8 +227,11 @@ fn run(cli: Cli) -> Result<()> {
                 granularity: a.granularity,
                 trust_location_network: a.trust_location_network,
             };
+            if a.registry.is_kubernetes() {
+                bail!("on Kubernetes the settings are the ConfigMap wiremesh-settings (deploy/30-settings.yaml): edit it and `kubectl apply` it; `wiremesh init` is for dir: and etcd:// registries");
+            }
             let wanted = wiremesh_model::ClusterSettings::try_from(record)?;
-            let settings = a.registry.open()?.init(&wanted)?;
+            let settings = a.registry.open_store("init")?.init(&wanted)?;
             if settings != wanted {
                 eprintln!("the cluster was already initialised; its settings are unchanged:");
             }
@@ -197,10 +239,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Agent(a) => agent_cmd::run(a),
-        Command::Status { registry, json } => status::print(&registry.open()?, json),
-        Command::Graph { registry, svg } => status::graph(&registry.open()?, svg),
+        Command::Status { registry, json } => status::print(&*registry.open()?, json),
+        Command::Graph { registry, svg } => status::graph(&*registry.open()?, svg),
         Command::Demo(a) => demo::run(a),
-        Command::Ui { registry, listen } => ui::serve(registry.open()?, listen),
+        Command::Ui { registry, listen } => ui::serve(registry.open_store("ui")?, listen),
         Command::RotateKey { state_dir } => {
             let public = wiremesh_agent::keys::request_rotation(&state_dir)
                 .with_context(|| format!("writing a new key into {}", state_dir.display()))?;

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ipnet::IpNet;
-use wiremesh_agent::Cluster;
 use wiremesh_model::{ExternalPeer, NodeName, PeerName, PrivateKey};
 use wiremesh_topology::{compute, external_view, leaders, Peer, Snapshot};
 
@@ -85,6 +84,7 @@ pub fn run_peer(command: PeerCommand) -> Result<()> {
     match command {
         PeerCommand::Add(a) => add(a),
         PeerCommand::Remove { registry, name } => {
+            let name: PeerName = name.parse()?;
             if !registry.open()?.delete_peer(&name)? {
                 bail!("there is no external peer named {name:?}");
             }
@@ -92,7 +92,7 @@ pub fn run_peer(command: PeerCommand) -> Result<()> {
             Ok(())
         }
         PeerCommand::List { registry } => {
-            let (snapshot, _, _) = registry.open()?.snapshot()?;
+            let (snapshot, _) = registry.open()?.snapshot()?;
             for p in &snapshot.peers {
                 let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
                 println!("{:<16} {:<46} {}", p.name, p.public_key, ips.join(","));
@@ -105,14 +105,14 @@ pub fn run_peer(command: PeerCommand) -> Result<()> {
 pub fn run_showconf(command: ShowconfCommand) -> Result<()> {
     match command {
         ShowconfCommand::Peer { registry, name, qr } => {
-            let (snapshot, _, _) = registry.open()?.snapshot()?;
+            let (snapshot, _) = registry.open()?.snapshot()?;
             let name: PeerName = name.parse()?;
             let config = peer_config(&snapshot, &name, None)?;
             print!("{config}");
             qr.emit(&config)
         }
         ShowconfCommand::Node { registry, name } => {
-            let (snapshot, _, _) = registry.open()?.snapshot()?;
+            let (snapshot, _) = registry.open()?.snapshot()?;
             let name: NodeName = name.parse()?;
             print!("{}", node_config(&snapshot, &name)?);
             Ok(())
@@ -121,8 +121,8 @@ pub fn run_showconf(command: ShowconfCommand) -> Result<()> {
 }
 
 fn add(a: AddArgs) -> Result<()> {
-    let cluster: Cluster = a.registry.open()?;
-    let (snapshot, _, _) = cluster.snapshot()?;
+    let registry = a.registry.open()?;
+    let (snapshot, _) = registry.snapshot()?;
     let name: PeerName = a.name.parse().context("peer name")?;
     if snapshot.peers.iter().any(|p| p.name == name) {
         bail!("an external peer named {name} exists already (`wiremesh peer remove {name}` first)");
@@ -157,7 +157,7 @@ fn add(a: AddArgs) -> Result<()> {
     let mut with_peer = snapshot.clone();
     with_peer.peers.push(peer.clone());
     let config = peer_config(&with_peer, &name, Some(&private_key))?;
-    cluster.put_peer(&peer)?;
+    registry.put_peer(&peer)?;
     if snapshot.nodes.is_empty() {
         eprintln!("warning: the cluster has no live nodes yet, so the config has no [Peer] sections; add them later from `wiremesh showconf peer {name}`");
     }

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use wiremesh_agent::{Cluster, NodeStatus};
+use wiremesh_agent::{NodeStatus, Registry};
 use wiremesh_topology::{leaders, render_dot, Snapshot};
 
 pub fn unix_now() -> u64 {
@@ -132,29 +132,26 @@ pub fn render(
     out
 }
 
-pub fn print(cluster: &Cluster, json: bool) -> Result<()> {
-    let (snapshot, bad, _) = cluster.snapshot()?;
-    let statuses = cluster.statuses()?;
+pub fn print(registry: &dyn Registry, json: bool) -> Result<()> {
+    let (snapshot, bad) = registry.snapshot()?;
+    let statuses = registry.statuses()?;
     if json {
         let value = serde_json::json!({
             "nodes": snapshot.nodes.iter().map(|n| serde_json::from_slice::<serde_json::Value>(&n.to_json()).unwrap_or_default()).collect::<Vec<_>>(),
             "leaders": leaders(&snapshot).iter().map(|(l, n)| (l.to_string(), n.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
             "status": statuses,
-            "rejected": bad.iter().map(|b| format!("{}: {}", b.key, b.error)).collect::<Vec<_>>(),
+            "rejected": bad.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let rejected: Vec<String> = bad
-        .iter()
-        .map(|b| format!("{}: {}", b.key, b.error))
-        .collect();
+    let rejected: Vec<String> = bad.iter().map(ToString::to_string).collect();
     print!("{}", render(&snapshot, &statuses, &rejected, unix_now()));
     Ok(())
 }
 
-pub fn graph(cluster: &Cluster, svg: bool) -> Result<()> {
-    let (snapshot, _, _) = cluster.snapshot()?;
+pub fn graph(registry: &dyn Registry, svg: bool) -> Result<()> {
+    let (snapshot, _) = registry.snapshot()?;
     let dot = render_dot(&snapshot);
     if !svg {
         print!("{dot}");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::Client;
 use tokio::runtime::Runtime;
-use wiremesh_model::{ClusterSettings, Node, NodeName};
+use wiremesh_model::{ClusterSettings, ExternalPeer, Node, NodeName};
 
 use crate::{Change, KubeError, KubeRegistry, Listing};
 
@@ -128,6 +128,23 @@ impl BlockingKubeRegistry {
 
     pub fn leave(&self, name: &NodeName) -> Result<(), KubeError> {
         self.runtime.block_on(self.inner.leave(name))
+    }
+
+    pub fn report_status(&self, name: &NodeName, report: &str) -> Result<(), KubeError> {
+        self.runtime
+            .block_on(self.inner.report_status(name, report))
+    }
+
+    pub fn status_reports(&self, now: u64) -> Result<Vec<(String, String)>, KubeError> {
+        self.runtime.block_on(self.inner.status_reports(now))
+    }
+
+    pub fn put_peer(&self, peer: &ExternalPeer) -> Result<(), KubeError> {
+        self.runtime.block_on(self.inner.put_peer(peer))
+    }
+
+    pub fn delete_peer(&self, name: &str) -> Result<bool, KubeError> {
+        self.runtime.block_on(self.inner.delete_peer(name))
     }
 
     /// [`KubeRegistry::changes`] on a std channel.

@@ -10,7 +10,7 @@
 //! | the node record's lease | Lease `<name>` (`coordination.k8s.io/v1`) in wiremesh's namespace, renewed each heartbeat ([`lease`]) |
 //! | `peers/<name>` | cluster-scoped custom resource `Peer` (`wiremesh.io/v1alpha1`) `<name>` ([`peer`]) |
 //! | `ipam/<cidr>` | none: Kubernetes allocates pod CIDRs (`kube-controller-manager --allocate-node-cidrs`) |
-//! | `status/<name>` | not mapped yet |
+//! | `status/<name>` | annotation `wiremesh.io/status` on the node's Lease (the same JSON), so it goes with the Lease |
 //!
 //! Annotations: `wiremesh.io/public-key`, `wiremesh.io/location` (else the label
 //! `topology.kubernetes.io/region`, else `default`), `wiremesh.io/public-endpoint`,
@@ -32,7 +32,9 @@
 //! node's annotations, one JSON merge patch), [`KubeRegistry::heartbeat`] (its Lease,
 //! server-side apply), [`KubeRegistry::leave`], and [`KubeRegistry::changes`]
 //! (`kube::runtime::watcher` on Nodes, Peers and Leases, filtered to what the mesh
-//! reads). The mapping itself is pure functions, tested both ways.
+//! reads), plus device reports on the Lease and external peers put and deleted.
+//! The mapping itself is pure functions, tested both ways. The agent's `KubeCluster`
+//! (crate `wiremesh-agent`) is the adapter from these to its `Registry` trait.
 //! [`BlockingKubeRegistry`] is the same for a std-thread caller such as the agent's
 //! loop: a private one-worker runtime, and changes on a std channel.
 //!
@@ -50,5 +52,5 @@ pub use blocking::{BlockingKubeRegistry, Changes};
 pub use peer::{Peer, PeerSpec};
 pub use registry::{
     BadObject, Change, KubeError, KubeRegistry, Listing, FIELD_MANAGER, SETTINGS_CONFIG_MAP,
-    SETTINGS_KEY,
+    SETTINGS_KEY, STATUS_ANNOTATION, WATCHED_KINDS,
 };

@@ -12,10 +12,10 @@
 //! (`metadata.annotations[wiremesh.io/public-key]`, `spec.podCIDR`).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1 as core;
-use wiremesh_model::{ClusterSettings, FieldError, Node, NodeRecord};
+use wiremesh_model::{ClusterSettings, FieldError, Location, Node, NodeRecord};
 use wiremesh_topology::ipam;
 
 /// The node's WireGuard public key (published by its agent).
@@ -206,6 +206,81 @@ pub fn node_patch(node: &Node) -> serde_json::Value {
 pub fn leave_patch() -> serde_json::Value {
     let none: BTreeMap<&str, Option<String>> = ANNOTATIONS.iter().map(|a| (*a, None)).collect();
     serde_json::json!({ "metadata": { "annotations": none } })
+}
+
+/// What an administrator set on a Node for its agent, and the Node's addresses as
+/// endpoints where no annotation names one (`InternalIP` private, `ExternalIP`
+/// public, at `port`), as Kilo does. The agent's flags override these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePreferences {
+    pub location: Option<Location>,
+    pub public_endpoint: Option<SocketAddr>,
+    pub private_endpoint: Option<SocketAddr>,
+    pub leader_preference: Option<i32>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The [`NodePreferences`] of a Node object; errors name the annotation or label.
+pub fn node_preferences(object: &core::Node, port: u16) -> Result<NodePreferences, FieldError> {
+    let empty = BTreeMap::new();
+    let annotations = object.metadata.annotations.as_ref().unwrap_or(&empty);
+    let labels = object.metadata.labels.as_ref().unwrap_or(&empty);
+    fn parse<T: std::str::FromStr>(
+        map: &BTreeMap<String, String>,
+        key: &str,
+        field: String,
+        what: &str,
+    ) -> Result<Option<T>, FieldError> {
+        map.get(key)
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|_| FieldError::new(&field, format!("{s:?} is not {what}")))
+            })
+            .transpose()
+    }
+    let location = match parse(
+        annotations,
+        LOCATION,
+        annotation_field(LOCATION),
+        "a DNS label",
+    )? {
+        Some(location) => Some(location),
+        None => parse(
+            labels,
+            REGION_LABEL,
+            label_field(REGION_LABEL),
+            "a DNS label",
+        )?,
+    };
+    let endpoint = |annotation| {
+        parse(
+            annotations,
+            annotation,
+            annotation_field(annotation),
+            "IP:port",
+        )
+    };
+    let (internal, external) = node_addresses(object);
+    let at_port = |ip: Option<IpAddr>| ip.map(|ip| SocketAddr::new(ip, port));
+    Ok(NodePreferences {
+        location,
+        public_endpoint: endpoint(PUBLIC_ENDPOINT)?.or(at_port(external)),
+        private_endpoint: endpoint(PRIVATE_ENDPOINT)?.or(at_port(internal)),
+        leader_preference: parse(
+            annotations,
+            LEADER_PREFERENCE,
+            annotation_field(LEADER_PREFERENCE),
+            "an integer",
+        )?,
+        persistent_keepalive: parse::<u16>(
+            annotations,
+            PERSISTENT_KEEPALIVE,
+            annotation_field(PERSISTENT_KEEPALIVE),
+            "a number of seconds from 1 to 65535",
+        )?
+        .filter(|k| *k > 0),
+    })
 }
 
 /// The addresses Kubernetes reports for a node (`status.addresses`): its first
@@ -445,6 +520,59 @@ mod tests {
         let removed = leave["metadata"]["annotations"].as_object().unwrap();
         assert_eq!(removed.len(), ANNOTATIONS.len());
         assert!(removed.values().all(|v| v.is_null()));
+    }
+
+    /// Annotations win over the Node's addresses; a bad one is named.
+    #[test]
+    fn preferences_come_from_annotations_then_addresses() {
+        let mut o = object("a1", None, &[]);
+        assert_eq!(node_preferences(&o, 51820), Ok(NodePreferences::default()));
+        o.metadata.labels = Some(BTreeMap::from([(REGION_LABEL.into(), "eu-1".into())]));
+        o.status = Some(core::NodeStatus {
+            addresses: Some(vec![core::NodeAddress {
+                type_: "InternalIP".into(),
+                address: "10.0.0.1".into(),
+            }]),
+            ..core::NodeStatus::default()
+        });
+        let p = node_preferences(&o, 51820).unwrap();
+        assert_eq!(p.location.unwrap().as_str(), "eu-1");
+        assert_eq!(p.private_endpoint, Some("10.0.0.1:51820".parse().unwrap()));
+        assert_eq!(p.public_endpoint, None);
+        o.metadata.annotations = Some(BTreeMap::from([
+            (LOCATION.into(), "edge".into()),
+            (PRIVATE_ENDPOINT.into(), "192.168.1.5:4000".into()),
+            (PUBLIC_ENDPOINT.into(), "203.0.113.9:51820".into()),
+            (LEADER_PREFERENCE.into(), "-3".into()),
+            (PERSISTENT_KEEPALIVE.into(), "25".into()),
+        ]));
+        let p = node_preferences(&o, 51820).unwrap();
+        assert_eq!(p.location.unwrap().as_str(), "edge");
+        assert_eq!(
+            p.private_endpoint,
+            Some("192.168.1.5:4000".parse().unwrap())
+        );
+        assert_eq!(
+            p.public_endpoint,
+            Some("203.0.113.9:51820".parse().unwrap())
+        );
+        assert_eq!(p.leader_preference, Some(-3));
+        assert_eq!(p.persistent_keepalive, Some(25));
+        for (annotation, value) in [
+            (LOCATION, "Edge 1"),
+            (PUBLIC_ENDPOINT, "host:1"),
+            (LEADER_PREFERENCE, "high"),
+            (PERSISTENT_KEEPALIVE, "70000"),
+        ] {
+            let mut bad = o.clone();
+            bad.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(annotation.into(), value.into());
+            let err = node_preferences(&bad, 51820).unwrap_err();
+            assert_eq!(err.field, annotation_field(annotation), "{err}");
+        }
     }
 
     #[test]

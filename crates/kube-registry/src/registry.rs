@@ -15,7 +15,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1 as core;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName};
 
@@ -44,6 +44,23 @@ pub enum KubeError {
         error: FieldError,
     },
 }
+
+impl KubeError {
+    /// Whether retrying may help: the API server was unreachable, overloaded or failing.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KubeError::Api(kube::Error::Api(status)) => status.code >= 500 || status.code == 429,
+            KubeError::Api(kube::Error::HyperError(_) | kube::Error::Service(_)) => true,
+            KubeError::Watch(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The annotation on a node's Lease that holds its agent's last device report
+/// (JSON, opaque here): it lives and dies with the Lease, as `status/<name>` does
+/// under an etcd lease, and keeps the Node object from being rewritten every minute.
+pub const STATUS_ANNOTATION: &str = "wiremesh.io/status";
 
 /// An object the API server holds but wiremesh could not use, e.g. `node/a1` with
 /// the annotation that is wrong.
@@ -74,6 +91,10 @@ pub struct Listing {
     /// Nodes with no `wiremesh.io/public-key` yet: no agent has joined from them.
     pub without_agent: Vec<String>,
 }
+
+/// How many watches [`KubeRegistry::changes`] runs (Nodes, Peers, Leases): as many
+/// [`Change::Relisted`] say they are all established.
+pub const WATCHED_KINDS: usize = 3;
 
 /// What a watch saw change; each means "list again" to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,27 +273,80 @@ impl KubeRegistry {
         Ok(())
     }
 
+    /// Publishes the node's device report (`report`, JSON) on its Lease, as the
+    /// [`STATUS_ANNOTATION`] (a JSON merge patch: the heartbeat's server-side apply
+    /// owns the Lease's other fields and leaves this one alone).
+    pub async fn report_status(&self, name: &NodeName, report: &str) -> Result<(), KubeError> {
+        let patch =
+            serde_json::json!({ "metadata": { "annotations": { STATUS_ANNOTATION: report } } });
+        self.leases_api()
+            .patch(name.as_str(), &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(())
+    }
+
+    /// The device reports on live Leases (`now`, unix seconds), by holder.
+    pub async fn status_reports(&self, now: u64) -> Result<Vec<(String, String)>, KubeError> {
+        let leases = self.leases_api().list(&ListParams::default()).await?;
+        Ok(leases
+            .items
+            .iter()
+            .filter(|l| lease::is_live(l, now))
+            .filter_map(|l| {
+                let report = l.metadata.annotations.as_ref()?.get(STATUS_ANNOTATION)?;
+                Some((lease::holder(l)?.to_owned(), report.clone()))
+            })
+            .collect())
+    }
+
+    /// Creates or replaces an external peer's `Peer` object (server-side apply).
+    pub async fn put_peer(&self, peer: &ExternalPeer) -> Result<(), KubeError> {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.peers_api()
+            .patch(
+                peer.name.as_str(),
+                &params,
+                &Patch::Apply(&peer::peer_to_kube(peer)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes an external peer's `Peer` object; `false` if there was none.
+    pub async fn delete_peer(&self, name: &str) -> Result<bool, KubeError> {
+        match self.peers_api().delete(name, &Default::default()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Changes that matter to the mesh, from watches on Nodes, Peers and this
     /// namespace's Leases. The watches reconnect on their own (with backoff); an
     /// error item is worth a log line, not a restart. Kubelet status updates and
-    /// Lease renewals are filtered out, so a quiet cluster yields nothing.
+    /// Lease renewals are filtered out, so a quiet cluster yields nothing. Each of
+    /// the [`WATCHED_KINDS`] watches says [`Change::Relisted`] once it is established.
     pub fn changes(&self) -> BoxStream<'static, Result<Change, KubeError>> {
         let config = watcher::Config::default;
         let mut nodes = NodeFilter::default();
-        let nodes =
-            watcher::watcher(self.nodes_api(), config()).map(move |e| e.map(|e| nodes.handle(e)));
-        let peers = watcher::watcher(self.peers_api(), config()).map(|e| {
-            e.map(|e| match e {
-                watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
-                    Some(Change::Peer(p.metadata.name.unwrap_or_default()))
-                }
-                watcher::Event::InitDone => Some(Change::Relisted),
-                _ => None,
-            })
-        });
+        let nodes = watcher::watcher(self.nodes_api(), config())
+            .default_backoff()
+            .map(move |e| e.map(|e| nodes.handle(e)));
+        let peers = watcher::watcher(self.peers_api(), config())
+            .default_backoff()
+            .map(|e| {
+                e.map(|e| match e {
+                    watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
+                        Some(Change::Peer(p.metadata.name.unwrap_or_default()))
+                    }
+                    watcher::Event::InitDone => Some(Change::Relisted),
+                    _ => None,
+                })
+            });
         let mut leases = LeaseFilter::default();
-        let leases =
-            watcher::watcher(self.leases_api(), config()).map(move |e| e.map(|e| leases.handle(e)));
+        let leases = watcher::watcher(self.leases_api(), config())
+            .default_backoff()
+            .map(move |e| e.map(|e| leases.handle(e)));
         stream::select_all([nodes.boxed(), peers.boxed(), leases.boxed()])
             .filter_map(|item| async move {
                 match item {
