@@ -89,7 +89,7 @@ pub(crate) fn run(vpn: &'static str, what: &str, cmd: &mut Command) -> Result<St
     } else {
         let mut reason = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if reason.is_empty() {
-            // Some tools (vpncmd) report errors on stdout.
+            // Some tools (nebula-cert) report errors on stdout.
             reason = String::from_utf8_lossy(&out.stdout).trim().to_string();
         }
         Err(setup_error(vpn, what, format!("{}: {reason}", out.status)))

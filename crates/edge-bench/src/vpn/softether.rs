@@ -123,27 +123,27 @@ impl<'a> Instance<'a> {
             _ => "localhost".to_string(),
         };
         let what = format!("vpncmd {batch} on {}", self.host.name);
-        let out = process::run(
-            NAME,
-            &what,
-            &mut self.command("vpncmd", &[&target, mode, &format!("/IN:{file}")]),
-        )?;
-        // vpncmd exits 0 whatever happens; every command that worked says so.
-        let succeeded = out.matches("The command completed successfully.").count();
-        if succeeded == commands.len() {
+        let out = self
+            .command("vpncmd", &[&target, mode, &format!("/IN:{file}")])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| setup_error(&what, e.to_string()))?;
+        // vpncmd reports on stdout, and mostly exits 0 whatever happens: every
+        // command that worked says so.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let succeeded = stdout
+            .matches("The command completed successfully.")
+            .count();
+        if out.status.success() && succeeded == commands.len() {
             return Ok(());
         }
-        let errors: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.starts_with("VPN ")) // the prompt echoes the command
-            .filter(|l| l.contains("Error") || l.contains("not") || l.contains("Cannot"))
-            .collect();
         Err(setup_error(
             what,
             format!(
-                "{succeeded} of {} commands succeeded: {}",
+                "{}, {succeeded} of {} commands succeeded: {}",
+                out.status,
                 commands.len(),
-                errors.join(" ")
+                vpncmd_errors(&stdout)
             ),
         ))
     }
@@ -165,6 +165,28 @@ impl<'a> Instance<'a> {
             ))
         }
     }
+}
+
+/// SoftEther's error messages from vpncmd's output, without the lines that echo a
+/// command (and with it a password).
+fn vpncmd_errors(stdout: &str) -> String {
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| !l.starts_with("VPN ") && !l.contains("/PASSWORD"))
+        .collect();
+    let mut errors: Vec<&str> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains("Error occurred") {
+            // The line after it says what the error code means.
+            errors.extend(lines.get(i..=i + 1).unwrap_or(&lines[i..]).iter().copied());
+        } else if ["Cannot", "not found", "not possible"]
+            .iter()
+            .any(|m| line.contains(m))
+        {
+            errors.push(line);
+        }
+    }
+    errors.join(" ")
 }
 
 /// `/var/lib/softether` → `var-lib`.
@@ -344,6 +366,20 @@ mod tests {
     fn state_dirs_get_distinct_names() {
         let names: Vec<String> = STATE_DIRS.iter().map(|d| state_dir_name(d)).collect();
         assert_eq!(names, ["var-lib", "run", "var-log"]);
+    }
+
+    #[test]
+    fn vpncmd_errors_never_quote_a_password() {
+        let out = "VPN Server/DEFAULT>UserPasswordSet w1 /PASSWORD:s3cret\n\
+                   UserPasswordSet command - Set Password\n\
+                   The parameter \"/PASSWORD:s3cret\" has been specified. It is not possible\n\
+                   Error occurred. (Error code: 52)\n\
+                   Not enough privileges.\n";
+        let errors = vpncmd_errors(out);
+        assert_eq!(
+            errors,
+            "Error occurred. (Error code: 52) Not enough privileges."
+        );
     }
 
     #[test]
