@@ -18,6 +18,7 @@
 //! - [`dns`]: answers of the Kubernetes DNS schema, and the pod search path.
 
 pub mod mtu;
+pub mod nft;
 pub mod record;
 pub mod snapshot;
 pub mod wire;

@@ -1,0 +1,767 @@
+//! The services ruleset of one VPC namespace on one node, in kube-proxy's nftables
+//! layout: a `service-ips` verdict map keyed on `daddr . l4proto . dport` jumps to a
+//! chain per service port, which picks an endpoint chain with `numgen random mod N`;
+//! the endpoint chain DNATs to the endpoint's target port.
+//!
+//! Computed in two steps, both pure: [`plan`] decides, per service port, which
+//! endpoints take new connections (Kubernetes' rules: ready ones, else serving
+//! terminating ones; `Local` policy keeps this node's) and who may connect; then
+//! [`ServicesPlan::render`] writes one `nft -f` transaction that replaces the table
+//! atomically. The agent keeps the last applied plan: [`udp_conntrack_flushes`] of old
+//! and new says which UDP conntrack entries would keep one-way flows on a removed
+//! endpoint.
+//!
+//! - A service port with no usable endpoint is in `no-endpoint-services` and rejected
+//!   (TCP reset, ICMP port unreachable for UDP) before NAT: a client fails at once
+//!   instead of hanging.
+//! - ClientIP affinity: one dynamic set per endpoint with the affinity timeout; the
+//!   endpoint chain adds the client, the service chain sends a known client back.
+//! - Access policy: a client-side check on the VIP (filter hooks, before DNAT), and a
+//!   backend-side check in the forward hook on this node's endpoints, so a pod that
+//!   dials an endpoint's address directly meets the same policy.
+//!
+//! Known limit: replacing the table forgets affinity entries, so a change to any
+//! service of the VPC may move an affine client once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use wiremesh_model::NodeName;
+
+use crate::record::{IpFamily, LabelSelector};
+use crate::snapshot::{ServiceState, VpcState};
+use crate::{Endpoint, Label, Protocol, SessionAffinity, TrafficPolicy};
+
+/// The table's name in every VPC namespace.
+pub const TABLE: &str = "wmvpc";
+
+/// Traffic to one service port's VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipPort {
+    pub namespace: Label,
+    pub service: Label,
+    pub target_port: u16,
+    /// Endpoints that take new connections, sorted; empty: rejected.
+    pub endpoints: Vec<IpAddr>,
+    pub affinity_timeout_secs: Option<u32>,
+    /// `None`: open to every source; else the sources allowed (maybe none).
+    pub allowed: Option<Vec<IpNet>>,
+}
+
+/// `(address, protocol, port)`: a VIP port or an endpoint's target port.
+pub type Key = (IpAddr, Protocol, u16);
+
+/// What the ruleset of one VPC namespace on one node says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicesPlan {
+    /// The service CIDR's family: the table's.
+    pub family: IpFamily,
+    pub vips: BTreeMap<Key, VipPort>,
+    /// This node's endpoints of services with an access policy: the sources allowed.
+    pub backend_access: BTreeMap<Key, Vec<IpNet>>,
+}
+
+/// The endpoints of `svc` that take new connections from a client on `node`.
+pub fn usable_endpoints<'a>(svc: &'a ServiceState, node: &NodeName) -> Vec<&'a Endpoint> {
+    let candidates: Vec<&Endpoint> = svc
+        .endpoints
+        .iter()
+        .filter(|e| match svc.service.internal_traffic_policy {
+            TrafficPolicy::Cluster => true,
+            TrafficPolicy::Local => e.node == *node,
+        })
+        .collect();
+    let ready: Vec<&Endpoint> = candidates.iter().copied().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        candidates.into_iter().filter(|e| e.is_fallback()).collect()
+    } else {
+        ready
+    }
+}
+
+/// `nets` of `family` without those another one covers (nftables rejects overlapping
+/// elements), sorted.
+fn minimal(nets: impl IntoIterator<Item = IpNet>, family: IpFamily) -> Vec<IpNet> {
+    let nets: BTreeSet<IpNet> = nets
+        .into_iter()
+        .filter(|n| IpFamily::of_net(n) == family)
+        .collect();
+    nets.iter()
+        .filter(|n| !nets.iter().any(|m| m != *n && m.contains(*n)))
+        .copied()
+        .collect()
+}
+
+/// The services plan of `vpc` for node `node`. `resolve` gives the addresses of the
+/// VPC's pods that match a label selector (the caller knows the pods).
+pub fn plan(
+    vpc: &VpcState,
+    node: &NodeName,
+    resolve: &dyn Fn(&LabelSelector) -> Vec<IpAddr>,
+) -> ServicesPlan {
+    let family = IpFamily::of_net(&vpc.vpc.service_cidr);
+    let mut vips = BTreeMap::new();
+    // `None` once any service leaves the key open: its clients must get through too.
+    let mut backend: BTreeMap<Key, Option<BTreeSet<IpNet>>> = BTreeMap::new();
+    for svc in vpc.services.values() {
+        let s = &svc.service;
+        let allowed = s.access.as_ref().map(|a| {
+            let pods = a.allowed_pods.iter().flat_map(resolve).map(IpNet::from);
+            minimal(a.allowed_cidrs.iter().copied().chain(pods), family)
+        });
+        let affinity_timeout_secs = match s.session_affinity {
+            SessionAffinity::None => None,
+            SessionAffinity::ClientIp { timeout_secs } => Some(timeout_secs),
+        };
+        for port in &s.ports {
+            for e in svc.endpoints.iter().filter(|e| e.node == *node) {
+                if IpFamily::of(&e.address) != family {
+                    continue;
+                }
+                let entry = backend
+                    .entry((e.address, port.protocol, port.target_port))
+                    .or_insert_with(|| Some(BTreeSet::new()));
+                match (&allowed, entry) {
+                    (Some(nets), Some(set)) => set.extend(nets.iter().copied()),
+                    (_, entry) => *entry = None,
+                }
+            }
+            let Some(vip) = s.cluster_ip.filter(|ip| IpFamily::of(ip) == family) else {
+                continue;
+            };
+            let mut endpoints: Vec<IpAddr> = usable_endpoints(svc, node)
+                .into_iter()
+                .map(|e| e.address)
+                .filter(|a| IpFamily::of(a) == family)
+                .collect();
+            endpoints.sort();
+            vips.insert(
+                (vip, port.protocol, port.port),
+                VipPort {
+                    namespace: s.namespace.clone(),
+                    service: s.name.clone(),
+                    target_port: port.target_port,
+                    endpoints,
+                    affinity_timeout_secs,
+                    allowed: allowed.clone(),
+                },
+            );
+        }
+    }
+    let backend_access = backend
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, minimal(v?, family))))
+        .collect();
+    ServicesPlan {
+        family,
+        vips,
+        backend_access,
+    }
+}
+
+/// nftables names: `/` separates the parts (labels never contain one); an IPv6
+/// address's `:` is not allowed in a name and becomes `.`.
+fn name_part(ip: &IpAddr) -> String {
+    ip.to_string().replace(':', ".")
+}
+
+struct Names {
+    service: String,
+}
+
+impl Names {
+    fn new(key: &Key, vip: &VipPort) -> Names {
+        let (_, proto, port) = key;
+        Names {
+            service: format!(
+                "{}/{}/{}/{port}",
+                vip.namespace,
+                vip.service,
+                proto.as_str()
+            ),
+        }
+    }
+    fn service_chain(&self) -> String {
+        format!("svc-{}", self.service)
+    }
+    fn access_chain(&self) -> String {
+        format!("access-{}", self.service)
+    }
+    fn endpoint_chain(&self, ep: &IpAddr) -> String {
+        format!("ep-{}/{}", self.service, name_part(ep))
+    }
+    fn affinity_set(&self, ep: &IpAddr) -> String {
+        format!("aff-{}/{}", self.service, name_part(ep))
+    }
+}
+
+fn backend_chain((addr, proto, port): &Key) -> String {
+    format!("backend-{}/{}/{port}", name_part(addr), proto.as_str())
+}
+
+fn key_text((addr, proto, port): &Key) -> String {
+    format!("{addr} . {} . {port}", proto.as_str())
+}
+
+fn join(items: impl IntoIterator<Item = String>) -> String {
+    items.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+impl ServicesPlan {
+    /// One `nft -f` transaction: create the table if missing, delete it, write it anew.
+    /// The same plan renders the same text.
+    pub fn render(&self) -> String {
+        let (ip, addr_type) = match self.family {
+            IpFamily::V4 => ("ip", "ipv4_addr"),
+            IpFamily::V6 => ("ip6", "ipv6_addr"),
+        };
+        let key_type = format!("{addr_type} . inet_proto . inet_service");
+        let key_expr = format!("{ip} daddr . meta l4proto . th dport");
+        let mut out = String::new();
+        let o = &mut out;
+        // `add` first so the delete cannot fail: the whole file is one transaction.
+        let _ = writeln!(o, "table {ip} {TABLE} {{}}\ndelete table {ip} {TABLE}");
+        let _ = writeln!(o, "table {ip} {TABLE} {{");
+
+        let elements = |o: &mut String, items: Vec<String>| {
+            if !items.is_empty() {
+                let _ = writeln!(o, "\t\telements = {{ {} }}", join(items));
+            }
+        };
+        let with_endpoints = |v: &&VipPort| !v.endpoints.is_empty();
+        let _ = writeln!(o, "\tmap service-ips {{\n\t\ttype {key_type} : verdict");
+        elements(
+            o,
+            self.vips
+                .iter()
+                .filter(|(_, v)| with_endpoints(v))
+                .map(|(k, v)| {
+                    format!(
+                        "{} : goto {}",
+                        key_text(k),
+                        Names::new(k, v).service_chain()
+                    )
+                })
+                .collect(),
+        );
+        let _ = writeln!(
+            o,
+            "\t}}\n\tset no-endpoint-services {{\n\t\ttype {key_type}"
+        );
+        elements(
+            o,
+            self.vips
+                .iter()
+                .filter(|(_, v)| !with_endpoints(v))
+                .map(|(k, _)| key_text(k))
+                .collect(),
+        );
+        let _ = writeln!(
+            o,
+            "\t}}\n\tmap service-access {{\n\t\ttype {key_type} : verdict"
+        );
+        elements(
+            o,
+            self.vips
+                .iter()
+                .filter(|(_, v)| v.allowed.is_some())
+                .map(|(k, v)| format!("{} : goto {}", key_text(k), Names::new(k, v).access_chain()))
+                .collect(),
+        );
+        let _ = writeln!(
+            o,
+            "\t}}\n\tmap endpoint-access {{\n\t\ttype {key_type} : verdict"
+        );
+        elements(
+            o,
+            self.backend_access
+                .keys()
+                .map(|k| format!("{} : goto {}", key_text(k), backend_chain(k)))
+                .collect(),
+        );
+        let _ = writeln!(o, "\t}}");
+
+        for (k, v) in &self.vips {
+            let Some(timeout) = v.affinity_timeout_secs else {
+                continue;
+            };
+            let names = Names::new(k, v);
+            for ep in &v.endpoints {
+                let _ = writeln!(
+                    o,
+                    "\tset {} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {timeout}s\n\t}}",
+                    names.affinity_set(ep)
+                );
+            }
+        }
+
+        // UDP (and anything else) gets ICMP port unreachable: `reject`'s default.
+        let _ = writeln!(
+            o,
+            "\tchain reject-service {{\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}}"
+        );
+        // Filter before NAT (-110 < -100): rejections see the VIP, not an endpoint.
+        for hook in ["prerouting", "output"] {
+            let _ = writeln!(
+                o,
+                "\tchain filter-{hook} {{\n\t\ttype filter hook {hook} priority -110; policy accept;\n\
+                 \t\t{key_expr} @no-endpoint-services goto reject-service\n\
+                 \t\t{key_expr} vmap @service-access\n\t}}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\tchain filter-forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
+             \t\tct state new {key_expr} vmap @endpoint-access\n\t}}"
+        );
+        // The output hook refuses the `dstnat` keyword on nft 1.0.6: numbers for both.
+        for hook in ["prerouting", "output"] {
+            let _ = writeln!(
+                o,
+                "\tchain nat-{hook} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n\
+                 \t\t{key_expr} vmap @service-ips\n\t}}"
+            );
+        }
+
+        let allow = |o: &mut String, chain: String, nets: &[IpNet]| {
+            let _ = writeln!(o, "\tchain {chain} {{");
+            if !nets.is_empty() {
+                let set = join(nets.iter().map(|n| match n {
+                    // Single addresses print bare; prefixes as CIDRs.
+                    n if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
+                    n => n.to_string(),
+                }));
+                let _ = writeln!(o, "\t\t{ip} saddr {{ {set} }} return");
+            }
+            let _ = writeln!(o, "\t\tgoto reject-service\n\t}}");
+        };
+        for (k, v) in &self.vips {
+            let names = Names::new(k, v);
+            if let Some(nets) = &v.allowed {
+                allow(o, names.access_chain(), nets);
+            }
+            if v.endpoints.is_empty() {
+                continue;
+            }
+            let _ = writeln!(o, "\tchain {} {{", names.service_chain());
+            if v.affinity_timeout_secs.is_some() {
+                for ep in &v.endpoints {
+                    let _ = writeln!(
+                        o,
+                        "\t\t{ip} saddr @{} goto {}",
+                        names.affinity_set(ep),
+                        names.endpoint_chain(ep)
+                    );
+                }
+            }
+            let choices = join(
+                v.endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ep)| format!("{i} : goto {}", names.endpoint_chain(ep))),
+            );
+            let _ = writeln!(
+                o,
+                "\t\tnumgen random mod {} vmap {{ {choices} }}\n\t}}",
+                v.endpoints.len()
+            );
+            let (_, proto, _) = k;
+            for ep in &v.endpoints {
+                let _ = writeln!(o, "\tchain {} {{", names.endpoint_chain(ep));
+                if v.affinity_timeout_secs.is_some() {
+                    let _ = writeln!(o, "\t\tupdate @{} {{ {ip} saddr }}", names.affinity_set(ep));
+                }
+                let target = match ep {
+                    IpAddr::V4(a) => format!("{a}:{}", v.target_port),
+                    IpAddr::V6(a) => format!("[{a}]:{}", v.target_port),
+                };
+                // nft 1.0.6 wants the protocol stated before `dnat to addr:port`.
+                let _ = writeln!(
+                    o,
+                    "\t\tmeta l4proto {} dnat to {target}\n\t}}",
+                    proto.as_str()
+                );
+            }
+        }
+        for (k, nets) in &self.backend_access {
+            allow(o, backend_chain(k), nets);
+        }
+        let _ = writeln!(o, "}}");
+        out
+    }
+}
+
+/// A UDP conntrack entry to delete: flows to `vip:port` answered by `endpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConntrackFlush {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub endpoint: IpAddr,
+}
+
+impl ConntrackFlush {
+    /// Arguments for `conntrack` in the VPC namespace. It exits 1 when nothing matched.
+    pub fn args(&self) -> Vec<String> {
+        [
+            "-D",
+            "-p",
+            "udp",
+            "--orig-dst",
+            &self.vip.to_string(),
+            "--orig-port-dst",
+            &self.port.to_string(),
+            "--reply-src",
+            &self.endpoint.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
+/// UDP entries that would keep one-way flows on an endpoint `new` no longer uses:
+/// conntrack outlives a ruleset change, so without this a sender keeps reaching a
+/// removed pod (or whoever gets its address next).
+pub fn udp_conntrack_flushes(old: &ServicesPlan, new: &ServicesPlan) -> Vec<ConntrackFlush> {
+    let mut flushes = Vec::new();
+    for (key, vip) in &old.vips {
+        let (addr, proto, port) = *key;
+        if proto != Protocol::Udp {
+            continue;
+        }
+        let kept = new.vips.get(key).map_or(&[][..], |v| &v.endpoints[..]);
+        for ep in vip.endpoints.iter().filter(|ep| !kept.contains(ep)) {
+            flushes.push(ConntrackFlush {
+                vip: addr,
+                port,
+                endpoint: *ep,
+            });
+        }
+    }
+    flushes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{EndpointRecord, ServiceRecord};
+    use crate::snapshot::tests::{nodes, prefix, records};
+    use crate::snapshot::{Mesh, Records, VpcSnapshot};
+    use crate::{Endpoint, Service};
+
+    fn n(name: &str) -> NodeName {
+        name.parse().unwrap()
+    }
+
+    fn svc(json: serde_json::Value) -> Service {
+        let mut base = serde_json::json!({
+            "vpc": "blue", "namespace": "web", "name": "db", "cluster_ip": "10.96.0.11",
+            "ports": [{"protocol": "TCP", "port": 80, "target_port": 8080}]
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(json.as_object().unwrap().clone());
+        serde_json::from_value::<ServiceRecord>(base)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    fn ep(svc: &str, addr: &str, node: &str, state: (bool, bool, bool)) -> Endpoint {
+        let (ready, serving, terminating) = state;
+        EndpointRecord {
+            vpc: "blue".into(),
+            namespace: "web".into(),
+            service: svc.into(),
+            address: addr.into(),
+            node: node.into(),
+            hostname: None,
+            ready: Some(ready),
+            serving: Some(serving),
+            terminating,
+        }
+        .try_into()
+        .unwrap()
+    }
+
+    const READY: (bool, bool, bool) = (true, true, false);
+    const TERMINATING: (bool, bool, bool) = (false, true, true);
+    const UNREADY: (bool, bool, bool) = (false, false, false);
+
+    fn vpc(services: Vec<Service>, endpoints: Vec<Endpoint>) -> VpcState {
+        let mut r: Records = records();
+        r.services = services;
+        r.endpoints = endpoints;
+        let (mut snap, bads) = VpcSnapshot::build(
+            r,
+            Mesh {
+                prefix: prefix(),
+                nodes: &nodes(),
+            },
+        );
+        assert!(bads.is_empty(), "{bads:?}");
+        snap.vpcs.remove("blue").unwrap()
+    }
+
+    fn no_pods(_: &LabelSelector) -> Vec<IpAddr> {
+        Vec::new()
+    }
+
+    fn endpoints_of(plan: &ServicesPlan) -> Vec<String> {
+        plan.vips
+            .values()
+            .flat_map(|v| v.endpoints.iter().map(|e| e.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn renders_the_kube_proxy_layout() {
+        let state = vpc(
+            vec![
+                svc(
+                    serde_json::json!({"session_affinity": "ClientIP", "affinity_timeout_seconds": 30}),
+                ),
+                svc(
+                    serde_json::json!({"name": "dns", "cluster_ip": "10.96.0.10",
+                    "ports": [{"protocol": "UDP", "port": 53}],
+                    "access": {"allowed_cidrs": ["10.10.0.0/16"], "allowed_pods": [{"app": "api"}]}}),
+                ),
+                svc(serde_json::json!({"name": "empty", "cluster_ip": "10.96.0.12"})),
+            ],
+            vec![
+                ep("db", "10.10.1.5", "n1", READY),
+                ep("db", "10.10.2.5", "n2", READY),
+                ep("dns", "10.10.1.53", "n1", READY),
+            ],
+        );
+        // The API pod lies inside the allowed CIDR: the smaller element is pruned.
+        let resolve = |_: &LabelSelector| vec!["10.10.2.9".parse().unwrap()];
+        let text = plan(&state, &n("n1"), &resolve).render();
+        let want = "\
+table ip wmvpc {}
+delete table ip wmvpc
+table ip wmvpc {
+	map service-ips {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 10.96.0.10 . udp . 53 : goto svc-web/dns/udp/53, 10.96.0.11 . tcp . 80 : goto svc-web/db/tcp/80 }
+	}
+	set no-endpoint-services {
+		type ipv4_addr . inet_proto . inet_service
+		elements = { 10.96.0.12 . tcp . 80 }
+	}
+	map service-access {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 10.96.0.10 . udp . 53 : goto access-web/dns/udp/53 }
+	}
+	map endpoint-access {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { 10.10.1.53 . udp . 53 : goto backend-10.10.1.53/udp/53 }
+	}
+	set aff-web/db/tcp/80/10.10.1.5 {
+		type ipv4_addr
+		flags dynamic,timeout
+		timeout 30s
+	}
+	set aff-web/db/tcp/80/10.10.2.5 {
+		type ipv4_addr
+		flags dynamic,timeout
+		timeout 30s
+	}
+	chain reject-service {
+		meta l4proto tcp reject with tcp reset
+		reject
+	}
+	chain filter-prerouting {
+		type filter hook prerouting priority -110; policy accept;
+		ip daddr . meta l4proto . th dport @no-endpoint-services goto reject-service
+		ip daddr . meta l4proto . th dport vmap @service-access
+	}
+	chain filter-output {
+		type filter hook output priority -110; policy accept;
+		ip daddr . meta l4proto . th dport @no-endpoint-services goto reject-service
+		ip daddr . meta l4proto . th dport vmap @service-access
+	}
+	chain filter-forward {
+		type filter hook forward priority 0; policy accept;
+		ct state new ip daddr . meta l4proto . th dport vmap @endpoint-access
+	}
+	chain nat-prerouting {
+		type nat hook prerouting priority -100; policy accept;
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}
+	chain nat-output {
+		type nat hook output priority -100; policy accept;
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}
+	chain access-web/dns/udp/53 {
+		ip saddr { 10.10.0.0/16 } return
+		goto reject-service
+	}
+	chain svc-web/dns/udp/53 {
+		numgen random mod 1 vmap { 0 : goto ep-web/dns/udp/53/10.10.1.53 }
+	}
+	chain ep-web/dns/udp/53/10.10.1.53 {
+		meta l4proto udp dnat to 10.10.1.53:53
+	}
+	chain svc-web/db/tcp/80 {
+		ip saddr @aff-web/db/tcp/80/10.10.1.5 goto ep-web/db/tcp/80/10.10.1.5
+		ip saddr @aff-web/db/tcp/80/10.10.2.5 goto ep-web/db/tcp/80/10.10.2.5
+		numgen random mod 2 vmap { 0 : goto ep-web/db/tcp/80/10.10.1.5, 1 : goto ep-web/db/tcp/80/10.10.2.5 }
+	}
+	chain ep-web/db/tcp/80/10.10.1.5 {
+		update @aff-web/db/tcp/80/10.10.1.5 { ip saddr }
+		meta l4proto tcp dnat to 10.10.1.5:8080
+	}
+	chain ep-web/db/tcp/80/10.10.2.5 {
+		update @aff-web/db/tcp/80/10.10.2.5 { ip saddr }
+		meta l4proto tcp dnat to 10.10.2.5:8080
+	}
+	chain backend-10.10.1.53/udp/53 {
+		ip saddr { 10.10.0.0/16 } return
+		goto reject-service
+	}
+}
+";
+        assert_eq!(text, want, "got:\n{text}");
+    }
+
+    #[test]
+    fn same_input_same_text_whatever_the_order() {
+        let services = vec![
+            svc(serde_json::json!({})),
+            svc(serde_json::json!({"name": "cache", "cluster_ip": "10.96.0.13"})),
+        ];
+        let endpoints = vec![
+            ep("db", "10.10.2.5", "n2", READY),
+            ep("db", "10.10.1.5", "n1", READY),
+            ep("cache", "10.10.1.6", "n1", READY),
+        ];
+        let a = plan(
+            &vpc(services.clone(), endpoints.clone()),
+            &n("n1"),
+            &no_pods,
+        );
+        let mut services = services;
+        let mut endpoints = endpoints;
+        services.reverse();
+        endpoints.reverse();
+        let b = plan(&vpc(services, endpoints), &n("n1"), &no_pods);
+        assert_eq!(a, b);
+        assert_eq!(a.render(), b.render());
+    }
+
+    #[test]
+    fn endpoint_choice_follows_kubernetes() {
+        let with = |policy: &str, eps: Vec<Endpoint>| {
+            let s = svc(serde_json::json!({"internal_traffic_policy": policy}));
+            endpoints_of(&plan(&vpc(vec![s], eps), &n("n1"), &no_pods))
+        };
+        // Ready ones only, while any is ready.
+        assert_eq!(
+            with(
+                "Cluster",
+                vec![
+                    ep("db", "10.10.1.5", "n1", READY),
+                    ep("db", "10.10.1.6", "n1", TERMINATING),
+                    ep("db", "10.10.2.5", "n2", UNREADY),
+                ]
+            ),
+            ["10.10.1.5"]
+        );
+        // Serving terminating endpoints are the fallback; unready ones never.
+        assert_eq!(
+            with(
+                "Cluster",
+                vec![
+                    ep("db", "10.10.1.6", "n1", TERMINATING),
+                    ep("db", "10.10.2.5", "n2", UNREADY),
+                ]
+            ),
+            ["10.10.1.6"]
+        );
+        // Local: this node's only, even when another node has a ready one.
+        assert_eq!(
+            with(
+                "Local",
+                vec![
+                    ep("db", "10.10.1.6", "n1", TERMINATING),
+                    ep("db", "10.10.2.5", "n2", READY),
+                ]
+            ),
+            ["10.10.1.6"]
+        );
+        assert!(with("Local", vec![ep("db", "10.10.2.5", "n2", READY)]).is_empty());
+    }
+
+    #[test]
+    fn backend_access_opens_when_any_service_is_open() {
+        // Two services share one pod and target port: one open, one restricted.
+        let restricted = svc(serde_json::json!({"access": {"allowed_cidrs": ["10.10.9.0/24"]}}));
+        let open = svc(serde_json::json!({"name": "db-open", "cluster_ip": "10.96.0.12"}));
+        let eps = vec![
+            ep("db", "10.10.1.5", "n1", READY),
+            ep("db-open", "10.10.1.5", "n1", READY),
+        ];
+        let p = plan(
+            &vpc(vec![restricted.clone(), open], eps),
+            &n("n1"),
+            &no_pods,
+        );
+        assert!(p.backend_access.is_empty());
+        // Restricted alone: the backend check on n1; none on n2, which has no endpoint.
+        let eps = vec![ep("db", "10.10.1.5", "n1", READY)];
+        let state = vpc(vec![restricted], eps);
+        assert_eq!(plan(&state, &n("n1"), &no_pods).backend_access.len(), 1);
+        assert!(plan(&state, &n("n2"), &no_pods).backend_access.is_empty());
+    }
+
+    #[test]
+    fn an_access_policy_matching_nobody_rejects_everyone() {
+        let s = svc(serde_json::json!({"access": {"allowed_pods": [{"app": "none"}]}}));
+        let p = plan(
+            &vpc(vec![s], vec![ep("db", "10.10.1.5", "n1", READY)]),
+            &n("n1"),
+            &no_pods,
+        );
+        assert!(p
+            .render()
+            .contains("\tchain access-web/db/tcp/80 {\n\t\tgoto reject-service\n\t}"));
+    }
+
+    #[test]
+    fn udp_flushes_name_removed_endpoints_only() {
+        let dns =
+            svc(serde_json::json!({"name": "dns", "ports": [{"protocol": "UDP", "port": 53}]}));
+        let web = svc(serde_json::json!({"name": "web", "cluster_ip": "10.96.0.12"}));
+        let old_eps = vec![
+            ep("dns", "10.10.1.53", "n1", READY),
+            ep("dns", "10.10.2.53", "n2", READY),
+            ep("web", "10.10.1.80", "n1", READY),
+        ];
+        let old = plan(
+            &vpc(vec![dns.clone(), web.clone()], old_eps.clone()),
+            &n("n1"),
+            &no_pods,
+        );
+        let new_eps = vec![ep("dns", "10.10.2.53", "n2", READY)];
+        let new = plan(&vpc(vec![dns, web], new_eps), &n("n1"), &no_pods);
+        let flushes = udp_conntrack_flushes(&old, &new);
+        assert_eq!(
+            flushes,
+            [ConntrackFlush {
+                vip: "10.96.0.11".parse().unwrap(),
+                port: 53,
+                endpoint: "10.10.1.53".parse().unwrap()
+            }]
+        );
+        assert_eq!(
+            flushes[0].args().join(" "),
+            "-D -p udp --orig-dst 10.96.0.11 --orig-port-dst 53 --reply-src 10.10.1.53"
+        );
+        assert!(udp_conntrack_flushes(&new, &new).is_empty());
+        // A deleted service flushes all its endpoints.
+        let gone = plan(&vpc(vec![], vec![]), &n("n1"), &no_pods);
+        assert_eq!(udp_conntrack_flushes(&old, &gone).len(), 2);
+    }
+}
