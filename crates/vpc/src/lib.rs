@@ -17,6 +17,7 @@
 //! - [`nft`]: the services ruleset of one VPC namespace, and UDP conntrack flushes.
 //! - [`dns`]: answers of the Kubernetes DNS schema, and the pod search path.
 
+pub mod dns;
 pub mod mtu;
 pub mod nft;
 pub mod record;
