@@ -1,12 +1,15 @@
 //! The hub: TUN ports in the hosts' network namespaces, forwarding between them.
 //!
 //! Each port's TUN interface is opened by a thread that joined the host's namespace,
-//! so the interface lives there while its file descriptor works from any thread. One
-//! reader thread per port reads packets, routes them by destination address
+//! so the interface lives there while its file descriptor works from any thread. The
+//! ports use TCP segmentation offload when the kernel grants it ([`crate::frame`]).
+//! One reader thread per port reads packets, routes them by destination address
 //! ([`crate::routes`]) and asks the directed link's model ([`crate::link`]) for their
-//! fate. A packet due at once is written to the destination port by the reader itself
-//! (the unimpaired fast path); a delayed one goes to the single scheduler thread,
-//! which keeps a timer heap and writes each packet at its departure time.
+//! fate. On a link with no impairment a read goes on whole, super-packet or not (the
+//! fast path); otherwise it is split into wire packets, each decided on its own. A
+//! packet due at once is written to the destination port by the reader itself; a
+//! delayed one goes to the single scheduler thread, which keeps a timer heap and
+//! writes each packet at its departure time.
 //!
 //! A reader is the only one that feeds packets to its port's outgoing links; the
 //! links sit behind one uncontended mutex each so that `set_link` and `stats` can
@@ -25,10 +28,13 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use ipnet::IpNet;
 use memchr::memmem;
+use wiremesh_wg::offload::{self, VNET_HDR_LEN};
 use wiremesh_wg::tun::Tun;
 
+use crate::frame;
 use crate::link::{DropReason, Impairment, Link, Verdict};
 use crate::routes::{self, Routes};
 use crate::WanemError;
@@ -130,7 +136,7 @@ struct Scheduled {
     /// Arrival order, so packets due at the same instant keep it.
     seq: u64,
     to: usize,
-    packet: Vec<u8>,
+    packet: BytesMut,
 }
 
 impl PartialEq for Scheduled {
@@ -202,7 +208,7 @@ impl Hub {
             let shared = Arc::clone(&shared);
             let to_scheduler = to_scheduler.clone();
             threads.push(spawn(&format!("wanem-port{port}"), move || {
-                run_reader(&shared, port, &to_scheduler)
+                run_reader(&shared, port, to_scheduler)
             }));
         }
         Ok(Hub { shared, threads })
@@ -401,7 +407,7 @@ fn open_port(port: usize, spec: &PortSpec) -> Result<Tun, WanemError> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(format!("setns: {}", std::io::Error::last_os_error()));
             }
-            let tun = Tun::create(&spec.ifname, false).map_err(|e| format!("creating: {e}"))?;
+            let tun = Tun::create(&spec.ifname, true).map_err(|e| format!("creating: {e}"))?;
             tun.set_mtu(spec.mtu).map_err(|e| format!("mtu: {e}"))?;
             tun.set_up().map_err(|e| format!("up: {e}"))?;
             Ok(tun)
@@ -455,27 +461,61 @@ fn set_addresses(
     Ok(())
 }
 
+/// One port's reading side: its buffers and where it sends delayed packets.
+struct Reader<'a> {
+    shared: &'a Shared,
+    port: usize,
+    /// `VNET_HDR_LEN` when the port's reads carry a vnet header, else 0.
+    header_len: usize,
+    buf: Vec<u8>,
+    segments: Vec<BytesMut>,
+    verdicts: Vec<Verdict>,
+    seq: u64,
+    to_scheduler: Sender<Scheduled>,
+}
+
 /// Reads packets from `port` until the hub stops (or the interface disappears).
-fn run_reader(shared: &Shared, port: usize, to_scheduler: &Sender<Scheduled>) {
+fn run_reader(shared: &Shared, port: usize, to_scheduler: Sender<Scheduled>) {
     let tun = &shared.tuns[port];
-    let ports = shared.tuns.len();
-    let mut buf = vec![0u8; usize::from(u16::MAX) + 1];
-    let mut seq = 0u64;
-    while !shared.stopping.load(Ordering::Relaxed) {
-        let n = match tun.recv(&mut buf, STOP_POLL) {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(port, error = %e, "wanem port stopped reading");
-                return;
+    let header_len = if tun.has_vnet_hdr() { VNET_HDR_LEN } else { 0 };
+    let mut reader = Reader {
+        shared,
+        port,
+        header_len,
+        buf: vec![0u8; header_len + usize::from(u16::MAX) + 1],
+        segments: Vec::new(),
+        verdicts: Vec::new(),
+        seq: 0,
+        to_scheduler,
+    };
+    let result = (|| -> std::io::Result<()> {
+        while !shared.stopping.load(Ordering::Relaxed) {
+            if let Some(n) = tun.recv(&mut reader.buf, STOP_POLL)? {
+                if !reader.forward(n) {
+                    return Ok(());
+                }
             }
-        };
-        let packet = &buf[..n];
-        let destination = routes::destination(packet);
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(port, error = %e, "wanem port stopped reading");
+    }
+}
+
+impl Reader<'_> {
+    /// Routes the `n`-byte read in `buf` and hands it to its link; false once the
+    /// scheduler has gone (the hub is stopping).
+    fn forward(&mut self, n: usize) -> bool {
+        let shared = self.shared;
+        let port = self.port;
+        let ports = shared.tuns.len();
+        let frame = &self.buf[..n];
+        let destination = frame.get(self.header_len..).and_then(routes::destination);
         if destination.is_some_and(|d| d.is_multicast() || d == Ipv4Addr::BROADCAST) {
             // A host's own link chatter (IPv6 router solicitations, MLD reports):
             // no other host asked for it, and it would blur the unroutable count.
-            continue;
+            return true;
         }
         let to = destination.and_then(|dst| {
             shared
@@ -486,49 +526,75 @@ fn run_reader(shared: &Shared, port: usize, to_scheduler: &Sender<Scheduled>) {
         });
         let Some(to) = to else {
             shared.unroutable[port].fetch_add(1, Ordering::Relaxed);
-            continue;
+            return true;
         };
         let matches_pattern = shared
             .pattern
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_some_and(|f| f.find(packet).is_some());
+            .is_some_and(|f| f.find(frame).is_some());
         let arrival = Instant::now();
-        let verdict = {
-            let mut state = lock(&shared.links[port * ports + to]);
-            let verdict = state
-                .link
-                .handle_packet(arrival.duration_since(shared.epoch), n);
-            let stats = &mut state.stats;
-            stats.pattern_packets += u64::from(matches_pattern);
+        let mut state = lock(&shared.links[port * ports + to]);
+        state.stats.pattern_packets += u64::from(matches_pattern);
+        let destination_tun = &shared.tuns[to];
+        if self.header_len > 0 && destination_tun.has_vnet_hdr() && state.link.is_transparent() {
+            // The fast path: the frame, super-packet or not, goes on as it came.
+            let size = frame::wire_size(frame);
+            state.stats.forwarded_packets += size.packets;
+            state.stats.forwarded_bytes += size.bytes;
+            drop(state);
+            if let Err(e) = destination_tun.send_frame(frame) {
+                tracing::debug!(port = to, error = %e, "wanem delivery failed");
+            }
+            return true;
+        }
+        // Every wire packet meets the link on its own.
+        self.segments.clear();
+        if self.header_len > 0 {
+            if let Err(e) = offload::split(frame, &mut self.segments) {
+                tracing::debug!(port, error = %e, "wanem dropped an unreadable TUN read");
+                shared.unroutable[port].fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        } else {
+            self.segments.push(BytesMut::from(frame));
+        }
+        let now = arrival.duration_since(shared.epoch);
+        self.verdicts.clear();
+        for segment in &self.segments {
+            let verdict = state.link.handle_packet(now, segment.len());
             match verdict {
-                Verdict::Drop(reason) => stats.count_drop(reason),
+                Verdict::Drop(reason) => state.stats.count_drop(reason),
                 Verdict::Deliver { .. } => {
-                    stats.forwarded_packets += 1;
-                    stats.forwarded_bytes += n as u64;
+                    state.stats.forwarded_packets += 1;
+                    state.stats.forwarded_bytes += segment.len() as u64;
                 }
             }
-            verdict
-        };
-        let Verdict::Deliver { at } = verdict else {
-            continue;
-        };
-        let at = shared.epoch + at;
-        if at <= arrival {
-            deliver(shared, to, packet);
-        } else {
-            seq += 1;
+            self.verdicts.push(verdict);
+        }
+        drop(state);
+        for (segment, verdict) in self.segments.drain(..).zip(&self.verdicts) {
+            let Verdict::Deliver { at } = *verdict else {
+                continue;
+            };
+            let at = shared.epoch + at;
+            if at <= arrival {
+                deliver(shared, to, &segment);
+                continue;
+            }
+            self.seq += 1;
             let scheduled = Scheduled {
                 at,
-                seq: seq * ports as u64 + port as u64,
+                seq: self.seq * ports as u64 + port as u64,
                 to,
-                packet: packet.to_vec(),
+                packet: segment,
             };
-            if to_scheduler.send(scheduled).is_err() {
-                return;
+            if self.to_scheduler.send(scheduled).is_err() {
+                return false;
             }
         }
+        true
     }
 }
 

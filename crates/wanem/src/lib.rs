@@ -11,6 +11,7 @@
 //! - [`link`]: the pure per-direction model (no I/O, no clock: time is an argument).
 //! - [`hub`]: the shell (TUN ports, reader threads, one delivery scheduler).
 
+pub mod frame;
 pub mod hub;
 pub mod link;
 pub mod routes;

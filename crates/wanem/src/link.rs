@@ -234,6 +234,17 @@ impl Link {
         Ok(())
     }
 
+    /// Whether the link does nothing to packets (no delay, loss, rate or outage), so a
+    /// batch of packets may pass it whole without a decision per packet.
+    pub fn is_transparent(&self) -> bool {
+        let i = &self.impairment;
+        i.delay.is_zero()
+            && i.jitter.is_zero()
+            && i.loss == Loss::None
+            && i.rate_bps.is_none()
+            && !i.down
+    }
+
     /// Decides the fate of a packet of `size` bytes arriving at `now`.
     pub fn handle_packet(&mut self, now: Duration, size: usize) -> Verdict {
         if self.impairment.down {
@@ -361,6 +372,41 @@ mod tests {
             delayed.handle_packet(5 * MS, 1500),
             Verdict::Deliver { at: 25 * MS }
         );
+    }
+
+    #[test]
+    fn only_the_default_impairment_is_transparent() {
+        assert!(link(Impairment::default()).is_transparent());
+        assert!(link(Impairment {
+            reorder: true,
+            queue_packets: 5,
+            ..Impairment::default()
+        })
+        .is_transparent());
+        for impairment in [
+            Impairment {
+                delay: MS,
+                ..Impairment::default()
+            },
+            Impairment {
+                jitter: MS,
+                ..Impairment::default()
+            },
+            Impairment {
+                loss: Loss::Random { probability: 0.0 },
+                ..Impairment::default()
+            },
+            Impairment {
+                rate_bps: Some(1),
+                ..Impairment::default()
+            },
+            Impairment {
+                down: true,
+                ..Impairment::default()
+            },
+        ] {
+            assert!(!link(impairment.clone()).is_transparent(), "{impairment:?}");
+        }
     }
 
     #[test]

@@ -187,6 +187,49 @@ fn rate_limit_holds_within_five_percent() {
 }
 
 #[test]
+fn tcp_over_a_delayed_rate_limited_link_gets_the_rate() {
+    let Some(bed) = Bed::new(2, 7) else { return };
+    if !require_tool("iperf3") {
+        return;
+    }
+    bed.hub
+        .set_all(Impairment {
+            delay: Duration::from_millis(2),
+            ..Impairment::default()
+        })
+        .unwrap();
+    let rate_bps = 30_000_000;
+    bed.hub
+        .set_link(
+            0,
+            1,
+            Impairment {
+                delay: Duration::from_millis(2),
+                rate_bps: Some(rate_bps),
+                ..Impairment::default()
+            },
+        )
+        .unwrap();
+    // The ports hand the hub TCP super-packets; an impaired link must still limit
+    // the wire packets they stand for. One second of slow start left out.
+    let report = iperf3(&bed, &["-t", "4", "-O", "1"]);
+    let received_bps = receiver_bits_per_second(&report);
+    // 1448 bytes of payload per 1500-byte packet (IP + TCP with timestamps).
+    let expected = rate_bps as f64 * 1448.0 / 1500.0;
+    println!(
+        "received {:.2} Mbit/s of TCP payload, expected {:.2}",
+        received_bps / 1e6,
+        expected / 1e6
+    );
+    assert!(
+        (received_bps - expected).abs() <= 0.05 * expected,
+        "received {:.2} Mbit/s, expected {:.2}",
+        received_bps / 1e6,
+        expected / 1e6
+    );
+}
+
+#[test]
 fn a_link_set_down_drops_everything_until_it_comes_back_up() {
     let Some(bed) = Bed::new(2, 4) else { return };
     assert_eq!(bed.ping(0, &address(1), 3, "0.01").1, 3);
