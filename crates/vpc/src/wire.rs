@@ -247,6 +247,35 @@ impl MemberTable {
         }
     }
 
+    /// The table as the data plane receives it from the agent: this node's id and, for
+    /// each VPC hosted here, every member node's pod CIDRs.
+    pub fn new(
+        prefix: MeshPrefix,
+        local: NodeId,
+        vpcs: impl IntoIterator<Item = (VpcId, Vec<(NodeId, IpNet)>)>,
+    ) -> MemberTable {
+        let vpcs = vpcs
+            .into_iter()
+            .map(|(vpc, members)| {
+                let mut by_node: HashMap<NodeId, Vec<IpNet>> = HashMap::new();
+                for (node, cidr) in members {
+                    by_node.entry(node).or_default().push(cidr);
+                }
+                (vpc, by_node)
+            })
+            .collect();
+        MemberTable {
+            prefix,
+            local,
+            vpcs,
+        }
+    }
+
+    /// The mesh prefix and this node's id: what outer addresses are made of.
+    pub fn local(&self) -> (MeshPrefix, NodeId) {
+        (self.prefix, self.local)
+    }
+
     /// The VPCs this node hosts.
     pub fn local_vpcs(&self) -> impl Iterator<Item = VpcId> + '_ {
         self.vpcs.keys().copied()
