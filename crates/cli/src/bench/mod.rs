@@ -1,6 +1,7 @@
 //! `wiremesh bench`: measurements that are too slow or too noisy to be tests.
 
 mod convergence;
+mod edge;
 mod etcd;
 mod fanout;
 
@@ -15,11 +16,16 @@ pub enum BenchCommand {
     /// Time from a new node record until each of N agents watching the registry (etcd
     /// by default, started locally) has applied it: median, 90th percentile, slowest.
     Fanout(fanout::Args),
+    /// The edge-VPN study (Goethals et al., CNSM 2019) on this host: a master and
+    /// workers in namespaces over an emulated WAN, every installed VPN under load,
+    /// loss, latency, NAT, an address change and a link flap; tables and SVG plots.
+    Edge(Box<edge::Args>),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Convergence(args) => convergence::run(args),
         BenchCommand::Fanout(args) => fanout::run(args),
+        BenchCommand::Edge(args) => edge::run(*args),
     }
 }

@@ -10,10 +10,13 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 pub mod nebula;
+pub mod none;
 pub mod openvpn;
 mod process;
 pub mod softether;
 pub mod tinc;
+pub mod userspace_wg;
+pub mod wiremesh;
 
 /// How the VPN's tunnels are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,4 +121,23 @@ pub trait Vpn: Send {
     /// Stop every process and remove interfaces, routes and rules `up` created.
     /// Must be safe to call after a failed or partial `up`, and more than once.
     fn down(&mut self) -> Result<(), VpnError>;
+}
+
+/// Every VPN the harness knows, baseline first, in the order they run. `wiremesh`
+/// is the binary whose `agent` subcommand (and sibling `wiremesh-wg`) it starts.
+pub fn drivers(wiremesh: PathBuf) -> Vec<Box<dyn Vpn>> {
+    vec![
+        Box::new(none::NoVpn::default()),
+        Box::new(self::wiremesh::Wiremesh::new(wiremesh)),
+        Box::new(userspace_wg::UserspaceWg::new(
+            userspace_wg::Program::WireguardGo,
+        )),
+        Box::new(userspace_wg::UserspaceWg::new(
+            userspace_wg::Program::Boringtun,
+        )),
+        Box::new(openvpn::OpenVpn::new()),
+        Box::new(tinc::Tinc::new()),
+        Box::new(softether::SoftEther::new()),
+        Box::new(nebula::Nebula::new()),
+    ]
 }

@@ -12,8 +12,8 @@
 //!   worker-to-worker packets are relayed by the master's nebula.
 //!
 //! Cipher: AES-256-GCM (`cipher: aes`, Nebula's default; the Noise handshake uses
-//! Curve25519). The UDP socket buffers are raised to 10 MiB: with the kernel default
-//! the receiver drops packets under load (see MACHINE-NOTES).
+//! Curve25519). The UDP socket buffers are raised, as for every VPN here
+//! ([`process::UDP_SOCKET_BUFFER`]; MACHINE-NOTES saw Nebula drop without).
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,6 @@ const PORT: u16 = 4242;
 const INTERFACE: &str = "wmnebula";
 /// IPv4 20 + UDP 8 + Nebula header 16 + GCM tag 16, twice over a relay.
 const OVERHEAD: u16 = 120;
-const SOCKET_BUFFER: u32 = 10 << 20;
 
 pub struct Nebula {
     deployment: Deployment,
@@ -97,7 +96,8 @@ fn config(bed: &Bed, pki: &Path, host: &Host, shape: Shape) -> String {
         );
     }
     s += &format!(
-        "listen:\n  host: 0.0.0.0\n  port: {PORT}\n  read_buffer: {SOCKET_BUFFER}\n  write_buffer: {SOCKET_BUFFER}\n"
+        "listen:\n  host: 0.0.0.0\n  port: {PORT}\n  read_buffer: {buffer}\n  write_buffer: {buffer}\n",
+        buffer = process::UDP_SOCKET_BUFFER
     );
     s += "punchy:\n  punch: true\n";
     if hub_and_spoke {
@@ -212,7 +212,7 @@ mod tests {
             "  remote_allow_list:\n    \"0.0.0.0/0\": false\n    \"192.168.0.1/32\": true\n",
             "relay:\n  am_relay: false\n  use_relays: true\n  relays: [\"10.99.0.1\"]\n",
             "    - route: 10.42.2.0/24\n      via: 10.99.0.3\n",
-            "  read_buffer: 10485760\n",
+            "  read_buffer: 4194304\n",
         ] {
             assert!(config.contains(line), "{line:?} missing from\n{config}");
         }

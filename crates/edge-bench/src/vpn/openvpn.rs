@@ -171,8 +171,9 @@ fn net_and_mask(net: &IpNet) -> String {
 fn common_lines(bed: &Bed) -> String {
     format!(
         "dev {INTERFACE}\ndev-type tun\nproto udp4\ntun-mtu {}\ndata-ciphers {DATA_CIPHERS}\n\
-         disable-dco\nkeepalive 2 10\nverb 3\n",
-        process::tunnel_mtu(bed, OVERHEAD)
+         disable-dco\nkeepalive 2 10\nverb 3\nsndbuf {buffer}\nrcvbuf {buffer}\n",
+        process::tunnel_mtu(bed, OVERHEAD),
+        buffer = process::UDP_SOCKET_BUFFER
     )
 }
 

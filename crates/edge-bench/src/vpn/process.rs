@@ -18,6 +18,13 @@ use super::{Bed, Host, Shape, VpnError};
 /// How long a driver waits for every worker to answer through a fresh tunnel.
 pub(crate) const BRING_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The UDP socket buffers each VPN asks for. With the kernel's default (208 KiB)
+/// every UDP VPN here drops packets at the receiving socket under one TCP stream
+/// (`UdpRcvbufErrors`), which the benchmark would count against the VPN rather than
+/// its configuration. 4 MiB is `net.core.rmem_max` on these hosts: OpenVPN and tinc
+/// ask without `SO_RCVBUFFORCE`, so the kernel caps them there.
+pub(crate) const UDP_SOCKET_BUFFER: u32 = 4 << 20;
+
 /// How long a stopped daemon gets to exit on SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 

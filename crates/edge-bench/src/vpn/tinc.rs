@@ -91,8 +91,10 @@ fn host_file(host: &Host, shape: Shape, public_key: &str) -> String {
 
 fn tinc_conf(bed: &Bed, host: &Host, shape: Shape) -> String {
     let mut s = format!(
-        "Name = {}\nMode = router\nDeviceType = tun\nInterface = {INTERFACE}\nPort = {PORT}\nAddressFamily = ipv4\n",
-        node_name(host)
+        "Name = {}\nMode = router\nDeviceType = tun\nInterface = {INTERFACE}\nPort = {PORT}\n\
+         AddressFamily = ipv4\nUDPRcvBuf = {buffer}\nUDPSndBuf = {buffer}\n",
+        node_name(host),
+        buffer = process::UDP_SOCKET_BUFFER
     );
     let peers: Vec<&Host> = match (shape, host.role) {
         (_, Role::Master) => Vec::new(),
