@@ -19,9 +19,6 @@
 //! - Access policy: a client-side check on the VIP (filter hooks, before DNAT), and a
 //!   backend-side check in the forward hook on this node's endpoints, so a pod that
 //!   dials an endpoint's address directly meets the same policy.
-//!
-//! Known limit: replacing the table forgets affinity entries, so a change to any
-//! service of the VPC may move an affine client once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -201,6 +198,14 @@ fn backend_chain((addr, proto, port): &Key) -> String {
     format!("backend-{}/{}/{port}", name_part(addr), proto.as_str())
 }
 
+/// The table family's keyword and address type.
+fn family_words(family: IpFamily) -> (&'static str, &'static str) {
+    match family {
+        IpFamily::V4 => ("ip", "ipv4_addr"),
+        IpFamily::V6 => ("ip6", "ipv6_addr"),
+    }
+}
+
 fn key_text((addr, proto, port): &Key) -> String {
     format!("{addr} . {} . {port}", proto.as_str())
 }
@@ -210,19 +215,74 @@ fn join(items: impl IntoIterator<Item = String>) -> String {
 }
 
 impl ServicesPlan {
-    /// One `nft -f` transaction: create the table if missing, delete it, write it anew.
-    /// The same plan renders the same text.
-    pub fn render(&self) -> String {
-        let (ip, addr_type) = match self.family {
-            IpFamily::V4 => ("ip", "ipv4_addr"),
-            IpFamily::V6 => ("ip6", "ipv6_addr"),
-        };
+    /// Chains and affinity sets (with their timeout) besides the fixed ones: what a
+    /// later transaction deletes when its plan no longer has them.
+    fn objects(&self) -> (BTreeSet<String>, BTreeSet<(String, u32)>) {
+        let mut chains = BTreeSet::new();
+        let mut sets = BTreeSet::new();
+        for (k, v) in &self.vips {
+            let names = Names::new(k, v);
+            if v.allowed.is_some() {
+                chains.insert(names.access_chain());
+            }
+            if !v.endpoints.is_empty() {
+                chains.insert(names.service_chain());
+            }
+            for ep in &v.endpoints {
+                chains.insert(names.endpoint_chain(ep));
+                if let Some(timeout) = v.affinity_timeout_secs {
+                    sets.insert((names.affinity_set(ep), timeout));
+                }
+            }
+        }
+        chains.extend(self.backend_access.keys().map(backend_chain));
+        (chains, sets)
+    }
+
+    /// One `nft -f` transaction from `previous` (the plan applied last; `None` when
+    /// unknown, e.g. after a restart) to this plan. The same plans render the same text.
+    ///
+    /// With `previous`, rules and the fixed maps are flushed and rewritten, but
+    /// affinity sets that stay keep their clients. Without it, the table is replaced
+    /// whole. If the transaction fails (the table is not what `previous` says), render
+    /// again with `None`.
+    pub fn render(&self, previous: Option<&ServicesPlan>) -> String {
+        let (ip, addr_type) = family_words(self.family);
         let key_type = format!("{addr_type} . inet_proto . inet_service");
         let key_expr = format!("{ip} daddr . meta l4proto . th dport");
         let mut out = String::new();
         let o = &mut out;
-        // `add` first so the delete cannot fail: the whole file is one transaction.
-        let _ = writeln!(o, "table {ip} {TABLE} {{}}\ndelete table {ip} {TABLE}");
+        match previous {
+            Some(prev) if prev.family == self.family => {
+                let _ = writeln!(
+                    o,
+                    "flush table {ip} {TABLE}\n\
+                     flush map {ip} {TABLE} service-ips\n\
+                     flush set {ip} {TABLE} no-endpoint-services\n\
+                     flush map {ip} {TABLE} service-access\n\
+                     flush map {ip} {TABLE} endpoint-access"
+                );
+                // Nothing refers to these any more: the flushes above emptied every
+                // rule and map that did.
+                let (old_chains, old_sets) = prev.objects();
+                let (chains, sets) = self.objects();
+                for chain in old_chains.difference(&chains) {
+                    let _ = writeln!(o, "delete chain {ip} {TABLE} {chain}");
+                }
+                // A changed timeout deletes the set here and declares it again below.
+                for (set, _) in old_sets.difference(&sets) {
+                    let _ = writeln!(o, "delete set {ip} {TABLE} {set}");
+                }
+            }
+            other => {
+                if let Some(prev) = other {
+                    let (old_ip, _) = family_words(prev.family);
+                    let _ = writeln!(o, "delete table {old_ip} {TABLE}");
+                }
+                // `add` first so the delete cannot fail: the whole file is one transaction.
+                let _ = writeln!(o, "table {ip} {TABLE} {{}}\ndelete table {ip} {TABLE}");
+            }
+        }
         let _ = writeln!(o, "table {ip} {TABLE} {{");
 
         let elements = |o: &mut String, items: Vec<String>| {
@@ -537,7 +597,7 @@ mod tests {
         );
         // The API pod lies inside the allowed CIDR: the smaller element is pruned.
         let resolve = |_: &LabelSelector| vec!["10.10.2.9".parse().unwrap()];
-        let text = plan(&state, &n("n1"), &resolve).render();
+        let text = plan(&state, &n("n1"), &resolve).render(None);
         let want = "\
 table ip wmvpc {}
 delete table ip wmvpc
@@ -648,7 +708,56 @@ table ip wmvpc {
         endpoints.reverse();
         let b = plan(&vpc(services, endpoints), &n("n1"), &no_pods);
         assert_eq!(a, b);
-        assert_eq!(a.render(), b.render());
+        assert_eq!(a.render(None), b.render(None));
+    }
+
+    /// The lines before the table's definition.
+    fn prelude(text: &str) -> Vec<&str> {
+        text.lines().take_while(|l| !l.ends_with('{')).collect()
+    }
+
+    #[test]
+    fn rerendering_deletes_what_went_and_keeps_affinity_sets() {
+        let affine = |timeout: u32| {
+            svc(
+                serde_json::json!({"session_affinity": "ClientIP", "affinity_timeout_seconds": timeout}),
+            )
+        };
+        let both = vec![
+            ep("db", "10.10.1.5", "n1", READY),
+            ep("db", "10.10.2.5", "n2", READY),
+        ];
+        let old = plan(&vpc(vec![affine(30)], both), &n("n1"), &no_pods);
+        let one = vec![ep("db", "10.10.1.5", "n1", READY)];
+        let new = plan(&vpc(vec![affine(30)], one.clone()), &n("n1"), &no_pods);
+        let text = new.render(Some(&old));
+        assert_eq!(
+            prelude(&text),
+            [
+                "flush table ip wmvpc",
+                "flush map ip wmvpc service-ips",
+                "flush set ip wmvpc no-endpoint-services",
+                "flush map ip wmvpc service-access",
+                "flush map ip wmvpc endpoint-access",
+                "delete chain ip wmvpc ep-web/db/tcp/80/10.10.2.5",
+                "delete set ip wmvpc aff-web/db/tcp/80/10.10.2.5",
+            ]
+        );
+        // The staying set is declared again: an `add` that keeps its elements.
+        assert!(text.contains("\tset aff-web/db/tcp/80/10.10.1.5 {"));
+        // The same plan again: nothing to delete.
+        assert_eq!(prelude(&new.render(Some(&new))).len(), 5);
+        // A new timeout needs a new set.
+        let longer = plan(&vpc(vec![affine(60)], one), &n("n1"), &no_pods);
+        assert_eq!(
+            prelude(&longer.render(Some(&new)))[5..],
+            ["delete set ip wmvpc aff-web/db/tcp/80/10.10.1.5"]
+        );
+        // Unknown previous state: the table is replaced whole.
+        assert_eq!(
+            prelude(&new.render(None)),
+            ["table ip wmvpc {}", "delete table ip wmvpc"]
+        );
     }
 
     #[test]
@@ -725,7 +834,7 @@ table ip wmvpc {
             &no_pods,
         );
         assert!(p
-            .render()
+            .render(None)
             .contains("\tchain access-web/db/tcp/80 {\n\t\tgoto reject-service\n\t}"));
     }
 

@@ -6,6 +6,7 @@
 //! namespace has its address as a /32 and a default route via 169.254.1.1, which the
 //! router holds on each of its veths. One client pod, three backend pods.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -65,6 +66,8 @@ struct Bed {
     clients: Vec<Netns>,
     /// Kept for their lifetime: the namespaces go when the bed drops.
     _backends: Vec<Netns>,
+    /// The plan applied last, as the agent keeps it.
+    applied: RefCell<Option<ServicesPlan>>,
 }
 
 impl Bed {
@@ -91,9 +94,11 @@ impl Bed {
             router,
             clients,
             _backends,
+            applied: RefCell::new(None),
         }
     }
 
+    /// Loads `plan` in one `nft -f` transaction, from the plan applied before.
     fn apply(&self, plan: &ServicesPlan) {
         let mut child = Command::new("ip")
             .args(["netns", "exec", self.router.name(), "nft", "-f", "-"])
@@ -101,7 +106,7 @@ impl Bed {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let text = plan.render();
+        let text = plan.render(self.applied.borrow().as_ref());
         child
             .stdin
             .take()
@@ -114,6 +119,7 @@ impl Bed {
             "nft -f failed: {}\n{text}",
             String::from_utf8_lossy(&out.stderr)
         );
+        self.applied.replace(Some(plan.clone()));
     }
 }
 
@@ -175,6 +181,11 @@ fn node() -> NodeName {
 
 /// The `blue` VPC's services plan on node n1, from registry-shaped JSON.
 fn plan_for(service: serde_json::Value, endpoints: &[&str]) -> ServicesPlan {
+    plan_with("10.96.0.0/24", service, endpoints)
+}
+
+/// The same in a dual-stack VPC whose services come from `service_cidr`.
+fn plan_with(service_cidr: &str, service: serde_json::Value, endpoints: &[&str]) -> ServicesPlan {
     let mut svc = serde_json::json!({
         "vpc": "blue", "namespace": "web", "name": "db", "cluster_ip": VIP,
         "ports": [{"name": "http", "protocol": "TCP", "port": 80, "target_port": 8080},
@@ -199,8 +210,8 @@ fn plan_for(service: serde_json::Value, endpoints: &[&str]) -> ServicesPlan {
         })
         .collect();
     let vpc = serde_json::from_value::<VpcRecord>(serde_json::json!({
-        "name": "blue", "id": 7, "pod_cidrs": ["10.10.0.0/16"],
-        "service_cidr": "10.96.0.0/24", "dns_zone": "cluster.local"
+        "name": "blue", "id": 7, "pod_cidrs": ["10.10.0.0/16", "fd10::/56"],
+        "service_cidr": service_cidr, "dns_zone": "cluster.local"
     }))
     .unwrap()
     .try_into()
@@ -208,7 +219,7 @@ fn plan_for(service: serde_json::Value, endpoints: &[&str]) -> ServicesPlan {
     let member = VpcMemberRecord {
         vpc: "blue".into(),
         node: "n1".into(),
-        pod_cidrs: vec!["10.10.1.0/24".into()],
+        pod_cidrs: vec!["10.10.1.0/24".into(), "fd10::/64".into()],
     }
     .try_into()
     .unwrap();
@@ -257,10 +268,22 @@ fn client_ip_affinity_pins_a_client_until_its_timeout() {
     }
     let bed = Bed::new(1);
     let affine = serde_json::json!({"session_affinity": "ClientIP", "affinity_timeout_seconds": 1});
-    bed.apply(&plan_for(affine, &BACKENDS));
+    bed.apply(&plan_for(affine.clone(), &BACKENDS));
     let first = who(&bed.clients[0]);
     for _ in 0..20 {
         assert_eq!(who(&bed.clients[0]), first);
+    }
+    // Changes to the service keep the pin while its endpoint stays (if they reset the
+    // sets, six fresh picks would all land on `first` with p < 0.01).
+    let other = BACKENDS.iter().copied().find(|b| *b != first).unwrap();
+    for round in 0..6 {
+        let endpoints = if round % 2 == 0 {
+            vec![first.as_str(), other]
+        } else {
+            BACKENDS.to_vec()
+        };
+        bed.apply(&plan_for(affine.clone(), &endpoints));
+        assert_eq!(who(&bed.clients[0]), first, "round {round}");
     }
     // Once idle past the timeout the client is free again: some later connection
     // lands elsewhere (each new pick stays on `first` with p = 1/3).
@@ -380,4 +403,38 @@ fn access_policy_admits_the_allowed_client_only() {
     let err = connect(&bed.clients[1], direct).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
     assert_eq!(connect(&bed.clients[0], direct).unwrap().0, BACKENDS[0]);
+}
+
+/// The IPv6 ruleset loads, and a second transaction from it too (syntax checked by
+/// the kernel's nftables, not by us).
+#[test]
+fn an_ipv6_ruleset_loads() {
+    if !can_run() {
+        return;
+    }
+    let bed = Bed::new(0);
+    let service = serde_json::json!({
+        "cluster_ip": "fd96::11", "session_affinity": "ClientIP",
+        "access": {"allowed_cidrs": ["fd10::/64", "10.10.0.0/16"]}
+    });
+    let endpoints = ["fd10::5", "fd10::6", "10.10.1.7"];
+    let first = plan_with("fd96::/112", service.clone(), &endpoints);
+    bed.apply(&first);
+    bed.apply(&plan_with("fd96::/112", service, &endpoints[..1]));
+    let listed = bed
+        .router
+        .exec_ok(&["nft", "list", "table", "ip6", "wmvpc"])
+        .unwrap();
+    assert!(listed.contains("dnat to [fd10::5]:8080"), "{listed}");
+    assert!(!listed.contains("fd10::6"), "{listed}");
+    // Back to IPv4 services: the IPv6 table goes.
+    bed.apply(&plan_for(serde_json::json!({}), &BACKENDS));
+    assert!(
+        bed.router
+            .exec(&["nft", "list", "table", "ip6", "wmvpc"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)
+    );
 }
