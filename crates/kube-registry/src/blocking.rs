@@ -25,10 +25,12 @@ pub struct BlockingKubeRegistry {
 }
 
 /// Changes from [`BlockingKubeRegistry::changes`]; dropping it stops the watches.
+/// It keeps the runtime they run on, so it outlives the registry it came from.
 #[derive(Debug)]
 pub struct Changes {
     rx: mpsc::Receiver<Result<Change, KubeError>>,
     task: tokio::task::JoinHandle<()>,
+    _runtime: Arc<Runtime>,
 }
 
 impl Changes {
@@ -158,6 +160,10 @@ impl BlockingKubeRegistry {
                 }
             }
         });
-        Changes { rx, task }
+        Changes {
+            rx,
+            task,
+            _runtime: self.runtime.clone(),
+        }
     }
 }

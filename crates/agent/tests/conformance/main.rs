@@ -1,0 +1,197 @@
+//! The registry conformance suite ([`cases`]) against every backend the agent runs
+//! on: the embedded store (a directory per case), a real etcd (Debian's etcd-server,
+//! one member on a loopback address, started here; `skipped: ...` without it), and
+//! Kubernetes, where no API server can run on this machine: there the registry talks
+//! to [`fake_kube`], an in-memory FAKE API server behind kube's mock service. The
+//! Kubernetes results prove the adapter against that fake, not against a real
+//! API server.
+
+mod cases;
+mod fake_kube;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde_json::json;
+use wiremesh_agent::{Cluster, KubeCluster, Registry};
+use wiremesh_kube::node::{annotation_field, node_annotations, PUBLIC_KEY};
+use wiremesh_kube::{lease, peer, BlockingKubeRegistry, SETTINGS_CONFIG_MAP, SETTINGS_KEY};
+use wiremesh_model::{ClusterSettings, ExternalPeer, Node, NodeName};
+use wiremesh_registry::Store;
+
+use cases::Bed;
+
+/// A cluster in a key-value store, under a name of its own, settings written.
+struct StoreBed {
+    open_store: Box<dyn Fn() -> Arc<dyn Store> + Sync>,
+    cluster: String,
+}
+
+impl StoreBed {
+    fn new(open_store: impl Fn() -> Arc<dyn Store> + Sync + 'static) -> Self {
+        static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+        let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let bed = StoreBed {
+            open_store: Box::new(open_store),
+            cluster: format!("conformance-{}-{n}", std::process::id()),
+        };
+        bed.cluster()
+            .init(&ClusterSettings::default())
+            .expect("write the settings");
+        bed
+    }
+
+    fn cluster(&self) -> Cluster {
+        Cluster::new((self.open_store)(), &self.cluster)
+    }
+}
+
+impl Bed for StoreBed {
+    fn open(&self) -> Box<dyn Registry> {
+        Box::new(self.cluster())
+    }
+
+    fn allocates(&self) -> bool {
+        true
+    }
+
+    /// Nothing to do: the store allocates when the node claims.
+    fn add_machine(&self, _node: &NodeName, _pod_cidr: IpNet) {}
+
+    fn write_malformed_node(&self, node: &NodeName, good: &Node) -> String {
+        let cluster = self.cluster();
+        let mut record: serde_json::Value = serde_json::from_slice(&good.to_json()).unwrap();
+        record["public_key"] = "not-a-key".into();
+        let key = format!("{}nodes/{node}", cluster.prefix());
+        let store = &cluster.store;
+        store
+            .put(&key, record.to_string().as_bytes(), None)
+            .unwrap();
+        format!("node {node}.public_key")
+    }
+
+    fn write_malformed_peer(&self, peer: &ExternalPeer) -> String {
+        let cluster = self.cluster();
+        let mut record: serde_json::Value = serde_json::from_slice(&peer.to_json()).unwrap();
+        record["allowed_ips"] = json!(["10.99.0.7"]);
+        let key = format!("{}peers/{}", cluster.prefix(), peer.name);
+        let store = &cluster.store;
+        store
+            .put(&key, record.to_string().as_bytes(), None)
+            .unwrap();
+        format!("peer {}.allowed_ips", peer.name)
+    }
+}
+
+mod embedded {
+    use super::*;
+    use wiremesh_registry::EmbeddedStore;
+
+    fn bed() -> StoreBed {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        StoreBed::new(move || {
+            Arc::new(EmbeddedStore::open(dir.path().join("registry")).expect("open"))
+        })
+    }
+
+    crate::conformance_tests!(bed());
+}
+
+#[path = "../../../registry/tests/etcd_cluster/mod.rs"]
+#[allow(dead_code)]
+mod etcd_cluster;
+
+/// All cases in one test, on one etcd member (each case in a cluster of its own).
+#[test]
+fn conformance_on_etcd() {
+    let Some(etcd) = etcd_cluster::EtcdCluster::start(1) else {
+        return;
+    };
+    let etcd = Arc::new(etcd);
+    for (name, case) in cases::CASES {
+        eprintln!("conformance on etcd: {name}");
+        let etcd = etcd.clone();
+        case(&StoreBed::new(move || {
+            Arc::new(etcd.connect()) as Arc<dyn Store>
+        }));
+    }
+}
+
+/// The fake API server, with the settings ConfigMap `deploy/` would apply.
+struct KubeBed {
+    server: fake_kube::FakeApiServer,
+}
+
+const NAMESPACE: &str = "wiremesh";
+
+impl KubeBed {
+    fn new() -> Self {
+        let server = fake_kube::FakeApiServer::new();
+        let settings = String::from_utf8(ClusterSettings::default().to_json()).unwrap();
+        server.put(
+            &format!("/api/v1/namespaces/{NAMESPACE}/configmaps"),
+            json!({"metadata": {"name": SETTINGS_CONFIG_MAP}, "data": {SETTINGS_KEY: settings}}),
+        );
+        KubeBed { server }
+    }
+
+    fn registry(&self) -> BlockingKubeRegistry {
+        BlockingKubeRegistry::with_client(NAMESPACE, || self.server.client()).expect("client")
+    }
+}
+
+impl Bed for KubeBed {
+    fn open(&self) -> Box<dyn Registry> {
+        Box::new(KubeCluster::new(self.registry()))
+    }
+
+    fn allocates(&self) -> bool {
+        false
+    }
+
+    /// The Node as the kubelet registers it and the controller manager assigns its CIDR.
+    fn add_machine(&self, node: &NodeName, pod_cidr: IpNet) {
+        self.server.put(
+            "/api/v1/nodes",
+            json!({"metadata": {"name": node.as_str()}, "spec": {"podCIDR": pod_cidr.to_string()}}),
+        );
+    }
+
+    /// Annotations as an agent's, with a broken key, and a live Lease.
+    fn write_malformed_node(&self, node: &NodeName, good: &Node) -> String {
+        let mut annotations: serde_json::Map<String, serde_json::Value> = node_annotations(good)
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?.into())))
+            .collect();
+        annotations.insert(PUBLIC_KEY.into(), "not-a-key".into());
+        self.server.put(
+            "/api/v1/nodes",
+            json!({"metadata": {"name": node.as_str(), "annotations": annotations},
+                   "spec": {"podCIDR": good.pod_cidr.to_string()}}),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let lease = lease::lease_for(node, now, std::time::Duration::from_secs(60));
+        self.server.put(
+            &format!("/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"),
+            serde_json::to_value(lease).unwrap(),
+        );
+        annotation_field(PUBLIC_KEY)
+    }
+
+    fn write_malformed_peer(&self, peer: &ExternalPeer) -> String {
+        let mut object = serde_json::to_value(peer::peer_to_kube(peer)).unwrap();
+        object["spec"]["allowedIPs"] = json!(["10.99.0.7"]);
+        self.server.put("/apis/wiremesh.io/v1alpha1/peers", object);
+        "spec.allowedIPs".into()
+    }
+}
+
+mod kubernetes {
+    use super::*;
+
+    crate::conformance_tests!(KubeBed::new());
+}
