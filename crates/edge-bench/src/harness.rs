@@ -164,12 +164,9 @@ pub fn run(
             Ok(mut honesty) => {
                 honesty.stopped_when_down = stopped.is_ok() && run.pods_unreachable()?;
                 honesty.passed &= honesty.stopped_when_down;
-                progress.println(format!(
-                    "{} ({}): honesty check {}",
-                    run.vpn,
-                    run.shape,
-                    if honesty.passed { "passed" } else { "FAILED" }
-                ));
+                let verdict = if honesty.passed { "passed" } else { "FAILED" };
+                progress
+                    .suspend(|| println!("{} ({}): honesty check {verdict}", run.vpn, run.shape));
                 report.honesty.push(honesty);
             }
             Err(RunError::Bench(e)) => {
@@ -177,7 +174,7 @@ pub fn run(
                 return Err(e);
             }
             Err(RunError::Vpn(e)) => {
-                progress.println(format!("skipping {} ({}): {e}", run.vpn, run.shape));
+                progress.suspend(|| println!("skipping {} ({}): {e}", run.vpn, run.shape));
                 report.skipped.push(Skipped {
                     vpn: format!("{} ({})", run.vpn, run.shape),
                     reason: e.to_string(),

@@ -27,6 +27,8 @@ pub struct Wiremesh {
     /// The `wiremesh` binary (its `wiremesh-wg` sits beside it).
     exe: PathBuf,
     deployment: Deployment,
+    /// The devices' interface names, one per host.
+    interfaces: Vec<String>,
 }
 
 impl Wiremesh {
@@ -34,7 +36,31 @@ impl Wiremesh {
         Wiremesh {
             exe,
             deployment: Deployment::default(),
+            interfaces: Vec::new(),
         }
+    }
+
+    /// The agents start their `wiremesh-wg` detached (so an agent restart drops no
+    /// session): they are not the agents' children. Found by their command line,
+    /// whose last argument is the interface name (unique to this run).
+    fn device_pids(&self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                let program = String::from_utf8_lossy(args.first()?);
+                let last = String::from_utf8_lossy(args.last()?);
+                (program.ends_with("wiremesh-wg") && self.interfaces.iter().any(|i| *i == last))
+                    .then_some(pid)
+            })
+            .collect()
     }
 
     fn bring_up(&mut self, bed: &Bed) -> Result<(), VpnError> {
@@ -105,6 +131,7 @@ impl Wiremesh {
                 &log,
             )?;
             self.deployment.track_link(&host.netns, &ifname);
+            self.interfaces.push(ifname);
         }
         // Up once the master's device has every worker as a peer; the harness then
         // proves requests flow.
@@ -175,10 +202,31 @@ impl Vpn for Wiremesh {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.deployment.pids()
+        let mut pids = self.deployment.pids();
+        pids.extend(self.device_pids());
+        pids
     }
 
     fn down(&mut self) -> Result<(), VpnError> {
-        self.deployment.down(NAME)
+        let result = self.deployment.down(NAME);
+        // A device outlives its agent by design; here it must go too.
+        let devices = self.device_pids();
+        for pid in &devices {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::SIGTERM,
+            );
+        }
+        let gone = process::poll(Duration::from_secs(5), || self.device_pids().is_empty());
+        if !gone {
+            for pid in self.device_pids() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+        self.interfaces.clear();
+        result
     }
 }
