@@ -259,3 +259,26 @@ fn run(cli: Cli) -> Result<()> {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/wiremesh")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(args).expect("valid flags");
+        format!("{:#}", run(cli).expect_err("must fail"))
+    }
+
+    /// What has no meaning on Kubernetes says so, and where to go instead, without
+    /// trying to reach an API server.
+    #[test]
+    fn store_only_commands_refuse_kubernetes_clearly() {
+        let init = error_of(&["wiremesh", "init", "--registry", "kubernetes"]);
+        assert!(init.contains("ConfigMap wiremesh-settings"), "{init}");
+        let ui = error_of(&["wiremesh", "ui", "--registry", "kubernetes"]);
+        assert!(
+            ui.contains("`wiremesh ui`") && ui.contains("Kubernetes"),
+            "{ui}"
+        );
+    }
+}
