@@ -23,8 +23,8 @@ impl Errno {
 /// Why UAPI text was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UapiError {
-    /// The first line was neither `get=1` nor `set=1`.
-    #[error("unknown operation: expected get=1 or set=1")]
+    /// The first line was not a known operation.
+    #[error("unknown operation: expected get=1, set=1, get_vpcs=1 or set_vpcs=1")]
     UnknownOperation,
     /// A line exceeded [`crate::MAX_LINE_LEN`].
     #[error("line too long ({len} bytes)")]

@@ -17,11 +17,13 @@ mod get;
 mod key;
 mod set;
 mod value;
+mod vpc;
 
 pub use error::{Errno, UapiError};
 pub use get::{DeviceSnapshot, PeerSnapshot};
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey, KEY_LEN};
 pub use set::{PeerConfig, SetRequest};
+pub use vpc::{VpcCounters, VpcPlane, VpcsRequest};
 
 /// Longest line accepted in either direction. The longest legitimate line is a
 /// `preshared_key=` plus 64 hex digits; anything far beyond is hostile or broken.
@@ -35,6 +37,10 @@ pub enum Request {
     Get,
     /// `set=1`: apply the configuration change.
     Set(SetRequest),
+    /// `set_vpcs=1` (wiremesh's extension): replace the VPC table.
+    SetVpcs(VpcsRequest),
+    /// `get_vpcs=1` (wiremesh's extension): reply with [`VpcCounters`].
+    GetVpcs,
 }
 
 impl Request {
@@ -44,6 +50,8 @@ impl Request {
         match first {
             "get=1" => Ok(Request::Get),
             "set=1" => SetRequest::parse(text).map(Request::Set),
+            "set_vpcs=1" => VpcsRequest::parse(text).map(Request::SetVpcs),
+            "get_vpcs=1" => Ok(Request::GetVpcs),
             _ => Err(UapiError::UnknownOperation),
         }
     }

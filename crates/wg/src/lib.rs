@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod tun;
 pub mod uapi_server;
 pub mod udp;
+mod vpc;
 
 pub use device::{ConfigOutcome, Device, Output};
 pub use runtime::{Config, ExitReason, RunningDevice, StartError};

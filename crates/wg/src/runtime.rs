@@ -24,12 +24,14 @@ use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use gotatun::packet::Packet;
-use wiremesh_uapi::{DeviceSnapshot, Errno, Request, SetRequest};
+use wiremesh_uapi::{DeviceSnapshot, Errno, Request, SetRequest, VpcsRequest};
+use wiremesh_vpc::VpcId;
 
 use crate::device::{Device, Output};
 use crate::tun::Tun;
 use crate::uapi_server::{self, Handler};
 use crate::udp::{self, UdpSockets};
+use crate::vpc::{Received, Vpcs};
 
 /// How often timers run.
 const TICK: Duration = Duration::from_millis(100);
@@ -106,6 +108,7 @@ pub enum ExitReason {
 struct Shared {
     device: Device,
     tun: Tun,
+    vpcs: Vpcs,
     sockets: RwLock<Option<Arc<UdpSockets>>>,
     /// Bumped on every rebind; UDP readers of an older generation exit.
     generation: AtomicU64,
@@ -259,7 +262,11 @@ impl Shared {
                                     tracing::trace!(error = %e, %dst, "udp send failed");
                                 }
                             }
-                            Output::Tunnel(p) => to_tun.push(p),
+                            Output::Tunnel(p) => {
+                                if let Received::NotVpc = self.vpcs.receive(&p) {
+                                    to_tun.push(p);
+                                }
+                            }
                         }
                     }
                     self.write_tunnel(&mut to_tun, &mut frames);
@@ -334,6 +341,35 @@ impl Shared {
                 }
                 Err(e) => {
                     self.set_exit(ExitReason::TunError(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Reads VPC `vpc`'s TUN device, wraps each packet for the node hosting its
+    /// destination and sends it, until `stop` (the VPC went away) or shutdown.
+    fn vpc_reader(&self, vpc: VpcId, tun: &Tun, stop: &AtomicBool) {
+        let header = wiremesh_vpc::wire::HEADER_LEN;
+        let mut buf = vec![0u8; BUF_LEN];
+        while !self.stop.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+            let n = match tun.recv(&mut buf[header..], POLL) {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
+                Err(e) => {
+                    // EBADFD: the VPC's namespace, and so its interface, is gone.
+                    tracing::info!(vpc = vpc.0, error = %e, "VPC TUN device closed");
+                    return;
+                }
+            };
+            let frame = &mut buf[..header + n];
+            if !self.vpcs.encapsulate(vpc, frame) {
+                continue;
+            }
+            if let Some((dst, datagram)) = self.device.handle_tun_packet(BytesMut::from(&*frame)) {
+                if let Some(s) = self.current_sockets() {
+                    if let Err(e) = s.send_to(&datagram, dst) {
+                        tracing::trace!(error = %e, %dst, "udp send failed");
+                    }
                 }
             }
         }
@@ -424,11 +460,29 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Replaces the VPC table (`set_vpcs=1`).
+    fn configure_vpcs(self: &Arc<Self>, req: &VpcsRequest) -> Errno {
+        let _guard = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let spawn_reader = |vpc: VpcId, tun: Arc<Tun>, stop: Arc<AtomicBool>| {
+            let me = Arc::clone(self);
+            std::thread::Builder::new()
+                .name(format!("wg-vpc-{vpc}"))
+                .spawn(move || me.vpc_reader(vpc, &tun, &stop))
+        };
+        self.vpcs.apply(req, &spawn_reader)
+    }
+}
+
 impl Handler for Arc<Shared> {
     fn handle(&self, request: Request) -> String {
         match request {
             Request::Get => self.device.snapshot(SystemTime::now()).render(),
             Request::Set(req) => wiremesh_uapi::render_errno(self.configure(&req)),
+            Request::SetVpcs(req) => wiremesh_uapi::render_errno(self.configure_vpcs(&req)),
+            Request::GetVpcs => {
+                self.vpcs.counters().render() + &wiremesh_uapi::render_errno(Errno::OK)
+            }
         }
     }
 }
@@ -458,6 +512,7 @@ impl RunningDevice {
         let shared = Arc::new(Shared {
             device: Device::new(config.mtu),
             tun,
+            vpcs: Vpcs::default(),
             sockets: RwLock::new(None),
             generation: AtomicU64::new(0),
             readers: Mutex::new(Vec::new()),
@@ -542,6 +597,7 @@ impl RunningDevice {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.shared.vpcs.close_all();
         let readers: Vec<_> = std::mem::take(
             &mut *self
                 .shared

@@ -65,6 +65,25 @@ fn ioctl_socket() -> io::Result<File> {
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// Runs `f` on a thread that has joined the network namespace at `path`: interface
+/// ioctls and new devices act on that namespace, the caller's stays as it was.
+fn in_netns<T: Send>(path: &str, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let ns = File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a valid namespace descriptor; it affects only this
+                // short-lived thread.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 impl Tun {
     /// Creates (or attaches to) the TUN interface `name`. With `offload`, asks for
     /// checksum and TCP segmentation offload (falling back to plain packets if the
@@ -123,6 +142,23 @@ impl Tun {
             name,
             vnet_hdr,
         })
+    }
+
+    /// Creates the TUN interface `name` inside the network namespace at `netns` (a
+    /// path such as `/var/run/netns/NAME`), with plain packets, MTU `mtu`, up. The
+    /// descriptor works from any namespace; closing it deletes the interface.
+    pub fn create_in_netns(netns: &str, name: &str, mtu: u16) -> io::Result<Self> {
+        in_netns(netns, || {
+            let tun = Self::open(name, false)?;
+            tun.set_mtu(mtu)?;
+            tun.set_up()?;
+            Ok(tun)
+        })
+    }
+
+    /// [`Self::set_mtu`] for an interface made by [`Self::create_in_netns`].
+    pub fn set_mtu_in(&self, netns: &str, mtu: u16) -> io::Result<()> {
+        in_netns(netns, || self.set_mtu(mtu))
     }
 
     /// Whether reads and writes carry a `virtio_net_hdr` (offloads on).

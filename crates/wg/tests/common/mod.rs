@@ -93,7 +93,8 @@ impl Node {
         self.key.public_key()
     }
 
-    fn uapi(&self, request: &str) -> io::Result<String> {
+    /// Sends one raw request on the UAPI socket; the reply up to its blank line.
+    pub fn uapi(&self, request: &str) -> io::Result<String> {
         let mut s = UnixStream::connect(socket_path(&self.ifname))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(request.as_bytes())?;
