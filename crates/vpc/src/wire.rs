@@ -12,7 +12,7 @@
 //! Encapsulation writes into headroom the caller leaves in front of the inner packet,
 //! so the per-packet path allocates nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
@@ -212,13 +212,26 @@ pub struct MemberTable {
     prefix: MeshPrefix,
     local: NodeId,
     /// Only VPCs with a member on this node: packets of other VPCs are dropped.
-    vpcs: HashMap<VpcId, HashMap<NodeId, Vec<IpNet>>>,
+    vpcs: HashMap<VpcId, Members>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Members {
+    /// For the receiver's check: each member node's pod CIDRs.
+    by_node: HashMap<NodeId, Vec<IpNet>>,
+    /// For the sender's lookup, by network address. A VPC's member CIDRs are disjoint
+    /// (the snapshot sets overlapping ones aside), so the only one that can hold an
+    /// address is the last one starting at or below it: O(log n), not a scan.
+    by_net: BTreeMap<IpAddr, (IpNet, NodeId)>,
 }
 
 impl MemberTable {
-    /// The table of node `local` (absent from the snapshot: a table with no VPC).
+    /// The table of node `local`. A node the snapshot gives no id hosts no VPC, so its
+    /// table delivers nothing.
     pub fn build(snapshot: &VpcSnapshot, prefix: MeshPrefix, local: &NodeName) -> MemberTable {
-        let local_id = snapshot.node_ids.get(local).copied();
+        let Some(local_id) = snapshot.node_ids.get(local).copied() else {
+            return MemberTable::new(prefix, NodeId(u16::MAX), []);
+        };
         let vpcs = snapshot
             .vpcs
             .values()
@@ -227,28 +240,16 @@ impl MemberTable {
                 let members = s
                     .members
                     .values()
-                    .filter_map(|m| {
-                        let id = *snapshot.node_ids.get(&m.node)?;
-                        Some((id, m.pod_cidrs.clone()))
-                    })
+                    .filter_map(|m| Some((*snapshot.node_ids.get(&m.node)?, &m.pod_cidrs)))
+                    .flat_map(|(id, cidrs)| cidrs.iter().map(move |c| (id, *c)))
                     .collect();
                 (s.vpc.id, members)
-            })
-            .collect();
-        MemberTable {
-            prefix,
-            // A node without an id receives nothing: no outer address names it.
-            local: local_id.unwrap_or(NodeId(u16::MAX)),
-            vpcs: if local_id.is_some() {
-                vpcs
-            } else {
-                HashMap::new()
-            },
-        }
+            });
+        MemberTable::new(prefix, local_id, vpcs)
     }
 
     /// The table as the data plane receives it from the agent: this node's id and, for
-    /// each VPC hosted here, every member node's pod CIDRs.
+    /// each VPC hosted here, every member node's pod CIDRs (disjoint within a VPC).
     pub fn new(
         prefix: MeshPrefix,
         local: NodeId,
@@ -256,12 +257,13 @@ impl MemberTable {
     ) -> MemberTable {
         let vpcs = vpcs
             .into_iter()
-            .map(|(vpc, members)| {
-                let mut by_node: HashMap<NodeId, Vec<IpNet>> = HashMap::new();
-                for (node, cidr) in members {
-                    by_node.entry(node).or_default().push(cidr);
+            .map(|(vpc, cidrs)| {
+                let mut members = Members::default();
+                for (node, cidr) in cidrs {
+                    members.by_node.entry(node).or_default().push(cidr);
+                    members.by_net.insert(cidr.network(), (cidr, node));
                 }
-                (vpc, by_node)
+                (vpc, members)
             })
             .collect();
         MemberTable {
@@ -281,20 +283,17 @@ impl MemberTable {
         self.vpcs.keys().copied()
     }
 
-    /// The node whose pod CIDR in `vpc` holds `dst` (the most specific one), and the
-    /// outer addresses to send with.
+    /// The node whose pod CIDR in `vpc` holds `dst`, and the outer addresses to send with.
     pub fn route(&self, vpc: VpcId, dst: IpAddr) -> Option<(NodeId, Ipv6Addr, Ipv6Addr)> {
-        let (node, _) = self
-            .vpcs
-            .get(&vpc)?
-            .iter()
-            .flat_map(|(node, cidrs)| cidrs.iter().map(move |c| (*node, c)))
-            .filter(|(_, c)| c.contains(&dst))
-            .max_by_key(|(node, c)| (c.prefix_len(), std::cmp::Reverse(*node)))?;
+        let members = self.vpcs.get(&vpc)?;
+        let (_, (net, node)) = members.by_net.range(..=dst).next_back()?;
+        if !net.contains(&dst) {
+            return None;
+        }
         Some((
-            node,
+            *node,
             self.prefix.vpc_address(self.local, vpc),
-            self.prefix.vpc_address(node, vpc),
+            self.prefix.vpc_address(*node, vpc),
         ))
     }
 
@@ -334,7 +333,10 @@ impl MemberTable {
             return Err(DropReason::PeerMismatch);
         }
         let members = self.vpcs.get(&src_vpc).ok_or(DropReason::UnknownVpc)?;
-        let cidrs = members.get(&src_node).ok_or(DropReason::NotMember)?;
+        let cidrs = members
+            .by_node
+            .get(&src_node)
+            .ok_or(DropReason::NotMember)?;
         let src = inner_source(inner_bytes, inner_version).ok_or(DropReason::InnerMalformed)?;
         if !cidrs.iter().any(|c| c.contains(&src)) {
             return Err(DropReason::InnerSourceOutside);
@@ -639,6 +641,30 @@ mod tests {
                 }
                 v => prop_assert!(false, "{:?}", v),
             }
+        }
+
+        /// The sender's lookup agrees with a scan of the members (disjoint CIDRs of any length).
+        #[test]
+        fn route_agrees_with_a_scan(blocks in proptest::collection::btree_map(0u8..=255, (16u8..=24, 1u16..50), 0..40), dst in any::<[u8; 2]>()) {
+            // Block b starts at 10.10.b.0: a /16../24 there, cut short so none overlaps the next.
+            let starts: Vec<u8> = blocks.keys().copied().collect();
+            let cidrs: Vec<(NodeId, IpNet)> = blocks
+                .iter()
+                .enumerate()
+                .map(|(i, (b, (len, node)))| {
+                    let next = starts.get(i + 1).map_or(256, |n| u32::from(*n));
+                    let room = next - u32::from(*b);
+                    // The longest prefix that fits both the alignment and the room.
+                    let mut len = u32::from(*len).max(24 - (u32::from(*b).trailing_zeros().min(8)));
+                    while (1u32 << (24 - len)) > room { len += 1; }
+                    let net = IpNet::new(Ipv4Addr::new(10, 10, *b, 0).into(), len as u8).unwrap();
+                    (NodeId(*node), net)
+                })
+                .collect();
+            let t = MemberTable::new(prefix(), N1, [(BLUE, cidrs.clone())]);
+            let dst = IpAddr::V4(Ipv4Addr::new(10, 10, dst[0], dst[1]));
+            let scan = cidrs.iter().find(|(_, c)| c.contains(&dst)).map(|(n, _)| *n);
+            prop_assert_eq!(t.route(BLUE, dst).map(|(n, _, _)| n), scan);
         }
 
         /// Garbage never panics, and whatever is delivered passed every check.
