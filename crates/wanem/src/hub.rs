@@ -68,8 +68,8 @@ pub struct LinkStats {
     pub dropped_random_loss: u64,
     pub dropped_burst_loss: u64,
     pub dropped_queue_overflow: u64,
-    /// Packets (forwarded or not) whose bytes contain the pattern set by
-    /// [`Hub::watch_for`].
+    /// Reads (forwarded or not) whose bytes contain the pattern set by
+    /// [`Hub::watch_for`]; a TCP super-packet counts once.
     pub pattern_packets: u64,
 }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 use wiremesh_testkit::{require_root, require_tool, unique_ifname, wait_until, Netns};
 use wiremesh_wanem::{Hub, Impairment, Loss, PortSpec};
 
-/// Hosts `10.77.0.1`, `10.77.0.2`, ... (a /24 each), one per namespace, on one hub.
+/// Hosts `10.77.0.1`, `10.77.0.2`, ... (a /24 each) and `fd77::1`, `fd77::2`, ... (a
+/// /64 each), one per namespace, on one hub.
 /// Field order matters: the hub drops (removing its ports) before the namespaces.
 struct Bed {
     hub: Hub,
@@ -33,7 +34,10 @@ impl Bed {
             .map(|(i, ns)| PortSpec {
                 netns: ns.name().to_owned(),
                 ifname: unique_ifname("wan"),
-                addresses: vec![format!("{}/24", address(i)).parse().unwrap()],
+                addresses: vec![
+                    format!("{}/24", address(i)).parse().unwrap(),
+                    format!("fd77::{}/64", i + 1).parse().unwrap(),
+                ],
                 mtu: 1500,
             })
             .collect();
@@ -227,6 +231,26 @@ fn tcp_over_a_delayed_rate_limited_link_gets_the_rate() {
         received_bps / 1e6,
         expected / 1e6
     );
+}
+
+#[test]
+fn ipv6_is_routed_and_delayed_like_ipv4() {
+    let Some(bed) = Bed::new(2, 8) else { return };
+    bed.hub
+        .set_link(
+            0,
+            1,
+            Impairment {
+                delay: Duration::from_millis(10),
+                ..Impairment::default()
+            },
+        )
+        .unwrap();
+    let (_, received, rtt) = bed.ping(0, "fd77::2", 3, "0.01");
+    assert_eq!(received, 3);
+    let rtt = rtt.unwrap();
+    assert!((10.0..12.0).contains(&rtt), "rtt {rtt} ms");
+    assert_eq!(bed.hub.stats()[1].forwarded_packets, 3);
 }
 
 #[test]
