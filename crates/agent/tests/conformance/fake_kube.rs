@@ -1,7 +1,8 @@
 //! A FAKE Kubernetes API server, in memory, behind kube's mock service
-//! (`tower_test::mock`). It is not Kubernetes: no API server can run on this machine,
-//! so this stands in for one, with just what wiremesh's adapter uses, for Nodes,
-//! Leases, Peers and ConfigMaps alike:
+//! (`tower_test::mock`) or over real HTTP on 127.0.0.1 with a kubeconfig. It is not
+//! Kubernetes: no API server can run on this machine, so this stands in for one,
+//! with just what wiremesh's adapter uses, for Nodes, Leases, Peers and ConfigMaps
+//! alike:
 //!
 //! - GET of an object or a collection (with a `resourceVersion`), POST, PUT, DELETE;
 //! - PATCH as a JSON merge patch (RFC 7396), and server-side apply approximated:
@@ -64,34 +65,48 @@ impl FakeApiServer {
         Self::default()
     }
 
-    /// A client of this server. Call it inside a tokio runtime: the task that
-    /// answers the client's requests is spawned there.
+    /// A client of this server through kube's mock service. Call it inside a tokio
+    /// runtime: the task that answers the client's requests is spawned there.
     pub fn client(&self) -> kube::Client {
         let (service, mut handle) =
             tower_test::mock::pair::<Request<Body>, Response<ResponseBody>>();
         let state = self.state.clone();
         tokio::spawn(async move {
             while let Some((request, reply)) = handle.next_request().await {
-                let (parts, body) = request.into_parts();
-                let bytes = body.collect_bytes().await.unwrap_or_default();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let content_type = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                let response = state.lock().unwrap_or_else(PoisonError::into_inner).handle(
-                    &parts.method,
-                    parts.uri.path(),
-                    parts.uri.query().unwrap_or(""),
-                    &content_type,
-                    body,
-                );
-                reply.send_response(response);
+                reply.send_response(respond(&state, request).await);
             }
         });
         kube::Client::new(service, "wiremesh")
+    }
+
+    /// Serves this fake over HTTP/1.1 on 127.0.0.1 (a port of its own) from
+    /// `runtime`, as long as it runs; returns a kubeconfig (YAML) that points at it,
+    /// with `namespace` as its context's.
+    pub fn serve_http(&self, runtime: &tokio::runtime::Runtime, namespace: &str) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let address = listener.local_addr().expect("local address");
+        let state = self.state.clone();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = state.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(respond(&state, request).await) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: http://{address}\n\
+             users:\n- name: fake\n  user: {{}}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\n"
+        )
     }
 
     /// Creates or replaces an object as another component would (the kubelet making
@@ -104,6 +119,33 @@ impl FakeApiServer {
             .to_owned();
         state.write(collection, &name, object);
     }
+}
+
+/// One request, whichever transport it came over.
+async fn respond<B: http_body::Body>(
+    state: &Mutex<State>,
+    request: Request<B>,
+) -> Response<ResponseBody> {
+    let (parts, body) = request.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    state.lock().unwrap_or_else(PoisonError::into_inner).handle(
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        &content_type,
+        body,
+    )
 }
 
 fn kind_of(collection: &str) -> Option<(&'static str, &'static str)> {

@@ -2,9 +2,9 @@
 //! on: the embedded store (a directory per case), a real etcd (Debian's etcd-server,
 //! one member on a loopback address, started here; `skipped: ...` without it), and
 //! Kubernetes, where no API server can run on this machine: there the registry talks
-//! to [`fake_kube`], an in-memory FAKE API server behind kube's mock service. The
-//! Kubernetes results prove the adapter against that fake, not against a real
-//! API server.
+//! to [`fake_kube`], an in-memory FAKE API server, once behind kube's mock service and
+//! once over HTTP on 127.0.0.1 through a kubeconfig. The Kubernetes results prove the
+//! adapter against that fake, not against a real API server.
 
 mod cases;
 mod fake_kube;
@@ -121,23 +121,70 @@ fn conformance_on_etcd() {
 /// The fake API server, with the settings ConfigMap `deploy/` would apply.
 struct KubeBed {
     server: fake_kube::FakeApiServer,
+    transport: Transport,
+}
+
+/// How clients reach the fake.
+enum Transport {
+    /// kube's mock service, in process.
+    Mock,
+    /// HTTP on 127.0.0.1, served from `_server`, found through a kubeconfig.
+    Http {
+        _server: tokio::runtime::Runtime,
+        kubeconfig: Box<kube::config::Kubeconfig>,
+    },
 }
 
 const NAMESPACE: &str = "wiremesh";
 
 impl KubeBed {
-    fn new() -> Self {
+    fn mock() -> Self {
+        Self::new(|_| Transport::Mock)
+    }
+
+    fn http() -> Self {
+        Self::new(|server| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let yaml = server.serve_http(&runtime, NAMESPACE);
+            let kubeconfig =
+                Box::new(kube::config::Kubeconfig::from_yaml(&yaml).expect("a kubeconfig"));
+            Transport::Http {
+                _server: runtime,
+                kubeconfig,
+            }
+        })
+    }
+
+    fn new(transport: impl FnOnce(&fake_kube::FakeApiServer) -> Transport) -> Self {
         let server = fake_kube::FakeApiServer::new();
         let settings = String::from_utf8(ClusterSettings::default().to_json()).unwrap();
         server.put(
             &format!("/api/v1/namespaces/{NAMESPACE}/configmaps"),
             json!({"metadata": {"name": SETTINGS_CONFIG_MAP}, "data": {SETTINGS_KEY: settings}}),
         );
-        KubeBed { server }
+        KubeBed {
+            transport: transport(&server),
+            server,
+        }
     }
 
     fn registry(&self) -> BlockingKubeRegistry {
-        BlockingKubeRegistry::with_client(NAMESPACE, || self.server.client()).expect("client")
+        let client = || match &self.transport {
+            Transport::Mock => self.server.client(),
+            Transport::Http { kubeconfig, .. } => {
+                let config = futures::executor::block_on(kube::Config::from_custom_kubeconfig(
+                    (**kubeconfig).clone(),
+                    &Default::default(),
+                ))
+                .expect("a client configuration");
+                kube::Client::try_from(config).expect("a client")
+            }
+        };
+        BlockingKubeRegistry::with_client(NAMESPACE, client).expect("client")
     }
 }
 
@@ -193,5 +240,13 @@ impl Bed for KubeBed {
 mod kubernetes {
     use super::*;
 
-    crate::conformance_tests!(KubeBed::new());
+    crate::conformance_tests!(KubeBed::mock());
+}
+
+/// The same fake over real HTTP: kube's own client stack (hyper, chunked watch
+/// streams) and a kubeconfig, as the CLI connects outside a pod.
+mod kubernetes_http {
+    use super::*;
+
+    crate::conformance_tests!(KubeBed::http());
 }
