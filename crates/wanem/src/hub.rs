@@ -231,7 +231,8 @@ impl Hub {
     }
 
     /// Sets the impairment of the direction `from` → `to`. Packets already in flight
-    /// keep their departure times.
+    /// keep their departure times (so right after a delay is removed, new packets may
+    /// overtake them, as when a real path shortens).
     pub fn set_link(
         &self,
         from: usize,
