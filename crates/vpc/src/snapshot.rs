@@ -97,41 +97,19 @@ impl VpcSnapshot {
 
         vpcs.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
         let mut ids: BTreeMap<VpcId, Label> = BTreeMap::new();
-        let ula = mesh.prefix.net();
         for vpc in vpcs {
             let key = format!("vpc {}", vpc.name);
-            let field_err = |field: &str, reason: String| {
-                bad(key.clone(), FieldError::new(field, reason).within(&key))
-            };
-            if snapshot.vpcs.contains_key(&vpc.name) {
-                bads.push(field_err("name", "another VPC has this name".into()));
-            } else if let Some(other) = ids.get(&vpc.id) {
-                bads.push(field_err("id", format!("{} is VPC {other}'s id", vpc.id)));
-            } else if let Some((i, c)) = vpc
-                .pod_cidrs
-                .iter()
-                .enumerate()
-                .find(|(_, c)| overlaps(c, &ula))
-            {
-                bads.push(field_err(
-                    &format!("pod_cidrs[{i}]"),
-                    format!("{c} overlaps the mesh ULA {ula}"),
-                ));
-            } else if overlaps(&vpc.service_cidr, &ula) {
-                bads.push(field_err(
-                    "service_cidr",
-                    format!("{} overlaps the mesh ULA {ula}", vpc.service_cidr),
-                ));
-            } else {
-                ids.insert(vpc.id, vpc.name.clone());
-                snapshot.vpcs.insert(
-                    vpc.name.clone(),
-                    VpcState {
+            match check_vpc(&snapshot, &ids, &vpc, mesh.prefix) {
+                Ok(()) => {
+                    ids.insert(vpc.id, vpc.name.clone());
+                    let state = VpcState {
                         vpc,
                         members: BTreeMap::new(),
                         services: BTreeMap::new(),
-                    },
-                );
+                    };
+                    snapshot.vpcs.insert(state.vpc.name.clone(), state);
+                }
+                Err(e) => bads.push(bad(key.clone(), e.within(&key))),
             }
         }
 
@@ -196,6 +174,39 @@ impl VpcSnapshot {
         }
         (snapshot, bads)
     }
+}
+
+fn check_vpc(
+    snapshot: &VpcSnapshot,
+    ids: &BTreeMap<VpcId, Label>,
+    vpc: &Vpc,
+    prefix: MeshPrefix,
+) -> Result<(), FieldError> {
+    if snapshot.vpcs.contains_key(&vpc.name) {
+        return Err(FieldError::new("name", "another VPC has this name"));
+    }
+    if let Some(other) = ids.get(&vpc.id) {
+        return Err(FieldError::new(
+            "id",
+            format!("{} is VPC {other}'s id", vpc.id),
+        ));
+    }
+    let ula = prefix.net();
+    for (i, c) in vpc.pod_cidrs.iter().enumerate() {
+        if overlaps(c, &ula) {
+            return Err(FieldError::new(
+                format!("pod_cidrs[{i}]"),
+                format!("{c} overlaps the mesh ULA {ula}"),
+            ));
+        }
+    }
+    if overlaps(&vpc.service_cidr, &ula) {
+        return Err(FieldError::new(
+            "service_cidr",
+            format!("{} overlaps the mesh ULA {ula}", vpc.service_cidr),
+        ));
+    }
+    Ok(())
 }
 
 fn check_member(
