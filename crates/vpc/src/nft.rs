@@ -31,6 +31,13 @@ use crate::record::{IpFamily, LabelSelector};
 use crate::snapshot::{ServiceState, VpcState};
 use crate::{Endpoint, Label, Protocol, SessionAffinity, TrafficPolicy};
 
+/// `writeln!` into a `String`, which cannot fail.
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => {
+        let _ = writeln!($out, $($arg)*);
+    };
+}
+
 /// The table's name in every VPC namespace.
 pub const TABLE: &str = "wmvpc";
 
@@ -254,7 +261,7 @@ impl ServicesPlan {
         let o = &mut out;
         match previous {
             Some(prev) if prev.family == self.family => {
-                let _ = writeln!(
+                emit!(
                     o,
                     "flush table {ip} {TABLE}\n\
                      flush map {ip} {TABLE} service-ips\n\
@@ -267,31 +274,31 @@ impl ServicesPlan {
                 let (old_chains, old_sets) = prev.objects();
                 let (chains, sets) = self.objects();
                 for chain in old_chains.difference(&chains) {
-                    let _ = writeln!(o, "delete chain {ip} {TABLE} {chain}");
+                    emit!(o, "delete chain {ip} {TABLE} {chain}");
                 }
                 // A changed timeout deletes the set here and declares it again below.
                 for (set, _) in old_sets.difference(&sets) {
-                    let _ = writeln!(o, "delete set {ip} {TABLE} {set}");
+                    emit!(o, "delete set {ip} {TABLE} {set}");
                 }
             }
             other => {
                 if let Some(prev) = other {
                     let (old_ip, _) = family_words(prev.family);
-                    let _ = writeln!(o, "delete table {old_ip} {TABLE}");
+                    emit!(o, "delete table {old_ip} {TABLE}");
                 }
                 // `add` first so the delete cannot fail: the whole file is one transaction.
-                let _ = writeln!(o, "table {ip} {TABLE} {{}}\ndelete table {ip} {TABLE}");
+                emit!(o, "table {ip} {TABLE} {{}}\ndelete table {ip} {TABLE}");
             }
         }
-        let _ = writeln!(o, "table {ip} {TABLE} {{");
+        emit!(o, "table {ip} {TABLE} {{");
 
         let elements = |o: &mut String, items: Vec<String>| {
             if !items.is_empty() {
-                let _ = writeln!(o, "\t\telements = {{ {} }}", join(items));
+                emit!(o, "\t\telements = {{ {} }}", join(items));
             }
         };
         let with_endpoints = |v: &&VipPort| !v.endpoints.is_empty();
-        let _ = writeln!(o, "\tmap service-ips {{\n\t\ttype {key_type} : verdict");
+        emit!(o, "\tmap service-ips {{\n\t\ttype {key_type} : verdict");
         elements(
             o,
             self.vips
@@ -306,7 +313,7 @@ impl ServicesPlan {
                 })
                 .collect(),
         );
-        let _ = writeln!(
+        emit!(
             o,
             "\t}}\n\tset no-endpoint-services {{\n\t\ttype {key_type}"
         );
@@ -318,7 +325,7 @@ impl ServicesPlan {
                 .map(|(k, _)| key_text(k))
                 .collect(),
         );
-        let _ = writeln!(
+        emit!(
             o,
             "\t}}\n\tmap service-access {{\n\t\ttype {key_type} : verdict"
         );
@@ -330,7 +337,7 @@ impl ServicesPlan {
                 .map(|(k, v)| format!("{} : goto {}", key_text(k), Names::new(k, v).access_chain()))
                 .collect(),
         );
-        let _ = writeln!(
+        emit!(
             o,
             "\t}}\n\tmap endpoint-access {{\n\t\ttype {key_type} : verdict"
         );
@@ -341,7 +348,7 @@ impl ServicesPlan {
                 .map(|k| format!("{} : goto {}", key_text(k), backend_chain(k)))
                 .collect(),
         );
-        let _ = writeln!(o, "\t}}");
+        emit!(o, "\t}}");
 
         for (k, v) in &self.vips {
             let Some(timeout) = v.affinity_timeout_secs else {
@@ -349,7 +356,7 @@ impl ServicesPlan {
             };
             let names = Names::new(k, v);
             for ep in &v.endpoints {
-                let _ = writeln!(
+                emit!(
                     o,
                     "\tset {} {{\n\t\ttype {addr_type}\n\t\tflags dynamic,timeout\n\t\ttimeout {timeout}s\n\t}}",
                     names.affinity_set(ep)
@@ -358,27 +365,27 @@ impl ServicesPlan {
         }
 
         // UDP (and anything else) gets ICMP port unreachable: `reject`'s default.
-        let _ = writeln!(
+        emit!(
             o,
             "\tchain reject-service {{\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}}"
         );
         // Filter before NAT (-110 < -100): rejections see the VIP, not an endpoint.
         for hook in ["prerouting", "output"] {
-            let _ = writeln!(
+            emit!(
                 o,
                 "\tchain filter-{hook} {{\n\t\ttype filter hook {hook} priority -110; policy accept;\n\
                  \t\t{key_expr} @no-endpoint-services goto reject-service\n\
                  \t\t{key_expr} vmap @service-access\n\t}}"
             );
         }
-        let _ = writeln!(
+        emit!(
             o,
             "\tchain filter-forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
              \t\tct state new {key_expr} vmap @endpoint-access\n\t}}"
         );
         // The output hook refuses the `dstnat` keyword on nft 1.0.6: numbers for both.
         for hook in ["prerouting", "output"] {
-            let _ = writeln!(
+            emit!(
                 o,
                 "\tchain nat-{hook} {{\n\t\ttype nat hook {hook} priority -100; policy accept;\n\
                  \t\t{key_expr} vmap @service-ips\n\t}}"
@@ -386,16 +393,16 @@ impl ServicesPlan {
         }
 
         let allow = |o: &mut String, chain: String, nets: &[IpNet]| {
-            let _ = writeln!(o, "\tchain {chain} {{");
+            emit!(o, "\tchain {chain} {{");
             if !nets.is_empty() {
                 let set = join(nets.iter().map(|n| match n {
                     // Single addresses print bare; prefixes as CIDRs.
                     n if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
                     n => n.to_string(),
                 }));
-                let _ = writeln!(o, "\t\t{ip} saddr {{ {set} }} return");
+                emit!(o, "\t\t{ip} saddr {{ {set} }} return");
             }
-            let _ = writeln!(o, "\t\tgoto reject-service\n\t}}");
+            emit!(o, "\t\tgoto reject-service\n\t}}");
         };
         for (k, v) in &self.vips {
             let names = Names::new(k, v);
@@ -405,10 +412,10 @@ impl ServicesPlan {
             if v.endpoints.is_empty() {
                 continue;
             }
-            let _ = writeln!(o, "\tchain {} {{", names.service_chain());
+            emit!(o, "\tchain {} {{", names.service_chain());
             if v.affinity_timeout_secs.is_some() {
                 for ep in &v.endpoints {
-                    let _ = writeln!(
+                    emit!(
                         o,
                         "\t\t{ip} saddr @{} goto {}",
                         names.affinity_set(ep),
@@ -422,23 +429,23 @@ impl ServicesPlan {
                     .enumerate()
                     .map(|(i, ep)| format!("{i} : goto {}", names.endpoint_chain(ep))),
             );
-            let _ = writeln!(
+            emit!(
                 o,
                 "\t\tnumgen random mod {} vmap {{ {choices} }}\n\t}}",
                 v.endpoints.len()
             );
             let (_, proto, _) = k;
             for ep in &v.endpoints {
-                let _ = writeln!(o, "\tchain {} {{", names.endpoint_chain(ep));
+                emit!(o, "\tchain {} {{", names.endpoint_chain(ep));
                 if v.affinity_timeout_secs.is_some() {
-                    let _ = writeln!(o, "\t\tupdate @{} {{ {ip} saddr }}", names.affinity_set(ep));
+                    emit!(o, "\t\tupdate @{} {{ {ip} saddr }}", names.affinity_set(ep));
                 }
                 let target = match ep {
                     IpAddr::V4(a) => format!("{a}:{}", v.target_port),
                     IpAddr::V6(a) => format!("[{a}]:{}", v.target_port),
                 };
                 // nft 1.0.6 wants the protocol stated before `dnat to addr:port`.
-                let _ = writeln!(
+                emit!(
                     o,
                     "\t\tmeta l4proto {} dnat to {target}\n\t}}",
                     proto.as_str()
@@ -448,7 +455,7 @@ impl ServicesPlan {
         for (k, nets) in &self.backend_access {
             allow(o, backend_chain(k), nets);
         }
-        let _ = writeln!(o, "}}");
+        emit!(o, "}}");
         out
     }
 }
