@@ -385,7 +385,12 @@ impl VpnRun<'_> {
         if !sound(&honesty) {
             return Ok(honesty);
         }
-        for scenario in self.config.points(baseline) {
+        let (events, loads): (Vec<Scenario>, Vec<Scenario>) = self
+            .config
+            .points(baseline)
+            .into_iter()
+            .partition(Scenario::is_event);
+        for scenario in loads {
             let record = self.point(vpn, scenario)?;
             report.records.push(record);
         }
@@ -394,6 +399,10 @@ impl VpnRun<'_> {
             report
                 .max_rates
                 .push((self.vpn.into(), self.shape.into(), max));
+        }
+        for scenario in events {
+            let record = self.point(vpn, scenario)?;
+            report.records.push(record);
         }
         honesty.plaintext_packets = self.plaintext_packets() - plaintext_before;
         honesty.passed = sound(&honesty);

@@ -182,7 +182,7 @@ impl Config {
             events: true,
             address_change: true,
             flap: Duration::from_secs(5),
-            recovery_limit: Duration::from_secs(40),
+            recovery_limit: Duration::from_secs(20),
             seed: 9,
             out,
         }
@@ -206,8 +206,8 @@ impl Config {
         }
     }
 
-    /// The points of one VPN, in the order they run; the open-loop rates are
-    /// stepped by the harness after these (see [`Config::open_loop`]). The
+    /// The points of one VPN, in the order they run; the harness steps the
+    /// open-loop rates (see [`Config::open_loop`]) before the events. The
     /// `baseline` (no VPN) has no way past a NAT or to follow an address change:
     /// it skips those two events.
     pub fn points(&self, baseline: bool) -> Vec<Scenario> {
@@ -236,13 +236,15 @@ impl Config {
         if self.events && !baseline {
             p.push(Scenario::Nat);
         }
-        if self.address_change && !baseline {
-            p.push(Scenario::AddressChange);
-        }
         if self.events {
             p.push(Scenario::Flap {
                 down_ms: self.flap.as_millis() as u64,
             });
+        }
+        // Last: a VPN that never finds the moved worker again would spoil every
+        // point after it.
+        if self.address_change && !baseline {
+            p.push(Scenario::AddressChange);
         }
         p
     }
@@ -371,6 +373,7 @@ mod tests {
         assert!(points.contains(&Scenario::Nat));
         assert!(points.contains(&Scenario::Flap { down_ms: 5000 }));
         assert!(!c.points(true).contains(&Scenario::Nat));
+        assert_eq!(points.last(), Some(&Scenario::AddressChange));
         assert_eq!(c.rates().first(), Some(&250.0));
         assert_eq!(c.rates().last(), Some(&64_000.0));
     }
