@@ -13,6 +13,8 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use proptest::prelude::*;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use wiremesh_model::NodeName;
 use wiremesh_testkit::{require_root, require_tool, veth_pair, wait_until, Netns};
 use wiremesh_vpc::nft::{plan, udp_conntrack_flushes, ServicesPlan};
@@ -100,26 +102,36 @@ impl Bed {
 
     /// Loads `plan` in one `nft -f` transaction, from the plan applied before.
     fn apply(&self, plan: &ServicesPlan) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.router.name(), "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
         let text = plan.render(self.applied.borrow().as_ref());
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "nft -f failed: {}\n{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = load(&self.router, &text) {
+            panic!("{e}\n{text}");
+        }
         self.applied.replace(Some(plan.clone()));
+    }
+}
+
+/// `nft -f -` in `ns`; its stderr on failure.
+fn load(ns: &Netns, text: &str) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft -f failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -194,21 +206,24 @@ fn plan_with(service_cidr: &str, service: serde_json::Value, endpoints: &[&str])
     svc.as_object_mut()
         .unwrap()
         .extend(service.as_object().unwrap().clone());
-    let service: Service = serde_json::from_value::<ServiceRecord>(svc)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let endpoints: Vec<Endpoint> = endpoints
+    let endpoints: Vec<serde_json::Value> = endpoints
         .iter()
         .map(|a| {
-            serde_json::from_value::<EndpointRecord>(serde_json::json!({
+            serde_json::json!({
                 "vpc": "blue", "namespace": "web", "service": "db", "address": a, "node": "n1"
-            }))
-            .unwrap()
-            .try_into()
-            .unwrap()
+            })
         })
         .collect();
+    plan_of(service_cidr, &[svc], &endpoints)
+}
+
+/// Node n1's plan for the `blue` VPC (n1: 10.10.1.0/24 and fd10::/64; n2: 10.10.2.0/24
+/// and fd10:0:0:2::/64) with these service and endpoint records.
+fn plan_of(
+    service_cidr: &str,
+    services: &[serde_json::Value],
+    endpoints: &[serde_json::Value],
+) -> ServicesPlan {
     let vpc = serde_json::from_value::<VpcRecord>(serde_json::json!({
         "name": "blue", "id": 7, "pod_cidrs": ["10.10.0.0/16", "fd10::/56"],
         "service_cidr": service_cidr, "dns_zone": "cluster.local"
@@ -216,28 +231,57 @@ fn plan_with(service_cidr: &str, service: serde_json::Value, endpoints: &[&str])
     .unwrap()
     .try_into()
     .unwrap();
-    let member = VpcMemberRecord {
-        vpc: "blue".into(),
-        node: "n1".into(),
-        pod_cidrs: vec!["10.10.1.0/24".into(), "fd10::/64".into()],
-    }
-    .try_into()
-    .unwrap();
-    let nodes = BTreeMap::from([(node(), NodeId(1))]);
+    let member = |node: &str, cidrs: [&str; 2]| {
+        VpcMemberRecord {
+            vpc: "blue".into(),
+            node: node.into(),
+            pod_cidrs: cidrs.map(str::to_owned).to_vec(),
+        }
+        .try_into()
+        .unwrap()
+    };
     let records = Records {
         vpcs: vec![vpc],
-        members: vec![member],
-        services: vec![service],
-        endpoints,
+        members: vec![
+            member("n1", ["10.10.1.0/24", "fd10::/64"]),
+            member("n2", ["10.10.2.0/24", "fd10:0:0:2::/64"]),
+        ],
+        services: services
+            .iter()
+            .map(|s| {
+                let s: Service = serde_json::from_value::<ServiceRecord>(s.clone())
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                s
+            })
+            .collect(),
+        endpoints: endpoints
+            .iter()
+            .map(|e| {
+                let e: Endpoint = serde_json::from_value::<EndpointRecord>(e.clone())
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                e
+            })
+            .collect(),
     };
+    let nodes = BTreeMap::from([(node(), NodeId(1)), ("n2".parse().unwrap(), NodeId(2))]);
     let mesh = Mesh {
         prefix: "fd77:aa:bbcc::/48".parse().unwrap(),
         nodes: &nodes,
     };
     let (snapshot, bad) = VpcSnapshot::build(records, mesh);
     assert!(bad.is_empty(), "{bad:?}");
-    let no_pods = |_: &LabelSelector| Vec::<IpAddr>::new();
-    plan(&snapshot.vpcs["blue"], &node(), &no_pods)
+    // Pods labelled `app: api` sit at 10.10.1.2 and fd10::2.
+    let api_pods = |_: &LabelSelector| {
+        vec![
+            "10.10.1.2".parse::<IpAddr>().unwrap(),
+            "fd10::2".parse().unwrap(),
+        ]
+    };
+    plan(&snapshot.vpcs["blue"], &node(), &api_pods)
 }
 
 #[test]
@@ -437,4 +481,109 @@ fn an_ipv6_ruleset_loads() {
             .code()
             != Some(0)
     );
+}
+
+/// Random services and endpoints of either family, every option: services, endpoint
+/// records.
+fn arb_records(
+    v6: bool,
+) -> impl Strategy<Value = (Vec<serde_json::Value>, Vec<serde_json::Value>)> {
+    let long = "n".repeat(63);
+    let service = (
+        0usize..3,
+        any::<bool>(),
+        1u16..=65535,
+        1u16..=65535,
+        prop::option::of(1u32..=86400),
+        any::<bool>(),
+        prop::option::of(prop::collection::vec(0usize..4, 0..3)),
+        prop::collection::vec((0u8..6, any::<bool>(), 0usize..3), 0..5),
+    );
+    prop::collection::vec(service, 0..6).prop_map(move |services| {
+        let cidrs = ["10.10.0.0/16", "fd10::/60", "10.10.1.2/32", "fd10::2/128"];
+        let mut svcs = Vec::new();
+        let mut eps = Vec::new();
+        for (i, (ns, udp, port, target, affinity, local, access, endpoints)) in
+            services.into_iter().enumerate()
+        {
+            let namespace = ["web", "db", long.as_str()][ns];
+            let name = format!("s{i}");
+            let cluster_ip = if v6 { format!("fd96::{:x}", 0x20 + i) } else { format!("10.96.0.{}", 20 + i) };
+            let mut svc = serde_json::json!({
+                "vpc": "blue", "namespace": namespace, "name": name, "cluster_ip": cluster_ip,
+                "ports": [{"protocol": if udp { "UDP" } else { "TCP" }, "port": port, "target_port": target}],
+                "internal_traffic_policy": if local { "Local" } else { "Cluster" },
+            });
+            if let Some(t) = affinity {
+                svc["session_affinity"] = "ClientIP".into();
+                svc["affinity_timeout_seconds"] = t.into();
+            }
+            if let Some(allowed) = access {
+                svc["access"] = serde_json::json!({
+                    "allowed_cidrs": allowed.iter().map(|c| cidrs[*c]).collect::<Vec<_>>(),
+                    "allowed_pods": [{"app": "api"}],
+                });
+            }
+            svcs.push(svc);
+            for (host, on_n2, state) in endpoints {
+                let n = if on_n2 { 2 } else { 1 };
+                let address = if v6 { format!("fd10:0:0:{}::{:x}", if on_n2 { 2 } else { 0 }, 0x10 + host) } else { format!("10.10.{n}.{}", 10 + host) };
+                let (ready, terminating) = [(true, false), (false, true), (false, false)][state];
+                let ep = serde_json::json!({
+                    "vpc": "blue", "namespace": namespace, "service": name, "address": address,
+                    "node": format!("n{n}"), "ready": ready, "serving": ready || terminating,
+                    "terminating": terminating
+                });
+                if !eps.contains(&ep) && !eps.iter().any(|e: &serde_json::Value| e["service"] == ep["service"] && e["namespace"] == ep["namespace"] && e["address"] == ep["address"]) {
+                    eps.push(ep);
+                }
+            }
+        }
+        (svcs, eps)
+    })
+}
+
+/// Any plan loads, and so does the transaction from any plan to any other (the
+/// incremental path deletes exactly what the kernel has).
+#[test]
+fn any_change_between_random_plans_loads() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("nftfz").unwrap();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let plans = (
+        any::<bool>(),
+        arb_records(false),
+        arb_records(false),
+        arb_records(true),
+    )
+        .prop_map(|(to_v6, (s1, e1), (s2, e2), (s3, e3))| {
+            let first = plan_of("10.96.0.0/24", &s1, &e1);
+            let second = if to_v6 {
+                plan_of("fd96::/112", &s3, &e3)
+            } else {
+                plan_of("10.96.0.0/24", &s2, &e2)
+            };
+            (first, second)
+        });
+    runner
+        .run(&plans, |(first, second)| {
+            for (text, what) in [
+                (first.render(None), "first from scratch"),
+                (second.render(Some(&first)), "second from first"),
+                (first.render(Some(&second)), "back to first"),
+                (first.render(Some(&first)), "first again"),
+            ] {
+                if let Err(e) = load(&ns, &text) {
+                    return Err(TestCaseError::fail(format!("{what}: {e}\n{text}")));
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
 }
