@@ -201,7 +201,6 @@ impl Config {
             rtt_ms: vec![50],
             address_change: false,
             flap: Duration::from_secs(1),
-            recovery_limit: Duration::from_secs(20),
             ..Config::full(out)
         }
     }
