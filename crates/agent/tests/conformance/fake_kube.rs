@@ -1,5 +1,5 @@
-//! A FAKE Kubernetes API server, in memory, behind kube's mock service
-//! (`tower_test::mock`) or over real HTTP on 127.0.0.1 with a kubeconfig. It is not
+//! A FAKE Kubernetes API server, in memory, answering kube's mock service
+//! (`tower_test::mock`) or real HTTP with a kubeconfig. It is not
 //! Kubernetes: no API server can run on this machine, so this stands in for one,
 //! with just what wiremesh's adapter uses, for Nodes, Leases, Peers and ConfigMaps
 //! alike:
@@ -28,10 +28,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
-use kube::client::Body;
 use serde_json::{json, Value};
 
-type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
 type EventSender = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
 
 /// The resources the fake serves: the last segment of a collection's path.
@@ -65,35 +64,54 @@ impl FakeApiServer {
         Self::default()
     }
 
-    /// A client of this server through kube's mock service. Call it inside a tokio
-    /// runtime: the task that answers the client's requests is spawned there.
-    pub fn client(&self) -> kube::Client {
-        let (service, mut handle) =
-            tower_test::mock::pair::<Request<Body>, Response<ResponseBody>>();
-        let state = self.state.clone();
-        tokio::spawn(async move {
-            while let Some((request, reply)) = handle.next_request().await {
-                reply.send_response(respond(&state, request).await);
-            }
-        });
-        kube::Client::new(service, "wiremesh")
+    /// Answers one request, whichever transport it came over (kube's mock
+    /// service, or HTTP from [`FakeApiServer::serve_http`]).
+    pub async fn respond<B: http_body::Body>(&self, request: Request<B>) -> Response<ResponseBody> {
+        let (parts, body) = request.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle(
+                &parts.method,
+                parts.uri.path(),
+                parts.uri.query().unwrap_or(""),
+                &content_type,
+                body,
+            )
     }
 
-    /// Serves this fake over HTTP/1.1 on 127.0.0.1 (a port of its own) from
-    /// `runtime`, as long as it runs; returns a kubeconfig (YAML) that points at it,
-    /// with `namespace` as its context's.
-    pub fn serve_http(&self, runtime: &tokio::runtime::Runtime, namespace: &str) -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    /// Serves this fake over HTTP/1.1 on `listener` (bound in whichever network
+    /// namespace the clients are reached from) from `runtime`, as long as it runs;
+    /// returns a kubeconfig (YAML) that points at it, with `namespace` as its
+    /// context's.
+    pub fn serve_http(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        listener: std::net::TcpListener,
+        namespace: &str,
+    ) -> String {
         listener.set_nonblocking(true).expect("nonblocking");
         let address = listener.local_addr().expect("local address");
-        let state = self.state.clone();
+        let server = self.clone();
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
             while let Ok((stream, _)) = listener.accept().await {
-                let state = state.clone();
+                let server = server.clone();
                 let service = hyper::service::service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(respond(&state, request).await) }
+                    let server = server.clone();
+                    async move { Ok::<_, Infallible>(server.respond(request).await) }
                 });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
@@ -109,6 +127,12 @@ impl FakeApiServer {
         )
     }
 
+    /// The object `name` of `collection`, if there is one.
+    pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.objects.get(collection)?.get(name).cloned()
+    }
+
     /// Creates or replaces an object as another component would (the kubelet making
     /// its Node, `kubectl apply`): `collection` is its path, e.g. `/api/v1/nodes`.
     pub fn put(&self, collection: &str, object: Value) {
@@ -119,33 +143,6 @@ impl FakeApiServer {
             .to_owned();
         state.write(collection, &name, object);
     }
-}
-
-/// One request, whichever transport it came over.
-async fn respond<B: http_body::Body>(
-    state: &Mutex<State>,
-    request: Request<B>,
-) -> Response<ResponseBody> {
-    let (parts, body) = request.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    state.lock().unwrap_or_else(PoisonError::into_inner).handle(
-        &parts.method,
-        parts.uri.path(),
-        parts.uri.query().unwrap_or(""),
-        &content_type,
-        body,
-    )
 }
 
 fn kind_of(collection: &str) -> Option<(&'static str, &'static str)> {

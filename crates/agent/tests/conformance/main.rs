@@ -7,6 +7,8 @@
 //! adapter against that fake, not against a real API server.
 
 mod cases;
+// Shared with the CLI's test bed (crates/cli/tests/support), which uses other parts.
+#[allow(dead_code)]
 mod fake_kube;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -124,6 +126,21 @@ struct KubeBed {
     transport: Transport,
 }
 
+/// A client of `server` through kube's mock service. Call it inside a tokio
+/// runtime: the task that answers the client's requests is spawned there.
+fn mock_client(server: &fake_kube::FakeApiServer) -> kube::Client {
+    use http::{Request, Response};
+    let (service, mut handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<fake_kube::ResponseBody>>();
+    let server = server.clone();
+    tokio::spawn(async move {
+        while let Some((request, reply)) = handle.next_request().await {
+            reply.send_response(server.respond(request).await);
+        }
+    });
+    kube::Client::new(service, "wiremesh")
+}
+
 /// How clients reach the fake.
 enum Transport {
     /// kube's mock service, in process.
@@ -149,7 +166,8 @@ impl KubeBed {
                 .enable_all()
                 .build()
                 .expect("a runtime");
-            let yaml = server.serve_http(&runtime, NAMESPACE);
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+            let yaml = server.serve_http(&runtime, listener, NAMESPACE);
             let kubeconfig =
                 Box::new(kube::config::Kubeconfig::from_yaml(&yaml).expect("a kubeconfig"));
             Transport::Http {
@@ -174,7 +192,7 @@ impl KubeBed {
 
     fn registry(&self) -> BlockingKubeRegistry {
         let client = || match &self.transport {
-            Transport::Mock => self.server.client(),
+            Transport::Mock => mock_client(&self.server),
             Transport::Http { kubeconfig, .. } => {
                 let config = futures::executor::block_on(kube::Config::from_custom_kubeconfig(
                     (**kubeconfig).clone(),

@@ -1,9 +1,10 @@
 //! The test bed of the end-to-end tests: real `wiremesh agent` processes driving real
 //! `wiremesh-wg` devices, one per simulated node (a network namespace), nodes joined
 //! by a bridge (in the `fabric` namespace) that stands for their network, pods as
-//! namespaces of their own. The registry is a directory, or a real etcd cluster whose
+//! namespaces of their own. The registry is a directory, a real etcd cluster whose
 //! members run in the fabric namespace on addresses of the bridge, so agents reach
-//! it over their node's link.
+//! it over their node's link, or Kubernetes: the agent crate's FAKE API server,
+//! served over HTTP on the bridge from this process, found through a kubeconfig.
 //!
 //! Each test builds its own uniquely named namespaces and cluster; the guards remove
 //! them even when a test fails.
@@ -12,6 +13,8 @@
 
 #[path = "../../src/bench/etcd.rs"]
 mod etcd;
+#[path = "../../../agent/tests/conformance/fake_kube.rs"]
+mod fake_kube;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -43,6 +46,8 @@ pub struct TestNode {
 pub struct Mesh {
     /// The etcd members, if the registry is etcd (dropped, so killed, before `dir` goes).
     pub etcd: Option<LocalEtcd>,
+    /// The fake API server, if the registry is Kubernetes.
+    pub kube: Option<KubeFake>,
     pub dir: tempfile::TempDir,
     pub cluster: String,
     pub fabric: Netns,
@@ -57,6 +62,26 @@ pub fn ip(args: &[&str]) {
         "ip {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The fake Kubernetes API server of a mesh, and how agents find it.
+pub struct KubeFake {
+    pub server: fake_kube::FakeApiServer,
+    /// Serves the HTTP connections; dropped, it stops.
+    _runtime: tokio::runtime::Runtime,
+    pub kubeconfig: PathBuf,
+}
+
+/// Where wiremesh keeps its Leases and settings on the fake.
+pub const KUBE_NAMESPACE: &str = "wiremesh";
+/// The fake's address on the `lan` bridge.
+const KUBE_API: &str = "10.99.0.200";
+
+/// Which registry a mesh runs on.
+enum RegistryKind {
+    Dir,
+    Etcd { members: usize },
+    Kubernetes,
 }
 
 impl Mesh {
@@ -77,7 +102,14 @@ impl Mesh {
     /// An empty cluster with a directory registry and one bridge (`lan`) for public
     /// nodes and, if asked, a NAT router in front of a second bridge (`natlan`).
     pub fn new(granularity: &str, with_nat: bool) -> Mesh {
-        Self::build(granularity, with_nat, 0)
+        Self::build(granularity, with_nat, RegistryKind::Dir)
+    }
+
+    /// An empty cluster whose registry is a fake Kubernetes API server on the `lan`
+    /// bridge; each node added gets a Node object with its pod CIDR, as the kubelet
+    /// and controller manager would make it.
+    pub fn with_kubernetes(granularity: &str) -> Mesh {
+        Self::build(granularity, false, RegistryKind::Kubernetes)
     }
 
     /// An empty cluster whose registry is an etcd cluster of `members` on the `lan`
@@ -87,10 +119,14 @@ impl Mesh {
             println!("skipped: etcd not installed (apt-get install etcd-server)");
             return None;
         }
-        Some(Self::build(granularity, false, members))
+        Some(Self::build(
+            granularity,
+            false,
+            RegistryKind::Etcd { members },
+        ))
     }
 
-    fn build(granularity: &str, with_nat: bool, etcd_members: usize) -> Mesh {
+    fn build(granularity: &str, with_nat: bool, registry: RegistryKind) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let cluster = format!("t{}", random_suffix(6));
         let fabric = Netns::new("fabric").expect("netns");
@@ -111,6 +147,7 @@ impl Mesh {
         ip(&["-n", fabric.name(), "link", "set", "lan", "up"]);
         let mut mesh = Mesh {
             etcd: None,
+            kube: None,
             dir,
             cluster,
             fabric,
@@ -139,7 +176,14 @@ impl Mesh {
                 .expect("nat rules");
             mesh.nat = Some(nat);
         }
-        if etcd_members > 0 {
+        if let RegistryKind::Kubernetes = registry {
+            mesh.start_kube(granularity);
+            return mesh;
+        }
+        if let RegistryKind::Etcd {
+            members: etcd_members,
+        } = registry
+        {
             let ips: Vec<Ipv4Addr> = (0..etcd_members)
                 .map(|i| Ipv4Addr::new(10, 99, 0, 201 + i as u8))
                 .collect();
@@ -167,12 +211,73 @@ impl Mesh {
         mesh
     }
 
+    /// Serves the fake API server on the bridge, with the settings ConfigMap.
+    fn start_kube(&mut self, granularity: &str) {
+        let fabric = self.fabric.name();
+        ip(&[
+            "-n",
+            fabric,
+            "address",
+            "add",
+            &format!("{KUBE_API}/24"),
+            "dev",
+            "lan",
+        ]);
+        // A socket stays in the namespace it was made in, whichever thread serves it.
+        let listener = netns::enter(fabric, || std::net::TcpListener::bind((KUBE_API, 6443)))
+            .expect("fabric namespace")
+            .expect("bind the fake API server");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let server = fake_kube::FakeApiServer::new();
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            server.serve_http(&runtime, listener, KUBE_NAMESPACE),
+        )
+        .expect("write the kubeconfig");
+        let settings = wiremesh_model::ClusterSettings {
+            granularity: granularity.parse().expect("a granularity"),
+            ..wiremesh_model::ClusterSettings::default()
+        };
+        server.put(
+            &format!("/api/v1/namespaces/{KUBE_NAMESPACE}/configmaps"),
+            serde_json::json!({"metadata": {"name": "wiremesh-settings"},
+                "data": {"settings.json": String::from_utf8(settings.to_json()).unwrap()}}),
+        );
+        self.kube = Some(KubeFake {
+            server,
+            _runtime: runtime,
+            kubeconfig,
+        });
+    }
+
     /// The registry address the agents are given.
     pub fn registry(&self) -> String {
-        match &self.etcd {
-            Some(etcd) => etcd.address(),
-            None => format!("dir:{}", self.dir.path().join("registry").display()),
+        match (&self.etcd, &self.kube) {
+            (Some(etcd), _) => etcd.address(),
+            (None, Some(_)) => "kubernetes".into(),
+            (None, None) => format!("dir:{}", self.dir.path().join("registry").display()),
         }
+    }
+
+    /// Flags and environment that take a `wiremesh` command to the registry.
+    fn registry_flags(&self) -> (Vec<String>, Vec<(String, String)>) {
+        let mut flags = vec![
+            "--registry".into(),
+            self.registry(),
+            "--cluster".into(),
+            self.cluster.clone(),
+        ];
+        let mut env = Vec::new();
+        if let Some(kube) = &self.kube {
+            flags.extend(["--kube-namespace".into(), KUBE_NAMESPACE.into()]);
+            env.push(("KUBECONFIG".into(), kube.kubeconfig.display().to_string()));
+        }
+        (flags, env)
     }
 
     /// The cluster's records, read from the fabric namespace (where etcd listens).
@@ -188,11 +293,12 @@ impl Mesh {
 
     /// Runs `wiremesh ARGS --registry R --cluster C` in the fabric namespace.
     pub fn wiremesh(&self, args: &[&str]) -> Output {
-        let registry = self.registry();
+        let (flags, env) = self.registry_flags();
         let mut all = vec![env!("CARGO_BIN_EXE_wiremesh")];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--registry", &registry, "--cluster", &self.cluster]);
-        self.fabric.exec(&all).expect("wiremesh runs")
+        all.extend(flags.iter().map(String::as_str));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.fabric.exec_env(&env, &all).expect("wiremesh runs")
     }
 
     pub fn wire(&self, ns: &Netns, ifname: &str, bridge: &str, addr: &str) {
@@ -248,6 +354,13 @@ impl Mesh {
             ]);
             ip4
         };
+        if let Some(kube) = &self.kube {
+            kube.server.put(
+                "/api/v1/nodes",
+                serde_json::json!({"metadata": {"name": name},
+                    "spec": {"podCIDR": format!("10.42.{i}.0/24")}}),
+            );
+        }
         let pod = Netns::new(&format!("{name}p")).expect("netns");
         let ifname = format!("wmt{}", random_suffix(8));
         self.nodes.push(TestNode {
@@ -276,7 +389,7 @@ impl Mesh {
 
     /// Starts node `i`'s agent without waiting for it.
     pub fn spawn_agent(&mut self, i: usize) {
-        let registry = self.registry();
+        let (flags, env) = self.registry_flags();
         let state_dir = self.state_dir(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -288,15 +401,10 @@ impl Mesh {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", n.ns.name()])
             .arg(env!("CARGO_BIN_EXE_wiremesh"))
-            .args([
-                "agent",
-                "--registry",
-                &registry,
-                "--cluster",
-                &self.cluster,
-                "--name",
-                &n.name,
-            ])
+            .arg("agent")
+            .args(&flags)
+            .envs(env)
+            .args(["--name", &n.name])
             .args([
                 "--location",
                 &n.location,
@@ -337,14 +445,12 @@ impl Mesh {
     /// [`Mesh::await_join`], or the agent's exit status if it exited first.
     fn try_join(&mut self, i: usize) -> Result<(), std::process::ExitStatus> {
         let claim = self.state_dir(i).join("pod-cidr");
-        let cluster = self.cluster();
-        let record = format!("{}nodes/{}", cluster.prefix(), self.nodes[i].name);
+        let published = self.published(i);
         let mut exited = None;
         let agent = &mut self.nodes[i].agent;
         let joined = wait_until(Duration::from_secs(20), || {
             exited = agent.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            exited.is_some()
-                || (claim.exists() && cluster.store.get(&record).is_ok_and(|r| r.is_some()))
+            exited.is_some() || (claim.exists() && published())
         });
         if let Some(status) = exited {
             return Err(status);
@@ -373,6 +479,23 @@ impl Mesh {
             n.pod_ip = Some(pod_ip);
         }
         Ok(())
+    }
+
+    /// Whether node `i`'s record is in the registry: its key in a store, its public
+    /// key annotation on Kubernetes.
+    fn published(&self, i: usize) -> Box<dyn Fn() -> bool> {
+        let name = self.nodes[i].name.clone();
+        if let Some(kube) = &self.kube {
+            let server = kube.server.clone();
+            return Box::new(move || {
+                server.get("/api/v1/nodes", &name).is_some_and(|node| {
+                    !node["metadata"]["annotations"]["wiremesh.io/public-key"].is_null()
+                })
+            });
+        }
+        let cluster = self.cluster();
+        let record = format!("{}nodes/{name}", cluster.prefix());
+        Box::new(move || cluster.store.get(&record).is_ok_and(|r| r.is_some()))
     }
 
     /// Stop an agent with SIGTERM (the device keeps running, as in production).
