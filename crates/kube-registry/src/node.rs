@@ -202,9 +202,15 @@ pub fn node_patch(node: &Node) -> serde_json::Value {
     serde_json::json!({ "metadata": { "annotations": node_annotations(node) } })
 }
 
-/// The merge patch that takes a node out of the mesh: every wiremesh annotation removed.
+/// The merge patch that takes a node out of the mesh: the annotations its agent
+/// learned (public key, observed endpoints) removed; those an administrator sets
+/// (location, endpoints, leader preference, keepalive) stay for the next agent to
+/// read. A Node without a public key is not in the mesh.
 pub fn leave_patch() -> serde_json::Value {
-    let none: BTreeMap<&str, Option<String>> = ANNOTATIONS.iter().map(|a| (*a, None)).collect();
+    let none: BTreeMap<&str, Option<String>> = [PUBLIC_KEY, OBSERVED_ENDPOINTS]
+        .into_iter()
+        .map(|a| (a, None))
+        .collect();
     serde_json::json!({ "metadata": { "annotations": none } })
 }
 
@@ -518,7 +524,8 @@ mod tests {
         assert_eq!(node_patch(&node), expected);
         let leave = leave_patch();
         let removed = leave["metadata"]["annotations"].as_object().unwrap();
-        assert_eq!(removed.len(), ANNOTATIONS.len());
+        let keys: Vec<&str> = removed.keys().map(String::as_str).collect();
+        assert_eq!(keys, [OBSERVED_ENDPOINTS, PUBLIC_KEY]);
         assert!(removed.values().all(|v| v.is_null()));
     }
 

@@ -255,7 +255,8 @@ impl KubeRegistry {
         Ok(())
     }
 
-    /// Takes the node out of the mesh: its Lease deleted, its annotations removed.
+    /// Takes the node out of the mesh: its Lease deleted, its public key and observed
+    /// endpoints removed ([`node::leave_patch`]).
     pub async fn leave(&self, name: &NodeName) -> Result<(), KubeError> {
         match self
             .leases_api()
