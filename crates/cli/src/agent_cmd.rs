@@ -50,7 +50,8 @@ pub struct AgentArgs {
     /// wiremesh.io/leader-preference, else 0].
     #[arg(long, allow_negative_numbers = true)]
     leader_preference: Option<i32>,
-    /// Persistent keepalive in seconds for this node's tunnels (default 25 behind NAT).
+    /// Persistent keepalive in seconds for this node's tunnels (default: on Kubernetes
+    /// wiremesh.io/persistent-keepalive; else 25 behind NAT).
     #[arg(long)]
     keepalive: Option<u16>,
     /// WireGuard device: a userspace program to start (default: wiremesh-wg next to
