@@ -53,7 +53,7 @@ fn table(vpcs: u32, nodes: u16) -> MemberTable {
     MemberTable::new(
         prefix(),
         NodeId(1),
-        (0..vpcs).map(|v| {
+        (1..=vpcs).map(|v| {
             let members = (1..=nodes)
                 .map(|n| {
                     let net = IpNet::new(Ipv4Addr::new(10, 10, n as u8, 0).into(), 24).unwrap();
@@ -127,8 +127,8 @@ fn main() {
     println!("| operation | time |\n|---|---|");
     let p = prefix();
     let (src, dst) = (
-        p.vpc_address(NodeId(2), VpcId(0)),
-        p.vpc_address(NodeId(1), VpcId(0)),
+        p.vpc_address(NodeId(2), VpcId(1)),
+        p.vpc_address(NodeId(1), VpcId(1)),
     );
     let mut f = frame();
     let t = measure(|| encapsulate(black_box(&mut f), src, dst).unwrap());

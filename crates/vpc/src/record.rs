@@ -245,6 +245,13 @@ impl TryFrom<VpcRecord> for Vpc {
     fn try_from(r: VpcRecord) -> Result<Self, FieldError> {
         let name = Label::parse("name", &r.name)?;
         let within = |e: FieldError| e.within(&format!("vpc {}", r.name));
+        if r.id == 0 {
+            // `<mesh>:<node>:0:0::/96` is the node's own, outside every VPC.
+            return Err(within(FieldError::new(
+                "id",
+                "0 is reserved for the node itself",
+            )));
+        }
         let pod_cidrs = parse_pod_cidrs("pod_cidrs", &r.pod_cidrs).map_err(within)?;
         let service_cidr = parse_cidr("service_cidr", &r.service_cidr).map_err(within)?;
         if let Some(clash) = pod_cidrs.iter().find(|p| overlaps(p, &service_cidr)) {
@@ -892,6 +899,7 @@ mod tests {
         };
         check(|r| r.name = "Blue".into(), "name");
         check(|r| r.name = "1blue".into(), "name");
+        check(|r| r.id = 0, "vpc blue.id");
         check(|r| r.pod_cidrs = vec![], "vpc blue.pod_cidrs");
         check(
             |r| r.pod_cidrs = vec!["10.0.0.0/8".into(), "10.1.0.0/16".into()],

@@ -2,7 +2,8 @@
 //! addresses name the sending and receiving node and the VPC, inside an ordinary
 //! WireGuard transport message.
 //!
-//! Outer address: `<mesh ULA /48> : <node id, 16 bits> : <VPC id, 32 bits> : 0`. Each
+//! Outer address: `<mesh ULA /48> : <node id, 16 bits> : <VPC id, 32 bits> : 0` (VPC
+//! id 0 is never a VPC's: `<mesh>:<node>:0:0::/96` is left to the node itself). Each
 //! peer's WireGuard allowed-IPs stay one `/64` (`<mesh /48>:<node id>::/64`), so
 //! cryptokey routing has proved which *node* sent a packet; [`MemberTable::decapsulate`]
 //! then checks that the node may speak for that VPC and for that inner source. A
@@ -12,7 +13,7 @@
 //! Encapsulation writes into headroom the caller leaves in front of the inner packet,
 //! so the per-packet path allocates nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
@@ -212,13 +213,13 @@ pub struct MemberTable {
     prefix: MeshPrefix,
     local: NodeId,
     /// Only VPCs with a member on this node: packets of other VPCs are dropped.
-    vpcs: HashMap<VpcId, Members>,
+    vpcs: BTreeMap<VpcId, Members>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Members {
     /// For the receiver's check: each member node's pod CIDRs.
-    by_node: HashMap<NodeId, Vec<IpNet>>,
+    by_node: BTreeMap<NodeId, Vec<IpNet>>,
     /// For the sender's lookup, by network address. A VPC's member CIDRs are disjoint
     /// (the snapshot sets overlapping ones aside), so the only one that can hold an
     /// address is the last one starting at or below it: O(log n), not a scan.
