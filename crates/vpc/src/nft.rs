@@ -370,12 +370,14 @@ impl ServicesPlan {
             "\tchain reject-service {{\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}}"
         );
         // Filter before NAT (-110 < -100): rejections see the VIP, not an endpoint.
+        // New connections only, as kube-proxy: an established one outlives its
+        // endpoint's removal or a policy change, and conntrack keeps its DNAT.
         for hook in ["prerouting", "output"] {
             emit!(
                 o,
                 "\tchain filter-{hook} {{\n\t\ttype filter hook {hook} priority -110; policy accept;\n\
-                 \t\t{key_expr} @no-endpoint-services goto reject-service\n\
-                 \t\t{key_expr} vmap @service-access\n\t}}"
+                 \t\tct state new {key_expr} @no-endpoint-services goto reject-service\n\
+                 \t\tct state new {key_expr} vmap @service-access\n\t}}"
             );
         }
         emit!(
@@ -641,13 +643,13 @@ table ip wmvpc {
 	}
 	chain filter-prerouting {
 		type filter hook prerouting priority -110; policy accept;
-		ip daddr . meta l4proto . th dport @no-endpoint-services goto reject-service
-		ip daddr . meta l4proto . th dport vmap @service-access
+		ct state new ip daddr . meta l4proto . th dport @no-endpoint-services goto reject-service
+		ct state new ip daddr . meta l4proto . th dport vmap @service-access
 	}
 	chain filter-output {
 		type filter hook output priority -110; policy accept;
-		ip daddr . meta l4proto . th dport @no-endpoint-services goto reject-service
-		ip daddr . meta l4proto . th dport vmap @service-access
+		ct state new ip daddr . meta l4proto . th dport @no-endpoint-services goto reject-service
+		ct state new ip daddr . meta l4proto . th dport vmap @service-access
 	}
 	chain filter-forward {
 		type filter hook forward priority 0; policy accept;

@@ -389,6 +389,24 @@ fn replacing_the_ruleset_keeps_established_connections() {
 }
 
 #[test]
+fn draining_the_last_endpoint_keeps_its_connections_and_refuses_new_ones() {
+    if !can_run() {
+        return;
+    }
+    let bed = Bed::new(1);
+    bed.apply(&plan_for(serde_json::json!({}), &BACKENDS[..1]));
+    let (_, stream) = connect(&bed.clients[0], vip(80)).unwrap();
+    // The endpoint turns unready (it is still alive): no endpoint is left.
+    bed.apply(&plan_for(serde_json::json!({}), &[]));
+    let err = connect(&bed.clients[0], vip(80)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    let mut w = stream.try_clone().unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    writeln!(w, "still there").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "still there");
+}
+
+#[test]
 fn a_one_way_udp_flow_leaves_a_removed_endpoint() {
     if !(can_run() && require_tool("conntrack")) {
         return;
