@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 pub mod nebula;
+pub mod none;
 pub mod openvpn;
 mod process;
 pub mod softether;
 pub mod tinc;
-pub mod none;
 pub mod userspace_wg;
 pub mod wiremesh;
 
