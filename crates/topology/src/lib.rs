@@ -22,7 +22,7 @@ mod topology;
 use wiremesh_model::{ClusterSettings, ExternalPeer, Node};
 
 pub use dot::render_dot;
-pub use external::external_view;
+pub use external::{external_view, gateways};
 pub use leader::leaders;
 pub use topology::{compute, Interface, Peer, PeerKind, Route, Topology, TopologyError};
 

@@ -4,7 +4,7 @@ mod common;
 
 use common::{laptop, three_sites};
 use wiremesh_model::Granularity;
-use wiremesh_topology::{compute, external_view};
+use wiremesh_topology::{compute, external_view, gateways};
 
 #[test]
 fn external_view_mirrors_the_nodes_that_peer_with_it() {
@@ -48,4 +48,26 @@ fn external_view_mirrors_the_nodes_that_peer_with_it() {
 fn unknown_peer_is_an_error() {
     let snapshot = three_sites(Granularity::Full);
     assert!(external_view(&snapshot, &"nobody".parse().unwrap()).is_err());
+}
+
+/// Another cluster's nodes see this one as an external peer without a keepalive of
+/// its own: the same gateways, and they are there with no external peer at all.
+#[test]
+fn gateways_are_the_external_view_for_any_outsider() {
+    for granularity in [Granularity::Full, Granularity::Location] {
+        let mut snapshot = three_sites(granularity);
+        let view = external_view(&snapshot, &laptop().name).unwrap();
+        snapshot.peers.clear();
+        let gateways = gateways(&snapshot).unwrap();
+        assert_eq!(gateways.len(), view.len(), "{granularity}");
+        for (g, v) in gateways.iter().zip(&view) {
+            assert_eq!(
+                (&g.name, g.public_key, g.endpoint, &g.allowed_ips),
+                (&v.name, v.public_key, v.endpoint, &v.allowed_ips),
+                "{granularity}"
+            );
+            assert_eq!(g.persistent_keepalive, None);
+            assert_eq!(v.persistent_keepalive, laptop().persistent_keepalive);
+        }
+    }
 }
