@@ -386,6 +386,12 @@ fn replacing_the_ruleset_keeps_established_connections() {
             "a new connection reached the removed backend"
         );
     }
+    // An agent restart knows no previous plan and replaces the table whole: the
+    // connection lives on in conntrack all the same.
+    bed.applied.replace(None);
+    bed.apply(&plan_for(serde_json::json!({}), &after));
+    writeln!(w, "after restart").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "after restart");
 }
 
 #[test]
