@@ -16,7 +16,7 @@ pub use error::FieldError;
 pub use name::{Location, NodeName, PeerName};
 pub use node::{Node, NodeRecord};
 pub use peer::{ExternalPeer, ExternalPeerRecord};
-pub use settings::{ClusterSettings, ClusterSettingsRecord, Granularity};
+pub use settings::{mesh_ula_from, ClusterSettings, ClusterSettingsRecord, Granularity};
 pub use wiremesh_uapi::{PrivateKey, PublicKey};
 
 /// Seconds a node waits before it repeats its record (its heartbeat) by default.

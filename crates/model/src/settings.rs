@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::node::parse_cidr;
@@ -57,6 +57,10 @@ pub struct ClusterSettings {
     pub granularity: Granularity,
     /// Skip encryption between nodes of one location (opt-in, as Kilo does).
     pub trust_location_network: bool,
+    /// The mesh's RFC 4193 /48 for VPC traffic: node `n` owns `<mesh_ula>:<n>::/64`.
+    /// `wiremesh init` picks one at random; settings written before VPCs existed
+    /// have none, and VPCs are unavailable there.
+    pub mesh_ula: Option<Ipv6Net>,
 }
 
 impl Default for ClusterSettings {
@@ -70,6 +74,7 @@ impl Default for ClusterSettings {
             mtu: 1420,
             granularity: Granularity::Full,
             trust_location_network: false,
+            mesh_ula: None,
         }
     }
 }
@@ -85,6 +90,8 @@ pub struct ClusterSettingsRecord {
     pub granularity: String,
     #[serde(default)]
     pub trust_location_network: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ula: Option<String>,
 }
 
 impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
@@ -121,6 +128,7 @@ impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
                 format!("{} is outside 576..=9000", r.mtu),
             ));
         }
+        let mesh_ula = r.mesh_ula.as_deref().map(parse_mesh_ula).transpose()?;
         Ok(ClusterSettings {
             cluster_cidr,
             node_prefix_len: r.node_prefix_len,
@@ -129,8 +137,33 @@ impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
             mtu: r.mtu,
             granularity: r.granularity.parse()?,
             trust_location_network: r.trust_location_network,
+            mesh_ula,
         })
     }
+}
+
+/// A /48 inside `fc00::/7` (RFC 4193 §3.1), given as its network address.
+fn parse_mesh_ula(s: &str) -> Result<Ipv6Net, FieldError> {
+    let net: Ipv6Net = s
+        .parse()
+        .map_err(|_| FieldError::new("mesh_ula", format!("{s:?} is not an IPv6 CIDR")))?;
+    let ula: Ipv6Net = "fc00::/7".parse().expect("constant");
+    if net.prefix_len() != 48 || net.trunc() != net || !ula.contains(&net) {
+        return Err(FieldError::new(
+            "mesh_ula",
+            format!("{net} is not a /48 network of the unique local range fc00::/7"),
+        ));
+    }
+    Ok(net)
+}
+
+/// A random RFC 4193 /48 (`fd` + 40 random bits, §3.2) from `random`, the caller's
+/// randomness: this crate reads no RNG.
+pub fn mesh_ula_from(random: [u8; 5]) -> Ipv6Net {
+    let mut o = [0u8; 16];
+    o[0] = 0xfd;
+    o[1..6].copy_from_slice(&random);
+    Ipv6Net::new(o.into(), 48).expect("48 is a valid length")
 }
 
 impl From<&ClusterSettings> for ClusterSettingsRecord {
@@ -143,6 +176,7 @@ impl From<&ClusterSettings> for ClusterSettingsRecord {
             mtu: s.mtu,
             granularity: s.granularity.to_string(),
             trust_location_network: s.trust_location_network,
+            mesh_ula: s.mesh_ula.map(|n| n.to_string()),
         }
     }
 }
@@ -182,5 +216,21 @@ mod tests {
         check(|r| r.granularity = "star".into(), "granularity");
         check(|r| r.port = 0, "port");
         check(|r| r.mtu = 100, "mtu");
+        check(|r| r.mesh_ula = Some("fd00::/64".into()), "mesh_ula");
+        check(|r| r.mesh_ula = Some("2001:db8::/48".into()), "mesh_ula");
+        check(|r| r.mesh_ula = Some("fd00:1:2:3::/48".into()), "mesh_ula");
+        check(|r| r.mesh_ula = Some("10.0.0.0/8".into()), "mesh_ula");
+    }
+
+    #[test]
+    fn mesh_ula_round_trips_and_older_settings_have_none() {
+        let s = ClusterSettings {
+            mesh_ula: Some(mesh_ula_from([0x5e, 0x1d, 0x2c, 0x9a, 0x00])),
+            ..ClusterSettings::default()
+        };
+        assert_eq!(s.mesh_ula.unwrap().to_string(), "fd5e:1d2c:9a00::/48");
+        assert_eq!(ClusterSettings::from_json(&s.to_json()).unwrap(), s);
+        let old = br#"{"cluster_cidr":"10.42.0.0/16","node_prefix_len":24,"mesh_cidr":"100.64.0.0/16","port":51820,"mtu":1420,"granularity":"full"}"#;
+        assert_eq!(ClusterSettings::from_json(old).unwrap().mesh_ula, None);
     }
 }

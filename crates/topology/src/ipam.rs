@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use wiremesh_model::ClusterSettings;
+use wiremesh_vpc::NodeId;
 
 /// The addresses of one node: its containers' block and its WireGuard address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,6 +47,8 @@ pub enum IpamError {
         cluster_cidr: IpNet,
         node_prefix_len: u8,
     },
+    #[error("pod CIDR {pod_cidr} is block {index}: past the 65535 node ids VPC addresses hold")]
+    NodeIdExhausted { pod_cidr: IpNet, index: u128 },
 }
 
 /// Block `i` of the cluster: the lowest `i` whose pod CIDR overlaps nothing in `taken`.
@@ -92,22 +95,35 @@ pub fn allocate(settings: &ClusterSettings, taken: &[IpNet]) -> Result<NodeBlock
 
 /// The mesh IP that belongs with `pod_cidr`: the inverse of [`allocate`]'s pairing.
 pub fn mesh_ip_of(settings: &ClusterSettings, pod_cidr: IpNet) -> Result<IpAddr, IpamError> {
+    mesh_ip_at(settings.mesh_cidr, block_index(settings, pod_cidr)?)
+}
+
+/// The node's 16-bit id in VPC outer addresses (`<mesh ULA>:<id>::/64`): its block
+/// index + 1, so it is as stable and unique as the pod CIDR and needs no table of
+/// its own. Id 0 is no node's.
+pub fn node_id(settings: &ClusterSettings, pod_cidr: IpNet) -> Result<NodeId, IpamError> {
+    let index = block_index(settings, pod_cidr)?;
+    u16::try_from(index + 1)
+        .map(NodeId)
+        .map_err(|_| IpamError::NodeIdExhausted { pod_cidr, index })
+}
+
+/// Which block of the cluster `pod_cidr` is.
+fn block_index(settings: &ClusterSettings, pod_cidr: IpNet) -> Result<u128, IpamError> {
     let cluster = settings.cluster_cidr;
     let host_bits = block_host_bits(settings)?;
-    let not_a_block = || IpamError::NotABlock {
-        pod_cidr,
-        cluster_cidr: cluster,
-        node_prefix_len: settings.node_prefix_len,
-    };
     if !same_family(&pod_cidr, &cluster)
         || pod_cidr.prefix_len() != settings.node_prefix_len
         || pod_cidr.trunc() != pod_cidr
         || !cluster.contains(&pod_cidr)
     {
-        return Err(not_a_block());
+        return Err(IpamError::NotABlock {
+            pod_cidr,
+            cluster_cidr: cluster,
+            node_prefix_len: settings.node_prefix_len,
+        });
     }
-    let index = (to_u128(pod_cidr.network()) - to_u128(cluster.network())) >> host_bits;
-    mesh_ip_at(settings.mesh_cidr, index)
+    Ok((to_u128(pod_cidr.network()) - to_u128(cluster.network())) >> host_bits)
 }
 
 fn block_host_bits(settings: &ClusterSettings) -> Result<u32, IpamError> {
@@ -218,6 +234,30 @@ mod tests {
         // A freed hole is reused before the next new block.
         let c = allocate(&s, &[net("10.42.1.0/24"), net("10.42.2.0/24")]).unwrap();
         assert_eq!(c.pod_cidr, net("10.42.0.0/24"));
+    }
+
+    #[test]
+    fn node_ids_follow_the_block_index() {
+        let check = |s: &ClusterSettings, cidr: &str, expect: Result<u16, ()>| {
+            assert_eq!(
+                node_id(s, net(cidr)).map(|n| n.0).map_err(|_| ()),
+                expect,
+                "{cidr}"
+            );
+        };
+        let s = ClusterSettings::default();
+        check(&s, "10.42.0.0/24", Ok(1));
+        check(&s, "10.42.1.0/24", Ok(2));
+        check(&s, "10.42.255.0/24", Ok(256));
+        check(&s, "10.42.1.0/25", Err(()));
+        check(&s, "10.43.0.0/24", Err(()));
+        let wide = settings("10.0.0.0/8", 28, "fd00::/64");
+        check(&wide, "10.0.255.224/28", Ok(4095));
+        check(&wide, "10.15.255.224/28", Ok(65535));
+        assert!(matches!(
+            node_id(&wide, net("10.15.255.240/28")),
+            Err(IpamError::NodeIdExhausted { index: 65535, .. })
+        ));
     }
 
     #[test]

@@ -12,8 +12,10 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use serde::Serialize;
 use wiremesh_model::{
-    ExternalPeer, Granularity, Location, Node, NodeName, PublicKey, DEFAULT_NAT_KEEPALIVE_SECS,
+    ClusterSettings, ExternalPeer, Granularity, Location, Node, NodeName, PublicKey,
+    DEFAULT_NAT_KEEPALIVE_SECS,
 };
+use wiremesh_vpc::wire::MeshPrefix;
 
 use crate::{leaders, Snapshot};
 
@@ -144,7 +146,7 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
     match settings.granularity {
         Granularity::Full => {
             for m in nodes.iter().filter(|m| m.name != me.name) {
-                plan.node_peer(m, own_prefixes(m));
+                plan.node_peer(m, mesh_prefixes(settings, m));
             }
             for e in &snapshot.peers {
                 plan.external_peer(e);
@@ -157,8 +159,8 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
                 .filter(|m| m.name != me.name && m.location == me.location)
             {
                 match gateway_between(trusted, me, m) {
-                    Some(via) => plan.gateway(own_prefixes(m), via),
-                    None => plan.node_peer(m, own_prefixes(m)),
+                    Some(via) => plan.gateway(mesh_prefixes(settings, m), via),
+                    None => plan.node_peer(m, mesh_prefixes(settings, m)),
                 }
             }
             let my_leader = &leaders[&me.location];
@@ -168,7 +170,7 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
                     let prefixes = nodes
                         .iter()
                         .filter(|n| &n.location == location)
-                        .flat_map(|n| own_prefixes(n));
+                        .flat_map(|n| mesh_prefixes(settings, n));
                     plan.node_peer(leader, prefixes);
                 }
                 for e in &snapshot.peers {
@@ -180,7 +182,7 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
                 let remote = nodes
                     .iter()
                     .filter(|n| n.location != me.location)
-                    .flat_map(|n| own_prefixes(n));
+                    .flat_map(|n| mesh_prefixes(settings, n));
                 let external = snapshot
                     .peers
                     .iter()
@@ -225,6 +227,20 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
 /// A node's own prefixes: its pod CIDR and its mesh IP as a host prefix.
 pub(crate) fn own_prefixes(node: &Node) -> [IpNet; 2] {
     [node.pod_cidr, IpNet::from(node.mesh_ip)]
+}
+
+/// What other nodes route to a node: [`own_prefixes`] and, when the cluster has a
+/// mesh ULA, the `/64` its VPCs' outer addresses lie in (one per node whatever the
+/// number of VPCs). A node whose pod CIDR is no block of the cluster has no node id,
+/// hence no `/64`: it hosts no VPC. External peers are never VPC members, so their
+/// view ([`crate::external_view`]) leaves the `/64`s out.
+pub(crate) fn mesh_prefixes(settings: &ClusterSettings, node: &Node) -> Vec<IpNet> {
+    let vpc_net = settings.mesh_ula.and_then(|ula| {
+        let id = crate::ipam::node_id(settings, node.pod_cidr).ok()?;
+        let prefix = MeshPrefix::new(ula).ok()?;
+        Some(IpNet::V6(prefix.node_net(id)))
+    });
+    own_prefixes(node).into_iter().chain(vpc_net).collect()
 }
 
 /// With a trusted location network, two nodes of one location talk in the clear
@@ -344,7 +360,7 @@ pub(crate) fn validate(snapshot: &Snapshot) -> Result<(), TopologyError> {
             (
                 format!("node {}", n.name),
                 n.public_key,
-                own_prefixes(n).to_vec(),
+                mesh_prefixes(&snapshot.settings, n),
             )
         })
         .collect();
