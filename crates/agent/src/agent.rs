@@ -150,6 +150,7 @@ pub fn run(
         persistent_keepalive: config.persistent_keepalive,
         leader_preference: config.leader_preference,
         observed_endpoints: Default::default(),
+        suspected_leaders: Default::default(),
         last_seen: unix_now(),
     };
     let mut state = LoopState {

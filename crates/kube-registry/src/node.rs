@@ -32,9 +32,11 @@ pub const LEADER_PREFERENCE: &str = "wiremesh.io/leader-preference";
 pub const PERSISTENT_KEEPALIVE: &str = "wiremesh.io/persistent-keepalive";
 /// JSON object `{"node": "IP:port"}`: endpoints this node learned for NATed peers.
 pub const OBSERVED_ENDPOINTS: &str = "wiremesh.io/observed-endpoints";
+/// Comma-separated node names: leaders this node's probes failed through.
+pub const SUSPECTED_LEADERS: &str = "wiremesh.io/suspected-leaders";
 
 /// Every annotation wiremesh reads or writes on a Node, in the order they are documented.
-pub const ANNOTATIONS: [&str; 7] = [
+pub const ANNOTATIONS: [&str; 8] = [
     PUBLIC_KEY,
     LOCATION,
     PUBLIC_ENDPOINT,
@@ -42,6 +44,7 @@ pub const ANNOTATIONS: [&str; 7] = [
     LEADER_PREFERENCE,
     PERSISTENT_KEEPALIVE,
     OBSERVED_ENDPOINTS,
+    SUSPECTED_LEADERS,
 ];
 
 /// The well-known label a node's location falls back to.
@@ -135,6 +138,16 @@ pub fn node_from_kube(
         persistent_keepalive,
         leader_preference,
         observed_endpoints,
+        suspected_leaders: annotations
+            .get(SUSPECTED_LEADERS)
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
         last_seen,
     };
     let mut node = Node::try_from(record).map_err(|e| {
@@ -160,6 +173,7 @@ fn kube_field(model_field: &str, location_field: &str) -> String {
         "pod_cidr" => "spec.podCIDR".into(),
         "persistent_keepalive" => annotation_field(PERSISTENT_KEEPALIVE),
         f if f.starts_with("observed_endpoints") => annotation_field(OBSERVED_ENDPOINTS),
+        f if f.starts_with("suspected_leaders") => annotation_field(SUSPECTED_LEADERS),
         other => other.into(),
     }
 }
@@ -193,6 +207,17 @@ pub fn node_annotations(node: &Node) -> BTreeMap<&'static str, Option<String>> {
             node.persistent_keepalive.map(|k| k.to_string()),
         ),
         (OBSERVED_ENDPOINTS, observed),
+        (
+            SUSPECTED_LEADERS,
+            (!node.suspected_leaders.is_empty()).then(|| {
+                let names: Vec<String> = node
+                    .suspected_leaders
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect();
+                names.join(",")
+            }),
+        ),
     ])
 }
 
@@ -203,11 +228,11 @@ pub fn node_patch(node: &Node) -> serde_json::Value {
 }
 
 /// The merge patch that takes a node out of the mesh: the annotations its agent
-/// learned (public key, observed endpoints) removed; those an administrator sets
+/// learned (public key, observed endpoints, suspected leaders) removed; those an administrator sets
 /// (location, endpoints, leader preference, keepalive) stay for the next agent to
 /// read. A Node without a public key is not in the mesh.
 pub fn leave_patch() -> serde_json::Value {
-    let none: BTreeMap<&str, Option<String>> = [PUBLIC_KEY, OBSERVED_ENDPOINTS]
+    let none: BTreeMap<&str, Option<String>> = [PUBLIC_KEY, OBSERVED_ENDPOINTS, SUSPECTED_LEADERS]
         .into_iter()
         .map(|a| (a, None))
         .collect();
@@ -335,6 +360,7 @@ mod tests {
                 "b1".parse().unwrap(),
                 "198.51.100.7:40000".parse().unwrap(),
             )]),
+            suspected_leaders: ["a2".parse().unwrap()].into(),
             last_seen: 1_700_000_000,
         }
     }
@@ -386,6 +412,7 @@ mod tests {
         node.persistent_keepalive = None;
         node.leader_preference = 0;
         node.observed_endpoints.clear();
+        node.suspected_leaders.clear();
         let o = annotated(&node);
         assert_eq!(
             o.metadata.annotations.as_ref().unwrap().len(),
@@ -512,6 +539,7 @@ mod tests {
         node.private_endpoint = None;
         node.observed_endpoints.clear();
         node.leader_preference = 0;
+        node.suspected_leaders.clear();
         let expected = serde_json::json!({"metadata": {"annotations": {
             "wiremesh.io/public-key": KEY,
             "wiremesh.io/location": "cloud-a",
@@ -520,12 +548,13 @@ mod tests {
             "wiremesh.io/leader-preference": null,
             "wiremesh.io/persistent-keepalive": "25",
             "wiremesh.io/observed-endpoints": null,
+            "wiremesh.io/suspected-leaders": null,
         }}});
         assert_eq!(node_patch(&node), expected);
         let leave = leave_patch();
         let removed = leave["metadata"]["annotations"].as_object().unwrap();
         let keys: Vec<&str> = removed.keys().map(String::as_str).collect();
-        assert_eq!(keys, [OBSERVED_ENDPOINTS, PUBLIC_KEY]);
+        assert_eq!(keys, [OBSERVED_ENDPOINTS, PUBLIC_KEY, SUSPECTED_LEADERS]);
         assert!(removed.values().all(|v| v.is_null()));
     }
 

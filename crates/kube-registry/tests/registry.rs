@@ -263,6 +263,7 @@ async fn publish_sends_one_merge_patch_of_the_annotations() {
             "b1".parse().unwrap(),
             "198.51.100.7:40000".parse().unwrap(),
         )]),
+        suspected_leaders: Default::default(),
         last_seen: NOW,
     };
     let (client, server) = serve(|_, _| (200, node_object("a1", "10.42.1.0/24", &[])));
@@ -283,6 +284,7 @@ async fn publish_sends_one_merge_patch_of_the_annotations() {
         "wiremesh.io/leader-preference": "3",
         "wiremesh.io/persistent-keepalive": null,
         "wiremesh.io/observed-endpoints": "{\"b1\":\"198.51.100.7:40000\"}",
+        "wiremesh.io/suspected-leaders": null,
     }}});
     assert_eq!(sent[0].body, expected);
     assert_eq!(sent[0].body, node_patch(&node));
@@ -342,7 +344,7 @@ async fn leave_deletes_the_lease_and_removes_the_annotations() {
         ]
     );
     let annotations = sent[1].body["metadata"]["annotations"].as_object().unwrap();
-    assert_eq!(annotations.len(), 2, "the administrator's annotations stay");
+    assert_eq!(annotations.len(), 3, "the administrator's annotations stay");
     assert!(annotations.values().all(Value::is_null));
 }
 

@@ -1,6 +1,6 @@
 //! A node of the cluster: one host running `wiremesh agent`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -29,6 +29,11 @@ pub struct Node {
     /// Endpoints this node has observed for peers that have no public endpoint,
     /// learned from their authenticated packets (NAT discovery).
     pub observed_endpoints: BTreeMap<NodeName, SocketAddr>,
+    /// Leaders of this node's location that stopped forwarding for it: its probes
+    /// through them to other locations failed. A majority of a location's other
+    /// nodes suspecting its leader takes the leadership away (see
+    /// `wiremesh_topology::leaders`).
+    pub suspected_leaders: BTreeSet<NodeName>,
     /// Unix seconds of the node's last heartbeat.
     pub last_seen: u64,
 }
@@ -52,6 +57,8 @@ pub struct NodeRecord {
     pub leader_preference: i32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub observed_endpoints: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspected_leaders: Vec<String>,
     #[serde(default)]
     pub last_seen: u64,
 }
@@ -124,6 +131,13 @@ impl TryFrom<NodeRecord> for Node {
             let field = format!("observed_endpoints.{peer}");
             observed_endpoints.insert(peer, parse_endpoint(&field, endpoint).map_err(within)?);
         }
+        let suspected_leaders = r
+            .suspected_leaders
+            .iter()
+            .map(|n| {
+                NodeName::try_from(n.clone()).map_err(|e| within(e.within("suspected_leaders")))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Node {
             name,
             location,
@@ -135,6 +149,7 @@ impl TryFrom<NodeRecord> for Node {
             persistent_keepalive: r.persistent_keepalive,
             leader_preference: r.leader_preference,
             observed_endpoints,
+            suspected_leaders,
             last_seen: r.last_seen,
         })
     }
@@ -157,6 +172,7 @@ impl From<&Node> for NodeRecord {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            suspected_leaders: n.suspected_leaders.iter().map(|n| n.to_string()).collect(),
             last_seen: n.last_seen,
         }
     }
@@ -198,6 +214,7 @@ mod tests {
             persistent_keepalive: None,
             leader_preference: 0,
             observed_endpoints: BTreeMap::new(),
+            suspected_leaders: vec!["a2".into()],
             last_seen: 1,
         }
     }
@@ -230,6 +247,10 @@ mod tests {
             "node a1.persistent_keepalive",
         );
         check(|r| r.name = "A1".into(), "name");
+        check(
+            |r| r.suspected_leaders = vec!["Not A Name".into()],
+            "node a1.suspected_leaders.name",
+        );
     }
 
     #[test]

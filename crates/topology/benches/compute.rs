@@ -47,6 +47,7 @@ fn node(i: usize, locations: usize) -> Node {
         persistent_keepalive: None,
         leader_preference: 0,
         observed_endpoints: BTreeMap::new(),
+        suspected_leaders: Default::default(),
         last_seen: 0,
     }
 }

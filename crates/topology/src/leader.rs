@@ -12,29 +12,50 @@ use wiremesh_model::{Location, Node, NodeName};
 
 use crate::Snapshot;
 
-/// The leader of every location: highest `leader_preference`, then a node with a
-/// public endpoint (nodes of other locations can dial it), then the lowest name.
+/// The leader of every location: a node that most of its location does not suspect
+/// of having stopped forwarding (see [`Node::suspected_leaders`]), then the highest
+/// `leader_preference`, then a node with a public endpoint (nodes of other
+/// locations can dial it), then the lowest name.
 pub fn leaders(snapshot: &Snapshot) -> BTreeMap<Location, NodeName> {
-    let mut best: BTreeMap<&Location, &Node> = BTreeMap::new();
+    let mut best: BTreeMap<&Location, (Rank, &Node)> = BTreeMap::new();
     for node in &snapshot.nodes {
+        let r = rank(snapshot, node);
         best.entry(&node.location)
-            .and_modify(|b| {
-                if rank(node) < rank(b) {
+            .and_modify(|(b_rank, b)| {
+                if r < *b_rank {
+                    *b_rank = r;
                     *b = node;
                 }
             })
-            .or_insert(node);
+            .or_insert((r, node));
     }
     best.into_iter()
-        .map(|(loc, node)| (loc.clone(), node.name.clone()))
+        .map(|(loc, (_, node))| (loc.clone(), node.name.clone()))
         .collect()
 }
 
 /// Smaller is better.
-fn rank(node: &Node) -> (Reverse<i32>, bool, &NodeName) {
+type Rank<'a> = (bool, Reverse<i32>, bool, &'a NodeName);
+
+fn rank<'a>(snapshot: &Snapshot, node: &'a Node) -> Rank<'a> {
     (
+        demoted(snapshot, node),
         Reverse(node.leader_preference),
         node.behind_nat(),
         &node.name,
     )
+}
+
+/// Whether more than half of `node`'s location (itself aside) suspects it. A
+/// majority, so that one node whose own tunnel broke cannot depose a working
+/// leader; if every node is suspected, the usual order decides among them.
+fn demoted(snapshot: &Snapshot, node: &Node) -> bool {
+    let (mut others, mut votes) = (0usize, 0usize);
+    for n in &snapshot.nodes {
+        if n.location == node.location && n.name != node.name {
+            others += 1;
+            votes += usize::from(n.suspected_leaders.contains(&node.name));
+        }
+    }
+    votes * 2 > others
 }

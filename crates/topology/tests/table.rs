@@ -251,6 +251,38 @@ fn election_order() {
 }
 
 #[test]
+fn a_leader_its_location_suspects_loses_the_election() {
+    let mut s = three_sites(Granularity::Location);
+    s.nodes[0].leader_preference = 5;
+    let cloud_a = "cloud-a".parse().unwrap();
+    assert_eq!(leaders(&s)[&cloud_a], name("a1"));
+    // a2, the only other node of cloud-a, cannot forward through a1: a1 steps down,
+    // whatever its preference.
+    s.nodes[1].suspected_leaders.insert(name("a1"));
+    assert_eq!(leaders(&s)[&cloud_a], name("a2"));
+    // Suspicion from another location does not count.
+    s.nodes[1].suspected_leaders.clear();
+    s.nodes[2].suspected_leaders.insert(name("a1"));
+    assert_eq!(leaders(&s)[&cloud_a], name("a1"));
+    // With three nodes, one suspicion is not a majority; two are.
+    let mut a3 = node("a3", "cloud-a", Some("203.0.113.3:51820"), None, 9);
+    a3.suspected_leaders.insert(name("a1"));
+    s.nodes.push(a3);
+    assert_eq!(leaders(&s)[&cloud_a], name("a1"));
+    s.nodes[1].suspected_leaders.insert(name("a1"));
+    assert_eq!(leaders(&s)[&cloud_a], name("a2"));
+    // Everyone suspected: the usual order decides.
+    for i in [1, 6] {
+        s.nodes[i].suspected_leaders.insert(name("a2"));
+        s.nodes[i].suspected_leaders.insert(name("a3"));
+    }
+    s.nodes[0]
+        .suspected_leaders
+        .extend([name("a2"), name("a3")]);
+    assert_eq!(leaders(&s)[&cloud_a], name("a1"));
+}
+
+#[test]
 fn errors_name_what_is_wrong() {
     let s = three_sites(Granularity::Location);
     assert_eq!(

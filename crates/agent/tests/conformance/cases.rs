@@ -121,6 +121,7 @@ fn node(node: &NodeName, block: &ipam::NodeBlock, n: u8) -> Node {
         persistent_keepalive: None,
         leader_preference: 0,
         observed_endpoints: Default::default(),
+        suspected_leaders: Default::default(),
         last_seen: 0,
     }
 }

@@ -340,6 +340,7 @@ impl Bed {
             persistent_keepalive: None,
             leader_preference: 0,
             observed_endpoints: Default::default(),
+            suspected_leaders: Default::default(),
             last_seen: 0,
         };
         let lease = self.cluster.store.grant_lease(Duration::from_secs(3600))?;

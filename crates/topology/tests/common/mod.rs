@@ -31,6 +31,7 @@ pub fn node(
         persistent_keepalive: None,
         leader_preference: 0,
         observed_endpoints: BTreeMap::new(),
+        suspected_leaders: Default::default(),
         last_seen: 0,
     }
 }
