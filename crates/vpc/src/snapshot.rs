@@ -39,7 +39,7 @@ pub struct Records {
 #[derive(Debug, Clone, Copy)]
 pub struct Mesh<'a> {
     pub prefix: MeshPrefix,
-    /// Every node of the cluster with its id (unique, from the agent's address plan).
+    /// Every node of the cluster with its id, from the agent's address plan.
     pub nodes: &'a BTreeMap<NodeName, NodeId>,
 }
 
@@ -84,9 +84,27 @@ fn bad(record: String, error: FieldError) -> BadRecord {
 impl VpcSnapshot {
     pub fn build(records: Records, mesh: Mesh<'_>) -> (VpcSnapshot, Vec<BadRecord>) {
         let mut bads = Vec::new();
+        // Outer addresses name nodes by id: two nodes on one id could speak for each
+        // other. The first by name keeps it; the other is left out, and its members
+        // and endpoints with it.
+        let mut node_ids = BTreeMap::new();
+        let mut owners: BTreeMap<NodeId, &NodeName> = BTreeMap::new();
+        for (name, id) in mesh.nodes {
+            match owners.get(id) {
+                Some(owner) => {
+                    let key = format!("node {name}");
+                    let reason = format!("{id} is node {owner}'s id");
+                    bads.push(bad(key.clone(), FieldError::new("id", reason).within(&key)));
+                }
+                None => {
+                    owners.insert(*id, name);
+                    node_ids.insert(name.clone(), *id);
+                }
+            }
+        }
         let mut snapshot = VpcSnapshot {
             vpcs: BTreeMap::new(),
-            node_ids: mesh.nodes.clone(),
+            node_ids,
         };
         let Records {
             mut vpcs,
@@ -116,7 +134,7 @@ impl VpcSnapshot {
         members.sort_by(|a, b| (&a.vpc, &a.node).cmp(&(&b.vpc, &b.node)));
         for member in members {
             let key = format!("member {}/{}", member.vpc, member.node);
-            match check_member(&snapshot, &member, mesh.nodes) {
+            match check_member(&snapshot, &member) {
                 Ok(()) => {
                     let state = snapshot.vpcs.get_mut(&member.vpc).expect("checked");
                     state.members.insert(member.node.clone(), member);
@@ -160,7 +178,7 @@ impl VpcSnapshot {
                 "endpoint {}/{}/{}/{}",
                 endpoint.vpc, endpoint.namespace, endpoint.service, endpoint.address
             );
-            match check_endpoint(&snapshot, &endpoint, mesh.nodes) {
+            match check_endpoint(&snapshot, &endpoint) {
                 Ok(()) => {
                     let state = snapshot.vpcs.get_mut(&endpoint.vpc).expect("checked");
                     let svc = state
@@ -209,16 +227,12 @@ fn check_vpc(
     Ok(())
 }
 
-fn check_member(
-    snapshot: &VpcSnapshot,
-    member: &VpcMember,
-    nodes: &BTreeMap<NodeName, NodeId>,
-) -> Result<(), FieldError> {
+fn check_member(snapshot: &VpcSnapshot, member: &VpcMember) -> Result<(), FieldError> {
     let state = snapshot
         .vpcs
         .get(&member.vpc)
         .ok_or_else(|| FieldError::new("vpc", format!("no VPC {}", member.vpc)))?;
-    if !nodes.contains_key(&member.node) {
+    if !snapshot.node_ids.contains_key(&member.node) {
         return Err(FieldError::new("node", format!("no node {}", member.node)));
     }
     if state.members.contains_key(&member.node) {
@@ -290,11 +304,7 @@ fn check_service(snapshot: &VpcSnapshot, service: &Service) -> Result<(), FieldE
     Ok(())
 }
 
-fn check_endpoint(
-    snapshot: &VpcSnapshot,
-    endpoint: &Endpoint,
-    nodes: &BTreeMap<NodeName, NodeId>,
-) -> Result<(), FieldError> {
+fn check_endpoint(snapshot: &VpcSnapshot, endpoint: &Endpoint) -> Result<(), FieldError> {
     let state = snapshot
         .vpcs
         .get(&endpoint.vpc)
@@ -308,7 +318,7 @@ fn check_endpoint(
                 format!("no service {}/{}", endpoint.namespace, endpoint.service),
             )
         })?;
-    if !nodes.contains_key(&endpoint.node) {
+    if !snapshot.node_ids.contains_key(&endpoint.node) {
         return Err(FieldError::new(
             "node",
             format!("no node {}", endpoint.node),
@@ -594,6 +604,31 @@ pub(crate) mod tests {
             "endpoint blue/web/db/10.10.1.5",
             "address",
         );
+    }
+
+    #[test]
+    fn a_node_id_taken_twice_leaves_the_second_node_out() {
+        let mut nodes = nodes();
+        nodes.insert("n0".parse().unwrap(), NodeId(2));
+        let (snap, bads) = VpcSnapshot::build(
+            records(),
+            Mesh {
+                prefix: prefix(),
+                nodes: &nodes,
+            },
+        );
+        // n0 sorts first and keeps id 2: n2 is out, with its member and endpoint.
+        let records: Vec<&str> = bads.iter().map(|b| b.record.as_str()).collect();
+        assert_eq!(
+            records,
+            [
+                "node n2",
+                "member blue/n2",
+                "endpoint blue/web/db/10.10.2.5"
+            ]
+        );
+        assert_eq!(bads[0].error.field, "node n2.id");
+        assert!(!snap.node_ids.contains_key(&"n2".parse().unwrap()));
     }
 
     #[test]
