@@ -295,6 +295,7 @@ fn connections_spread_over_the_backends() {
     for _ in 0..300 {
         *counts.entry(who(&bed.clients[0])).or_default() += 1;
     }
+    println!("300 connections through the VIP: {counts:?}");
     assert_eq!(counts.len(), 3, "{counts:?}");
     for (backend, n) in &counts {
         // 20–47 %: far outside what a fair 1/3 choice gives in 300 tries (p < 1e-6).
