@@ -9,10 +9,10 @@ use crate::report::Report;
 use crate::scenario::Scenario;
 use crate::stats::Spread;
 
-const W: f64 = 720.0;
+const W: f64 = 820.0;
 const H: f64 = 420.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 170.0;
+const RIGHT: f64 = 250.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
 /// Colour-blind-safe (Okabe–Ito) line colours.
@@ -179,28 +179,63 @@ impl LineChart {
     }
 }
 
-/// Bars with a min–max whisker: one per `(label, value)`.
-pub fn bar_chart(title: &str, y_label: &str, bars: &[(String, Spread)]) -> String {
-    let mut out = String::new();
-    header(&mut out, title, y_label, "");
+/// Horizontal bars with a min–max whisker, one row per `(label, value)`, the
+/// median written at the bar's end; a value at or above `limit` reads "not
+/// recovered".
+pub fn bar_chart(title: &str, x_label: &str, bars: &[(String, Spread)], limit: f64) -> String {
+    const LABELS: f64 = 300.0;
+    const ROW: f64 = 24.0;
+    let height = TOP + ROW * bars.len().max(1) as f64 + BOTTOM;
+    let right = W - 90.0;
     let max = bars.iter().map(|(_, s)| s.max).fold(0.0, f64::max);
-    let top = y_axis(&mut out, max);
-    let slot = (W - LEFT - RIGHT) / bars.len().max(1) as f64;
-    for (i, (label, s)) in bars.iter().enumerate() {
-        let x = LEFT + slot * i as f64 + slot * 0.15;
-        let w = slot * 0.7;
-        let y = y_pos(s.median, top);
-        let colour = COLOURS[i % COLOURS.len()];
-        let cx = x + w / 2.0;
+    let ticks = ticks(max);
+    let top = *ticks.last().unwrap_or(&1.0);
+    let x_pos = |v: f64| LABELS + (v / top).clamp(0.0, 1.0) * (right - LABELS);
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{height}\" viewBox=\"0 0 {W} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"{W}\" height=\"{height}\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+        W / 2.0,
+        escape(title),
+        (LABELS + right) / 2.0,
+        height - 10.0,
+        escape(x_label),
+    );
+    for t in &ticks {
+        let x = x_pos(*t);
         let _ = writeln!(
             out,
-            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{colour}\"/><line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\n<text x=\"{cx:.1}\" y=\"{}\" text-anchor=\"end\" transform=\"rotate(-30 {cx:.1} {})\">{}</text>",
-            H - BOTTOM - y,
-            y_pos(s.min, top),
-            y_pos(s.max, top),
-            H - BOTTOM + 14.0,
-            H - BOTTOM + 14.0,
-            escape(label)
+            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{TOP}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            height - BOTTOM,
+            height - BOTTOM + 16.0,
+            fmt_tick(*t)
+        );
+    }
+    for (i, (label, s)) in bars.iter().enumerate() {
+        let y = TOP + ROW * i as f64;
+        let colour = COLOURS[i % COLOURS.len()];
+        let value = if s.median >= limit {
+            "not recovered".to_string()
+        } else {
+            format!("{:.2}", s.median)
+        };
+        let cy = y + ROW / 2.0;
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{LABELS}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/><line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{cy:.1}\" y2=\"{cy:.1}\" stroke=\"#333\"/><text x=\"{:.1}\" y=\"{:.1}\">{value}</text>",
+            LABELS - 8.0,
+            cy + 4.0,
+            escape(label),
+            y + 4.0,
+            x_pos(s.median) - LABELS,
+            ROW - 8.0,
+            x_pos(s.min),
+            x_pos(s.max),
+            x_pos(s.max) + 6.0,
+            cy + 4.0,
         );
     }
     out.push_str("</svg>\n");
@@ -331,9 +366,10 @@ pub fn plots(report: &Report) -> Vec<(String, String)> {
         out.push((
             "recovery-times.svg".into(),
             bar_chart(
-                &format!("Recovery time after an event ({limit:.0} s = not recovered)"),
-                "seconds until requests succeed again",
+                &format!("Recovery time after an event (tried for {limit:.0} s)"),
+                "seconds until requests succeed again (median, min–max)",
                 &bars,
+                limit,
             ),
         ));
     }
@@ -389,6 +425,18 @@ mod tests {
             assert!(svg.contains(x), "{x}");
         }
         assert!(!svg.contains("NaN"));
+    }
+
+    #[test]
+    fn bar_chart_has_a_row_per_bar_and_says_not_recovered() {
+        let svg = bar_chart(
+            "t",
+            "x",
+            &[("a".into(), spread(1.0)), ("b".into(), spread(20.0))],
+            20.0,
+        );
+        assert_eq!(svg.matches("<rect").count(), 3, "background and two bars");
+        assert!(svg.contains(">1.00<") && svg.contains(">not recovered<"));
     }
 
     #[test]
