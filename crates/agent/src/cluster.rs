@@ -5,7 +5,12 @@
 //! - `nodes/<name>`: each node's [`Node`] record, under the node's lease;
 //! - `peers/<name>`: external peers;
 //! - `ipam/<pod-cidr>`: which node holds a pod CIDR (no lease: survives restarts);
-//! - `status/<name>`: what each node's device reports (handshakes, bytes), under its lease.
+//! - `status/<name>`: what each node's device reports (handshakes, bytes), under its lease;
+//! - `vpcs/<vpc>/vpc`: a VPC; `vpcs/<vpc>/members/<node>`: a node's blocks of its pod
+//!   CIDRs, each claimed first at `vpcs/<vpc>/blocks/<cidr>` (compare-and-swap, like
+//!   `ipam/`); `vpcs/<vpc>/services/<ns>/<name>` and
+//!   `vpcs/<vpc>/endpoints/<ns>/<service>/<address>`. One prefix per VPC, so a VPC
+//!   is listed, watched and deleted as one.
 //!
 //! A record that fails to parse is reported with its key and the field, and left
 //! out of the snapshot: it never stops the rest of the mesh.
@@ -14,6 +19,7 @@
 //! benchmarks and the tests also reach its keys directly.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,10 +27,16 @@ use ipnet::IpNet;
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName, PeerName};
 use wiremesh_registry::{Address, EtcdOptions, Event, LeaseId, Revision, Store, StoreError, Watch};
 use wiremesh_topology::{ipam, Snapshot};
+use wiremesh_vpc::record::from_json;
+use wiremesh_vpc::snapshot::Records;
+use wiremesh_vpc::{
+    Endpoint, EndpointRecord, Label, Service, ServiceRecord, Vpc, VpcMember, VpcMemberRecord,
+    VpcRecord,
+};
 
 use crate::registry::{
     set_aside_conflicts, BadRecord, Change, Changes, Membership, NodeStatus, Registry,
-    RegistryError,
+    RegistryError, ServiceId,
 };
 
 /// Open a registry from its address: `dir:/path` (or a bare path) for the embedded
@@ -255,6 +267,203 @@ impl Cluster {
             .collect())
     }
 
+    fn vpc_key(&self, vpc: &Label, rest: &str) -> String {
+        self.key(&format!("vpcs/{vpc}/{rest}"))
+    }
+
+    fn service_key(&self, id: &ServiceId) -> String {
+        self.vpc_key(&id.vpc, &format!("services/{}/{}", id.namespace, id.name))
+    }
+
+    fn endpoint_key(&self, id: &ServiceId, address: IpAddr) -> String {
+        self.vpc_key(
+            &id.vpc,
+            &format!("endpoints/{}/{}/{address}", id.namespace, id.name),
+        )
+    }
+
+    /// Every VPC record under `vpcs/`; one whose key does not match its contents is bad
+    /// (a record filed under another VPC's or service's key is not believed).
+    pub fn vpc_records(&self) -> Result<(Records, Vec<BadRecord>), ClusterError> {
+        let prefix = self.key("vpcs/");
+        let (kvs, _) = self.store.list(&prefix)?;
+        let mut records = Records::default();
+        let mut bad = Vec::new();
+        for kv in kvs {
+            let kind = kv.key[prefix.len()..].split('/').nth(1).unwrap_or_default();
+            let parsed =
+                match kind {
+                    "vpc" => from_json::<VpcRecord, _>("vpc", &kv.value).map(VpcRecordKind::Vpc),
+                    "members" => from_json::<VpcMemberRecord, _>("member", &kv.value)
+                        .map(VpcRecordKind::Member),
+                    "services" => from_json::<ServiceRecord, _>("service", &kv.value)
+                        .map(VpcRecordKind::Service),
+                    "endpoints" => from_json::<EndpointRecord, _>("endpoint", &kv.value)
+                        .map(VpcRecordKind::Endpoint),
+                    "blocks" => continue,
+                    other => Err(FieldError::new(
+                        "key",
+                        format!("unknown VPC record kind {other:?}"),
+                    )),
+                };
+            let error = match parsed {
+                Ok(record) => {
+                    let key = self.key_of(&record);
+                    if key == kv.key {
+                        record.add_to(&mut records);
+                        continue;
+                    }
+                    FieldError::new("key", format!("its contents belong at {key}"))
+                }
+                Err(error) => error,
+            };
+            bad.push(BadRecord {
+                key: kv.key.clone(),
+                error,
+            });
+        }
+        Ok((records, bad))
+    }
+
+    fn key_of(&self, record: &VpcRecordKind) -> String {
+        match record {
+            VpcRecordKind::Vpc(v) => self.vpc_key(&v.name, "vpc"),
+            VpcRecordKind::Member(m) => self.vpc_key(&m.vpc, &format!("members/{}", m.node)),
+            VpcRecordKind::Service(s) => self.service_key(&ServiceId::from(s)),
+            VpcRecordKind::Endpoint(e) => self.endpoint_key(&ServiceId::of(e), e.address),
+        }
+    }
+
+    pub fn create_vpc(&self, vpc: &Vpc) -> Result<bool, ClusterError> {
+        let json = serde_json::to_vec_pretty(&VpcRecord::from(vpc)).expect("records serialize");
+        Ok(self
+            .store
+            .compare_and_put(&self.vpc_key(&vpc.name, "vpc"), None, &json, None)?)
+    }
+
+    /// Deletes the VPC record first, so a reader never sees members of no VPC as valid.
+    pub fn delete_vpc(&self, name: &Label) -> Result<bool, ClusterError> {
+        let existed = self.store.delete(&self.vpc_key(name, "vpc"))?;
+        let (kvs, _) = self.store.list(&self.vpc_key(name, ""))?;
+        for kv in kvs {
+            self.store.delete(&kv.key)?;
+        }
+        Ok(existed)
+    }
+
+    /// `node`'s member record of `vpc`: one block of each of its pod CIDRs, the block
+    /// it holds if any, else the lowest free one (compare-and-swap on the block's key).
+    pub fn claim_vpc_member(&self, vpc: &Vpc, node: &NodeName) -> Result<VpcMember, RegistryError> {
+        let member_key = self.vpc_key(&vpc.name, &format!("members/{node}"));
+        if let Some(kv) = self.store.get(&member_key).map_err(ClusterError::from)? {
+            if let Ok(m) = from_json::<VpcMemberRecord, VpcMember>("member", &kv.value) {
+                let inside = m.pod_cidrs.len() == vpc.pod_cidrs.len()
+                    && m.pod_cidrs
+                        .iter()
+                        .all(|b| vpc.pod_cidrs.iter().any(|c| c.contains(b)));
+                if &m.node == node && inside {
+                    return Ok(m);
+                }
+            }
+        }
+        let block_key = |cidr: &IpNet| {
+            self.vpc_key(
+                &vpc.name,
+                &format!("blocks/{}", cidr.to_string().replace('/', "_")),
+            )
+        };
+        let mut pod_cidrs = Vec::new();
+        for &cidr in &vpc.pod_cidrs {
+            let block = loop {
+                let (kvs, _) = self
+                    .store
+                    .list(&self.vpc_key(&vpc.name, "blocks/"))
+                    .map_err(ClusterError::from)?;
+                let blocks: Vec<(IpNet, &[u8])> = kvs
+                    .iter()
+                    .filter_map(|kv| {
+                        let cidr = kv.key.rsplit('/').next()?.replace('_', "/").parse().ok()?;
+                        Some((cidr, kv.value.as_slice()))
+                    })
+                    .collect();
+                if let Some((held, _)) = blocks
+                    .iter()
+                    .find(|(b, owner)| cidr.contains(b) && *owner == node.as_str().as_bytes())
+                {
+                    break *held;
+                }
+                let taken: Vec<IpNet> = blocks.iter().map(|(b, _)| *b).collect();
+                let free = ipam::allocate_member(cidr, &taken).ok_or_else(|| {
+                    RegistryError::VpcExhausted {
+                        vpc: vpc.name.clone(),
+                        cidr,
+                        node: node.clone(),
+                    }
+                })?;
+                if self
+                    .store
+                    .compare_and_put(&block_key(&free), None, node.as_str().as_bytes(), None)
+                    .map_err(ClusterError::from)?
+                {
+                    break free;
+                }
+                // Lost a race for this block: look again.
+            };
+            pod_cidrs.push(block);
+        }
+        let member = VpcMember {
+            vpc: vpc.name.clone(),
+            node: node.clone(),
+            pod_cidrs,
+        };
+        let json =
+            serde_json::to_vec_pretty(&VpcMemberRecord::from(&member)).expect("records serialize");
+        self.store
+            .put(&member_key, &json, None)
+            .map_err(ClusterError::from)?;
+        Ok(member)
+    }
+
+    pub fn leave_vpc(&self, vpc: &Label, node: &NodeName) -> Result<(), ClusterError> {
+        self.store
+            .delete(&self.vpc_key(vpc, &format!("members/{node}")))?;
+        let (kvs, _) = self.store.list(&self.vpc_key(vpc, "blocks/"))?;
+        for kv in kvs.iter().filter(|kv| kv.value == node.as_str().as_bytes()) {
+            self.store.delete(&kv.key)?;
+        }
+        Ok(())
+    }
+
+    pub fn put_service(&self, service: &Service) -> Result<(), ClusterError> {
+        let json =
+            serde_json::to_vec_pretty(&ServiceRecord::from(service)).expect("records serialize");
+        self.store
+            .put(&self.service_key(&ServiceId::from(service)), &json, None)?;
+        Ok(())
+    }
+
+    pub fn delete_service(&self, id: &ServiceId) -> Result<bool, ClusterError> {
+        let existed = self.store.delete(&self.service_key(id))?;
+        let endpoints = self.vpc_key(&id.vpc, &format!("endpoints/{}/{}/", id.namespace, id.name));
+        for kv in self.store.list(&endpoints)?.0 {
+            self.store.delete(&kv.key)?;
+        }
+        Ok(existed)
+    }
+
+    pub fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClusterError> {
+        let id = ServiceId::of(endpoint);
+        let json =
+            serde_json::to_vec_pretty(&EndpointRecord::from(endpoint)).expect("records serialize");
+        self.store
+            .put(&self.endpoint_key(&id, endpoint.address), &json, None)?;
+        Ok(())
+    }
+
+    pub fn delete_endpoint(&self, id: &ServiceId, address: IpAddr) -> Result<bool, ClusterError> {
+        Ok(self.store.delete(&self.endpoint_key(id, address))?)
+    }
+
     /// What a write to `key` changed; `None` for keys no reader follows (`ipam/*`).
     fn change_of(&self, key: &str) -> Option<Change> {
         let rest = key.strip_prefix(&self.prefix())?;
@@ -267,6 +476,9 @@ impl Cluster {
             "nodes" => Some(Change::Node(name)),
             "peers" => Some(Change::Peer(name)),
             "status" => Some(Change::Status(name)),
+            // Block claims change nothing a reader follows; the member record does.
+            "vpcs" if name.split('/').nth(1) == Some("blocks") => None,
+            "vpcs" => Some(Change::Vpc(name.split('/').next()?.to_owned())),
             _ => None,
         }
     }
@@ -322,6 +534,61 @@ impl Registry for Cluster {
 
     fn delete_peer(&self, name: &PeerName) -> Result<bool, RegistryError> {
         Ok(Cluster::delete_peer(self, name.as_str())?)
+    }
+
+    fn vpc_records(&self) -> Result<(Records, Vec<BadRecord>), RegistryError> {
+        Ok(Cluster::vpc_records(self)?)
+    }
+
+    fn create_vpc(&self, vpc: &Vpc) -> Result<bool, RegistryError> {
+        Ok(Cluster::create_vpc(self, vpc)?)
+    }
+
+    fn delete_vpc(&self, name: &Label) -> Result<bool, RegistryError> {
+        Ok(Cluster::delete_vpc(self, name)?)
+    }
+
+    fn claim_vpc_member(&self, vpc: &Vpc, node: &NodeName) -> Result<VpcMember, RegistryError> {
+        Cluster::claim_vpc_member(self, vpc, node)
+    }
+
+    fn leave_vpc(&self, vpc: &Label, node: &NodeName) -> Result<(), RegistryError> {
+        Ok(Cluster::leave_vpc(self, vpc, node)?)
+    }
+
+    fn put_service(&self, service: &Service) -> Result<(), RegistryError> {
+        Ok(Cluster::put_service(self, service)?)
+    }
+
+    fn delete_service(&self, id: &ServiceId) -> Result<bool, RegistryError> {
+        Ok(Cluster::delete_service(self, id)?)
+    }
+
+    fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Ok(Cluster::put_endpoint(self, endpoint)?)
+    }
+
+    fn delete_endpoint(&self, id: &ServiceId, address: IpAddr) -> Result<bool, RegistryError> {
+        Ok(Cluster::delete_endpoint(self, id, address)?)
+    }
+}
+
+/// One parsed record of `vpcs/`.
+enum VpcRecordKind {
+    Vpc(Vpc),
+    Member(VpcMember),
+    Service(Service),
+    Endpoint(Endpoint),
+}
+
+impl VpcRecordKind {
+    fn add_to(self, records: &mut Records) {
+        match self {
+            VpcRecordKind::Vpc(v) => records.vpcs.push(v),
+            VpcRecordKind::Member(m) => records.members.push(m),
+            VpcRecordKind::Service(s) => records.services.push(s),
+            VpcRecordKind::Endpoint(e) => records.endpoints.push(e),
+        }
     }
 }
 
@@ -396,5 +663,85 @@ impl Changes for StoreChanges {
                 return Ok(None);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(dir: &tempfile::TempDir) -> Cluster {
+        let store = open_store(&format!("dir:{}", dir.path().display())).unwrap();
+        Cluster::new(store, "c")
+    }
+
+    fn vpc(name: &str, id: u32) -> Vpc {
+        serde_json::from_value::<VpcRecord>(serde_json::json!({
+            "name": name, "id": id, "pod_cidrs": ["10.10.0.0/16"],
+            "service_cidr": "10.96.0.0/16", "dns_zone": "cluster.local",
+        }))
+        .unwrap()
+        .try_into()
+        .unwrap()
+    }
+
+    #[test]
+    fn member_blocks_are_claimed_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(&dir);
+        let blue = vpc("blue", 7);
+        assert!(c.create_vpc(&blue).unwrap());
+        assert!(!c.create_vpc(&vpc("blue", 8)).unwrap(), "names are unique");
+        let (n1, n2): (NodeName, NodeName) = ("n1".parse().unwrap(), "n2".parse().unwrap());
+        let m1 = c.claim_vpc_member(&blue, &n1).unwrap();
+        let m2 = c.claim_vpc_member(&blue, &n2).unwrap();
+        assert_eq!(m1.pod_cidrs, ["10.10.0.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(m2.pod_cidrs, ["10.10.1.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            c.claim_vpc_member(&blue, &n1).unwrap(),
+            m1,
+            "a claim is kept"
+        );
+        // A lost member record (crash after the block's claim) finds its block again.
+        c.store
+            .delete(&c.vpc_key(&blue.name, "members/n1"))
+            .unwrap();
+        assert_eq!(c.claim_vpc_member(&blue, &n1).unwrap(), m1);
+        c.leave_vpc(&blue.name, &n1).unwrap();
+        let (records, bad) = c.vpc_records().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(records.vpcs, std::slice::from_ref(&blue));
+        assert_eq!(records.members, [m2]);
+        assert!(c.delete_vpc(&blue.name).unwrap());
+        assert!(c.store.list(&c.key("vpcs/")).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn bad_and_misfiled_records_are_set_aside_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(&dir);
+        c.create_vpc(&vpc("blue", 7)).unwrap();
+        let green = serde_json::to_vec(&VpcRecord::from(&vpc("green", 9))).unwrap();
+        c.store
+            .put(&c.key("vpcs/blue/members/n1"), &green, None)
+            .unwrap();
+        c.store.put(&c.key("vpcs/red/vpc"), &green, None).unwrap();
+        let (records, bad) = c.vpc_records().unwrap();
+        assert_eq!(records.vpcs.len(), 1);
+        let mut errors: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        errors.sort();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("/wiremesh/c/vpcs/blue/members/n1: invalid `member`"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("/wiremesh/c/vpcs/red/vpc: invalid `key`"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("belong at /wiremesh/c/vpcs/green/vpc"),
+            "{errors:?}"
+        );
     }
 }

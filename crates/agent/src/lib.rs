@@ -18,6 +18,7 @@ pub mod kube;
 pub mod metrics;
 pub mod mtu;
 pub mod plan;
+pub mod prober;
 pub mod registry;
 
 pub use agent::{run, AgentConfig, AgentError};
@@ -25,4 +26,5 @@ pub use cluster::{open_store, open_store_with, Cluster};
 pub use kube::KubeCluster;
 pub use registry::{
     BadRecord, Change, Changes, Membership, NodeStatus, PeerStatus, Registry, RegistryError,
+    ServiceId,
 };

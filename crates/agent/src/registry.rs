@@ -14,7 +14,7 @@
 //! with another (a key used twice, overlapping pod CIDRs) is reported the same way
 //! wherever it came from.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -23,6 +23,8 @@ use wiremesh_kube::KubeError;
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName, PeerName};
 use wiremesh_registry::StoreError;
 use wiremesh_topology::{ipam, Snapshot};
+use wiremesh_vpc::snapshot::Records;
+use wiremesh_vpc::{Endpoint, Label, Service, Vpc, VpcMember};
 
 use crate::cluster::ClusterError;
 
@@ -60,6 +62,109 @@ pub trait Registry: Send + Sync {
 
     /// Removes an external peer; `false` if there was none of that name.
     fn delete_peer(&self, name: &PeerName) -> Result<bool, RegistryError>;
+
+    // VPCs and services. Backends without VPC records (Kubernetes, for now) keep
+    // these defaults, which say so.
+
+    /// Every VPC, member, service and endpoint record that parses, and those that
+    /// do not (checking them against each other is `VpcSnapshot::build`'s).
+    fn vpc_records(&self) -> Result<(Records, Vec<BadRecord>), RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Creates a VPC; `false` if one of that name exists.
+    fn create_vpc(&self, _vpc: &Vpc) -> Result<bool, RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Removes a VPC with its members, services and endpoints; `false` if there was none.
+    fn delete_vpc(&self, _name: &Label) -> Result<bool, RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// `node`'s blocks of `vpc`'s pod CIDRs: the ones it holds, else the lowest free,
+    /// claimed by compare-and-swap so two nodes never share one.
+    fn claim_vpc_member(&self, _vpc: &Vpc, _node: &NodeName) -> Result<VpcMember, RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Gives `node`'s blocks of `vpc` back (its last pod left).
+    fn leave_vpc(&self, _vpc: &Label, _node: &NodeName) -> Result<(), RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Adds or replaces a service.
+    fn put_service(&self, _service: &Service) -> Result<(), RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Removes a service and its endpoints; `false` if there was none.
+    fn delete_service(&self, _id: &ServiceId) -> Result<bool, RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Adds or replaces an endpoint of a service.
+    fn put_endpoint(&self, _endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Removes an endpoint; `false` if there was none.
+    fn delete_endpoint(&self, _id: &ServiceId, _address: IpAddr) -> Result<bool, RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+}
+
+/// A service's name: `VPC/NAMESPACE/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId {
+    pub vpc: Label,
+    pub namespace: Label,
+    pub name: Label,
+}
+
+impl std::str::FromStr for ServiceId {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Self, FieldError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let [vpc, namespace, name] = parts[..] else {
+            return Err(FieldError::new(
+                "service",
+                format!("{s:?} is not VPC/NAMESPACE/NAME"),
+            ));
+        };
+        Ok(ServiceId {
+            vpc: Label::parse("vpc", vpc)?,
+            namespace: Label::parse("namespace", namespace)?,
+            name: Label::parse("name", name)?,
+        })
+    }
+}
+
+impl std::fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.vpc, self.namespace, self.name)
+    }
+}
+
+impl ServiceId {
+    /// The service an endpoint belongs to.
+    pub fn of(endpoint: &Endpoint) -> ServiceId {
+        ServiceId {
+            vpc: endpoint.vpc.clone(),
+            namespace: endpoint.namespace.clone(),
+            name: endpoint.service.clone(),
+        }
+    }
+}
+
+impl From<&Service> for ServiceId {
+    fn from(s: &Service) -> Self {
+        ServiceId {
+            vpc: s.vpc.clone(),
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        }
+    }
 }
 
 /// A node in the mesh, from [`Registry::join`] until [`Membership::leave`]. Dropping
@@ -101,12 +206,15 @@ pub enum Change {
     Peer(String),
     /// A node's device report: never changes the topology.
     Status(String),
+    /// A VPC's record, or one of its members, services or endpoints, by VPC name.
+    Vpc(String),
     /// The stream started over: anything may have changed.
     Resync,
 }
 
 impl Change {
-    /// Whether the change can alter any node's topology.
+    /// Whether the change calls for a reconcile: it can alter a node's topology or
+    /// its VPCs.
     pub fn affects_topology(&self) -> bool {
         !matches!(self, Change::Status(_))
     }
@@ -126,6 +234,18 @@ pub enum RegistryError {
     NodeObject { node: NodeName, error: FieldError },
     #[error("the registry's watches were not established within {0:?}")]
     WatchNotEstablished(Duration),
+    #[error(
+        "this registry holds no VPC records yet (VPCs need a store registry: dir: or etcd://)"
+    )]
+    NoVpcs,
+    #[error("the cluster settings have no mesh_ula (written before VPCs existed): VPCs are unavailable; a new cluster gets one from `wiremesh init`")]
+    NoMeshUla,
+    #[error("VPC {vpc} has no free block of {cidr} left for node {node}")]
+    VpcExhausted {
+        vpc: Label,
+        cidr: IpNet,
+        node: NodeName,
+    },
 }
 
 impl From<StoreError> for RegistryError {

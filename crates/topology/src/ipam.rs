@@ -56,15 +56,42 @@ pub enum IpamError {
 /// `taken` may hold prefixes of any size (a block, or a range reserved by hand);
 /// a block is free only if it overlaps none of them.
 pub fn allocate(settings: &ClusterSettings, taken: &[IpNet]) -> Result<NodeBlock, IpamError> {
-    let cluster = settings.cluster_cidr;
     let host_bits = block_host_bits(settings)?;
-    let blocks = block_count(cluster, settings.node_prefix_len);
-    let base = to_u128(cluster.network());
+    let i = free_block(settings.cluster_cidr, host_bits, taken).ok_or(IpamError::Exhausted {
+        cluster_cidr: settings.cluster_cidr,
+        node_prefix_len: settings.node_prefix_len,
+    })?;
+    Ok(NodeBlock {
+        pod_cidr: block(settings.cluster_cidr, i, host_bits),
+        mesh_ip: mesh_ip_at(settings.mesh_cidr, i)?,
+    })
+}
+
+/// A node's block of a VPC's pod CIDR `vpc_cidr`: 1/256 of it, but at least 16
+/// addresses; the lowest that overlaps nothing in `taken` (the VPC's other members).
+/// `None` when the VPC has no block left.
+pub fn allocate_member(vpc_cidr: IpNet, taken: &[IpNet]) -> Option<IpNet> {
+    let max = vpc_cidr.max_prefix_len();
+    let len = (vpc_cidr.prefix_len() + 8)
+        .min(max - 4)
+        .max(vpc_cidr.prefix_len());
+    let host_bits = u32::from(max - len);
+    let i = free_block(vpc_cidr.trunc(), host_bits, taken)?;
+    Some(block(vpc_cidr.trunc(), i, host_bits))
+}
+
+/// The index of the lowest block of `2^host_bits` addresses of `cidr` that overlaps
+/// nothing in `taken` (prefixes of any size).
+fn free_block(cidr: IpNet, host_bits: u32, taken: &[IpNet]) -> Option<u128> {
+    let blocks = 1u128
+        .checked_shl(u32::from(cidr.max_prefix_len()) - host_bits - u32::from(cidr.prefix_len()))
+        .unwrap_or(u128::MAX);
+    let base = to_u128(cidr.network());
     // Sorted by start, so we can jump past a taken prefix bigger than one block
     // instead of stepping through (possibly 2^64) blocks one by one.
     let mut taken: Vec<(u128, u128)> = taken
         .iter()
-        .filter(|t| same_family(t, &cluster))
+        .filter(|t| same_family(t, &cidr))
         .map(|t| (to_u128(t.network()), to_u128(t.broadcast())))
         .collect();
     taken.sort_unstable();
@@ -81,16 +108,9 @@ pub fn allocate(settings: &ClusterSettings, taken: &[IpNet]) -> Result<NodeBlock
                 continue 'blocks;
             }
         }
-        let pod_cidr = block(settings, i, host_bits);
-        return Ok(NodeBlock {
-            pod_cidr,
-            mesh_ip: mesh_ip_at(settings.mesh_cidr, i)?,
-        });
+        return Some(i);
     }
-    Err(IpamError::Exhausted {
-        cluster_cidr: cluster,
-        node_prefix_len: settings.node_prefix_len,
-    })
+    None
 }
 
 /// The mesh IP that belongs with `pod_cidr`: the inverse of [`allocate`]'s pairing.
@@ -138,17 +158,11 @@ fn block_host_bits(settings: &ClusterSettings) -> Result<u32, IpamError> {
     Ok(u32::from(cluster.max_prefix_len() - len))
 }
 
-/// How many blocks the cluster holds, saturating at `u128::MAX` for a /0 of IPv6.
-fn block_count(cluster: IpNet, node_prefix_len: u8) -> u128 {
-    let bits = u32::from(node_prefix_len - cluster.prefix_len());
-    1u128.checked_shl(bits).unwrap_or(u128::MAX)
-}
-
-fn block(settings: &ClusterSettings, index: u128, host_bits: u32) -> IpNet {
-    let network = to_u128(settings.cluster_cidr.network()) + (index << host_bits);
-    let addr = from_u128(network, settings.cluster_cidr.network());
-    IpNet::new(addr, settings.node_prefix_len)
-        .expect("node_prefix_len was checked against the cluster CIDR")
+fn block(cidr: IpNet, index: u128, host_bits: u32) -> IpNet {
+    let network = to_u128(cidr.network()) + (index << host_bits);
+    let addr = from_u128(network, cidr.network());
+    IpNet::new(addr, cidr.max_prefix_len() - host_bits as u8)
+        .expect("the block length was checked against the CIDR")
 }
 
 /// Address `index + 1` of the mesh CIDR. The network address (offset 0) is never a
@@ -258,6 +272,26 @@ mod tests {
             node_id(&wide, net("10.15.255.240/28")),
             Err(IpamError::NodeIdExhausted { index: 65535, .. })
         ));
+    }
+
+    #[test]
+    fn member_blocks_are_a_256th_of_the_vpc_at_least_16_addresses() {
+        let check = |vpc: &str, taken: &[&str], expect: Option<&str>| {
+            let taken: Vec<IpNet> = taken.iter().map(|t| net(t)).collect();
+            assert_eq!(allocate_member(net(vpc), &taken), expect.map(net), "{vpc}");
+        };
+        check("10.10.0.0/16", &[], Some("10.10.0.0/24"));
+        check("10.10.0.0/16", &["10.10.0.0/24"], Some("10.10.1.0/24"));
+        check(
+            "10.10.0.0/16",
+            &["10.10.0.0/23", "fd00::/8"],
+            Some("10.10.2.0/24"),
+        );
+        check("10.10.0.0/24", &["10.10.0.0/28"], Some("10.10.0.16/28"));
+        check("10.10.0.0/28", &[], Some("10.10.0.0/28"));
+        check("10.10.0.0/28", &["10.10.0.0/28"], None);
+        check("fd10::/48", &[], Some("fd10::/56"));
+        check("10.10.0.0/16", &["10.10.0.0/16"], None);
     }
 
     #[test]
