@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use wiremesh_host::{nft, route, uapi_client, HostError};
 use wiremesh_model::{FieldError, Location, Node, NodeName, PrivateKey};
-use wiremesh_topology::{compute, Topology};
+use wiremesh_topology::{compute, forwarding_probe, Topology};
 use wiremesh_uapi::SetRequest;
 
 use crate::device::DeviceBackend;
@@ -161,6 +161,7 @@ pub fn run(
         last_keepalive: Instant::now(),
     };
     let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
+    let prober = crate::prober::Prober::start().map_err(AgentError::Device)?;
     let mut dirty = true;
     let mut last_full = Instant::now();
     let mut last_status = Instant::now() - STATUS_EVERY;
@@ -200,6 +201,14 @@ pub fn run(
         if let Err(e) = state.heartbeat(&me, config.lease_ttl) {
             tracing::warn!("heartbeat failed: {e}");
         }
+        let suspected = prober.suspected();
+        if suspected != me.suspected_leaders {
+            me.suspected_leaders = suspected;
+            match state.membership.publish(&me) {
+                Ok(()) => dirty = true,
+                Err(e) => tracing::warn!("publishing suspected leaders failed: {e}"),
+            }
+        }
         match rotate_key(&config, &socket, &mut me, &mut state) {
             Ok(Some(key)) => {
                 private_key = key;
@@ -222,6 +231,7 @@ pub fn run(
                 &socket,
                 &mut me,
                 &mut state,
+                &prober,
             );
             let mut m = metrics.lock().unwrap_or_else(PoisonError::into_inner);
             m.last_reconcile = started.elapsed();
@@ -342,6 +352,7 @@ fn reconcile(
     socket: &std::path::Path,
     me: &mut Node,
     state: &mut LoopState,
+    prober: &crate::prober::Prober,
 ) -> Result<bool, AgentError> {
     let (snapshot, bad) = registry.snapshot()?;
     for b in &bad {
@@ -356,6 +367,7 @@ fn reconcile(
             return Ok(false);
         }
     };
+    prober.set_plan(forwarding_probe(&snapshot, &config.name));
     let device = uapi_client::get(socket)?;
     let request = plan_device(&topology, private_key, &device, unix_now());
     if let Some(request) = &request {

@@ -7,8 +7,9 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
-use wiremesh_model::{Location, Node, NodeName};
+use wiremesh_model::{Granularity, Location, Node, NodeName};
 
 use crate::Snapshot;
 
@@ -58,4 +59,37 @@ fn demoted(snapshot: &Snapshot, node: &Node) -> bool {
         }
     }
     votes * 2 > others
+}
+
+/// How a node that sends through its location's leader checks that the leader still
+/// forwards: echo requests to `targets`, the other locations' leaders, which it
+/// reaches only through `via`. All of them failing means `via` forwards nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardingProbe {
+    pub via: NodeName,
+    pub targets: Vec<IpAddr>,
+}
+
+/// The probe `me` runs, if its traffic to other locations goes through a leader:
+/// location granularity, `me` not leading its location, and other locations exist.
+pub fn forwarding_probe(snapshot: &Snapshot, me: &NodeName) -> Option<ForwardingProbe> {
+    if snapshot.settings.granularity != Granularity::Location {
+        return None;
+    }
+    let mine = snapshot.nodes.iter().find(|n| &n.name == me)?;
+    let leaders = leaders(snapshot);
+    let via = leaders.get(&mine.location)?;
+    if via == me {
+        return None;
+    }
+    let targets: Vec<IpAddr> = leaders
+        .iter()
+        .filter(|(location, _)| **location != mine.location)
+        .filter_map(|(_, name)| snapshot.nodes.iter().find(|n| &n.name == name))
+        .map(|n| n.mesh_ip)
+        .collect();
+    (!targets.is_empty()).then(|| ForwardingProbe {
+        via: via.clone(),
+        targets,
+    })
 }

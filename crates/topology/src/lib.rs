@@ -23,7 +23,7 @@ use wiremesh_model::{ClusterSettings, ExternalPeer, Node};
 
 pub use dot::render_dot;
 pub use external::{external_view, gateways};
-pub use leader::leaders;
+pub use leader::{forwarding_probe, leaders, ForwardingProbe};
 pub use topology::{compute, Interface, Peer, PeerKind, Route, Topology, TopologyError};
 
 /// What the registry holds right now: the settings, the live nodes (the agent has

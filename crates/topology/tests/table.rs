@@ -6,7 +6,9 @@ mod common;
 
 use common::{laptop, node, render, three_sites};
 use wiremesh_model::{Granularity, NodeName};
-use wiremesh_topology::{compute, leaders, render_dot, Snapshot, TopologyError};
+use wiremesh_topology::{
+    compute, forwarding_probe, leaders, render_dot, ForwardingProbe, Snapshot, TopologyError,
+};
 
 fn name(s: &str) -> NodeName {
     s.parse().unwrap()
@@ -280,6 +282,29 @@ fn a_leader_its_location_suspects_loses_the_election() {
         .suspected_leaders
         .extend([name("a2"), name("a3")]);
     assert_eq!(leaders(&s)[&cloud_a], name("a1"));
+}
+
+#[test]
+fn followers_probe_the_other_leaders_through_their_own() {
+    let s = three_sites(Granularity::Location);
+    // a2 follows a1; the other locations are led by b1 and h1.
+    assert_eq!(
+        forwarding_probe(&s, &name("a2")),
+        Some(ForwardingProbe {
+            via: name("a1"),
+            targets: vec![s.nodes[2].mesh_ip, s.nodes[4].mesh_ip],
+        })
+    );
+    // Leaders, and every node of a full mesh, send directly: nothing to probe.
+    assert_eq!(forwarding_probe(&s, &name("a1")), None);
+    assert_eq!(
+        forwarding_probe(&three_sites(Granularity::Full), &name("a2")),
+        None
+    );
+    // A single location has no one to reach through its leader.
+    let mut one = three_sites(Granularity::Location);
+    one.nodes.retain(|n| n.location.as_str() == "cloud-a");
+    assert_eq!(forwarding_probe(&one, &name("a2")), None);
 }
 
 #[test]
