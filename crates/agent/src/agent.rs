@@ -159,6 +159,7 @@ pub fn run(
             registry.join(&me, config.lease_ttl)
         })?,
         last_keepalive: Instant::now(),
+        vpcs: Default::default(),
     };
     let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
     let prober = crate::prober::Prober::start().map_err(AgentError::Device)?;
@@ -217,6 +218,8 @@ pub fn run(
             Ok(None) => {}
             Err(e) => tracing::warn!("key rotation failed, will retry: {e}"),
         }
+        // Pods of a VPC arriving on, or all leaving, this node (the CNI plugin's word).
+        dirty |= state.vpcs.local_pods_changed(&config.state_dir);
         let mut device_changed = false;
         if dirty || last_full.elapsed() >= config.resync {
             if !dirty {
@@ -331,6 +334,7 @@ struct LoopState {
     /// The ruleset last applied, so an unchanged one is not reloaded on every pass.
     firewall: Option<String>,
     last_keepalive: Instant,
+    vpcs: crate::vpc::VpcHost,
 }
 
 impl LoopState {
@@ -415,6 +419,7 @@ fn reconcile(
         me.observed_endpoints = observed;
         state.membership.publish(me)?;
     }
+    state.vpcs.reconcile(registry, &snapshot, config, socket)?;
     Ok(request.is_some() || !plan.is_empty())
 }
 

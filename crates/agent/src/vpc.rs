@@ -1,0 +1,425 @@
+//! This node's share of the VPCs: one network namespace per VPC with local pods, the
+//! data plane's member table, routes and the services ruleset inside each namespace.
+//!
+//! Which VPCs are local is the CNI plugin's to say, through the state directory (the
+//! same channel as `pod-cidr`): a directory `vpcs/<name>/` means "pods of VPC `name`
+//! live here". For each such VPC the agent claims the node's member blocks in the
+//! registry, makes the namespace `wm-vpc-<id>` (169.254.1.1/32 on its `lo`, the pods'
+//! gateway; forwarding on), and writes `vpcs/<name>/vpc.json` ([`LocalVpc`]) for the
+//! plugin: the namespace, the node's block, the pod MTU and the DNS settings. When the
+//! plugin removes the directory (its last pod left), the agent gives the blocks back and
+//! deletes the namespace.
+//!
+//! Then, on every reconcile: the whole member table goes to the device (`set_vpcs=1`)
+//! when it changed; each namespace routes its VPC's pod CIDRs to the device's `wm-vpc`
+//! TUN; and the services ruleset ([`wiremesh_vpc::nft`]) is applied in one `nft -f`
+//! transaction when it changed, with UDP conntrack entries of removed endpoints
+//! deleted. Everything is idempotent, so a restarted agent converges to the same state
+//! without touching what is right.
+//!
+//! A bad VPC record is logged and left out (`VpcSnapshot::build`); the rest goes on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use wiremesh_host::{netns, run, uapi_client, HostError};
+use wiremesh_model::{ClusterSettings, NodeName};
+use wiremesh_topology::{ipam, Snapshot};
+use wiremesh_uapi::{VpcPlane, VpcsRequest};
+use wiremesh_vpc::nft::{self, ServicesPlan};
+use wiremesh_vpc::snapshot::{Mesh, VpcState};
+use wiremesh_vpc::wire::MeshPrefix;
+use wiremesh_vpc::{dns_cluster_ip, Label, NodeId, VpcSnapshot};
+
+use crate::registry::{Registry, RegistryError};
+use crate::{AgentConfig, AgentError};
+
+/// Under the state directory: one directory per VPC with pods on this node.
+pub const VPCS_DIR: &str = "vpcs";
+/// Inside a VPC's directory: what the CNI plugin needs, written by the agent.
+pub const LOCAL_VPC_FILE: &str = "vpc.json";
+/// The data plane's TUN device in every VPC namespace.
+pub const TUN: &str = "wm-vpc";
+/// The agent's default WireGuard interface: its VPC namespaces carry no suffix.
+const DEFAULT_INTERFACE: &str = "wiremesh0";
+/// How long the device may take to open a new VPC's TUN device.
+const TUN_WAIT: Duration = Duration::from_secs(5);
+
+/// What the CNI plugin reads from `vpcs/<name>/vpc.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalVpc {
+    pub id: u32,
+    /// The VPC's namespace on this node (a name under `/var/run/netns`).
+    pub netns: String,
+    /// This node's blocks of the VPC's pod CIDRs: the plugin's address pool.
+    pub pod_cidrs: Vec<IpNet>,
+    pub mtu: u16,
+    /// The VPC's DNS service clusterIP, and its zone (the pod's search path).
+    pub nameserver: IpAddr,
+    pub zone: String,
+}
+
+/// The namespace of VPC `id`: `wm-vpc-<id>` for an agent on the default interface.
+/// Agents on other interfaces (several nodes simulated on one host share one
+/// `/var/run/netns`) add their interface name, so their namespaces cannot clash.
+pub fn netns_name(interface: &str, id: u32) -> String {
+    if interface == DEFAULT_INTERFACE {
+        format!("wm-vpc-{id}")
+    } else {
+        format!("wm-vpc-{id}-{interface}")
+    }
+}
+
+/// The VPCs' state the agent keeps between reconciles: what it last applied.
+#[derive(Default)]
+pub struct VpcHost {
+    /// The last `set_vpcs=1` request the device accepted.
+    device: Option<String>,
+    /// Per namespace: the services plan applied there.
+    rulesets: BTreeMap<String, ServicesPlan>,
+    /// Namespaces whose routes are in place.
+    routed: BTreeMap<String, Vec<IpNet>>,
+    warned_no_ula: bool,
+    /// The VPCs the state directory asked for at the last reconcile.
+    wanted: BTreeSet<Label>,
+}
+
+impl VpcHost {
+    /// Whether the CNI plugin asked for a VPC, or gave one up, since the last
+    /// reconcile: one directory listing, cheap enough for every tick.
+    pub fn local_pods_changed(&self, state_dir: &Path) -> bool {
+        wanted_vpcs(state_dir) != self.wanted
+    }
+
+    /// Brings this node's VPCs in line with the registry and the state directory.
+    pub fn reconcile(
+        &mut self,
+        registry: &dyn Registry,
+        snapshot: &Snapshot,
+        config: &AgentConfig,
+        socket: &Path,
+    ) -> Result<(), AgentError> {
+        let (me, interface) = (&config.name, config.interface.as_str());
+        let state_dir = config.state_dir.as_path();
+        let wanted = wanted_vpcs(state_dir);
+        self.wanted = wanted.clone();
+        let settings = &snapshot.settings;
+        let Some(ula) = settings.mesh_ula else {
+            if !wanted.is_empty() && !self.warned_no_ula {
+                tracing::warn!("pods ask for VPCs {wanted:?}: {}", RegistryError::NoMeshUla);
+                self.warned_no_ula = true;
+            }
+            return Ok(());
+        };
+        let prefix = MeshPrefix::new(ula).map_err(|e| AgentError::Record(e.within("settings")))?;
+        let (mut records, bad) = match registry.vpc_records() {
+            Ok(r) => r,
+            // Nothing asked for, nothing to say: a registry without VPCs is fine.
+            Err(RegistryError::NoVpcs) if wanted.is_empty() && self.device.is_none() => {
+                return Ok(())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for b in &bad {
+            tracing::warn!(key = %b.key, "ignoring a VPC record: {}", b.error);
+        }
+
+        // Claim what local pods need; give back what they no longer do.
+        for vpc in records.vpcs.iter().filter(|v| wanted.contains(&v.name)) {
+            let held = records
+                .members
+                .iter()
+                .any(|m| m.vpc == vpc.name && &m.node == me);
+            if !held {
+                let member = registry.claim_vpc_member(vpc, me)?;
+                tracing::info!(vpc = %vpc.name, blocks = ?member.pod_cidrs, "joined a VPC");
+                records.members.push(member);
+            }
+        }
+        let stale: Vec<Label> = records
+            .members
+            .iter()
+            .filter(|m| &m.node == me && !wanted.contains(&m.vpc))
+            .map(|m| m.vpc.clone())
+            .collect();
+        for vpc in &stale {
+            registry.leave_vpc(vpc, me)?;
+            tracing::info!(%vpc, "left a VPC: its last pod is gone");
+        }
+        records
+            .members
+            .retain(|m| !(&m.node == me && stale.contains(&m.vpc)));
+
+        let node_ids = node_ids(settings, snapshot);
+        let (vpcs, bad) = VpcSnapshot::build(
+            records,
+            Mesh {
+                prefix,
+                nodes: &node_ids,
+            },
+        );
+        for b in &bad {
+            tracing::warn!(record = %b.record, "ignoring a VPC record: {}", b.error);
+        }
+        let Some(&local_id) = node_ids.get(me) else {
+            tracing::warn!("this node's pod CIDR gives it no node id: it hosts no VPC");
+            return Ok(());
+        };
+        let mtu = pod_mtu(interface)?;
+        let local = local_vpcs(&vpcs, me, interface, mtu);
+
+        for (state, l) in &local {
+            ensure_namespace(&l.netns)?;
+            write_local_vpc(state_dir, &state.vpc.name, l)?;
+        }
+        let request = device_request(&vpcs, ula, local_id, &local);
+        let text = request.render();
+        if self.device.as_ref() != Some(&text) {
+            tracing::info!(vpcs = request.vpcs.len(), "updating the device's VPC table");
+            uapi_client::exchange(socket, &text)?;
+            self.device = Some(text);
+        }
+        for (state, l) in &local {
+            self.route(&l.netns, &state.vpc.pod_cidrs)?;
+            self.services(state, me, &l.netns)?;
+        }
+
+        // Namespaces of VPCs that are no longer local: the device closed their TUN.
+        let keep: BTreeSet<&str> = local.iter().map(|(_, l)| l.netns.as_str()).collect();
+        for ns in netns::list("wm-vpc-") {
+            if !keep.contains(ns.as_str()) && netns_name(interface, id_of(&ns)) == ns {
+                tracing::info!(netns = %ns, "removing a VPC namespace");
+                netns::delete(&ns)?;
+                self.rulesets.remove(&ns);
+                self.routed.remove(&ns);
+            }
+        }
+        Ok(())
+    }
+
+    /// The VPC's CIDRs go to the TUN (pods' /32s, more specific, stay on their veths).
+    fn route(&mut self, ns: &str, cidrs: &[IpNet]) -> Result<(), HostError> {
+        if self.routed.get(ns).is_some_and(|r| r == cidrs) {
+            return Ok(());
+        }
+        let tun_up = wait_for(TUN_WAIT, || {
+            run(&["ip", "-n", ns, "link", "show", TUN]).is_ok()
+        });
+        if !tun_up {
+            return Err(HostError::Netns {
+                name: ns.into(),
+                reason: format!("the device opened no {TUN} device within {TUN_WAIT:?}"),
+            });
+        }
+        for cidr in cidrs {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &cidr.to_string(),
+                "dev",
+                TUN,
+            ])?;
+        }
+        self.routed.insert(ns.into(), cidrs.to_vec());
+        Ok(())
+    }
+
+    /// One `nft -f` transaction when the plan changed; UDP flows of removed
+    /// endpoints flushed after it.
+    fn services(&mut self, state: &VpcState, me: &NodeName, ns: &str) -> Result<(), HostError> {
+        // Access by pod labels needs the pods' labels, which the agent does not have
+        // yet: such rules admit no pod (CIDR rules apply).
+        let plan = nft::plan(state, me, &|_| Vec::new());
+        let previous = self.rulesets.get(ns);
+        if previous == Some(&plan) {
+            return Ok(());
+        }
+        // `nft` forked from a thread inside the namespace runs there.
+        let nft_in = |ruleset: String| {
+            netns::enter(ns, move || wiremesh_host::nft::apply(&ruleset)).and_then(|r| r)
+        };
+        if let Err(e) = nft_in(plan.render(previous)) {
+            if previous.is_none() {
+                return Err(e);
+            }
+            // The table is not what we last left (flushed by hand): replace it whole.
+            nft_in(plan.render(None))?;
+        }
+        if let Some(old) = previous {
+            for flush in nft::udp_conntrack_flushes(old, &plan) {
+                let mut args = vec!["ip", "netns", "exec", ns, "conntrack"];
+                let rest = flush.args();
+                args.extend(rest.iter().map(String::as_str));
+                // Exit 1 only says no entry matched.
+                let _ = run(&args);
+            }
+        }
+        self.rulesets.insert(ns.into(), plan);
+        Ok(())
+    }
+}
+
+/// Bounded polling for the TUN device (the device opens it on its own thread).
+fn wait_for(within: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if ready() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VPC id in a namespace name made by [`netns_name`] (0 if none).
+fn id_of(ns: &str) -> u32 {
+    ns.trim_start_matches("wm-vpc-")
+        .split('-')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The VPCs the CNI plugin has pods of on this node: `vpcs/<name>/` directories.
+fn wanted_vpcs(state_dir: &Path) -> BTreeSet<Label> {
+    let Ok(dir) = std::fs::read_dir(state_dir.join(VPCS_DIR)) else {
+        return BTreeSet::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|name| match Label::parse("vpc", &name) {
+            Ok(label) => Some(label),
+            Err(e) => {
+                tracing::debug!("state directory: vpcs/{name} is no VPC name: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Every node's id: its pod-CIDR block index + 1 ([`ipam::node_id`]).
+fn node_ids(settings: &ClusterSettings, snapshot: &Snapshot) -> BTreeMap<NodeName, NodeId> {
+    snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.name.clone(), ipam::node_id(settings, n.pod_cidr).ok()?)))
+        .collect()
+}
+
+/// The pod MTU: the WireGuard interface's (which already leaves room for WireGuard
+/// over this node's underlay) less the VPC's outer IPv6 header.
+fn pod_mtu(interface: &str) -> Result<u16, HostError> {
+    let path = format!("/sys/class/net/{interface}/mtu");
+    let wg: u16 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| HostError::Output {
+            command: format!("read {path}"),
+            reason: "no MTU".into(),
+        })?;
+    Ok(wg.saturating_sub(wiremesh_vpc::wire::HEADER_LEN as u16))
+}
+
+/// The VPCs this node hosts (it holds a member record), as the plugin sees them.
+fn local_vpcs<'a>(
+    vpcs: &'a VpcSnapshot,
+    me: &NodeName,
+    interface: &str,
+    mtu: u16,
+) -> Vec<(&'a VpcState, LocalVpc)> {
+    vpcs.vpcs
+        .values()
+        .filter_map(|state| {
+            let member = state.members.get(me)?;
+            Some((
+                state,
+                LocalVpc {
+                    id: state.vpc.id.0,
+                    netns: netns_name(interface, state.vpc.id.0),
+                    pod_cidrs: member.pod_cidrs.clone(),
+                    mtu,
+                    nameserver: dns_cluster_ip(state.vpc.service_cidr),
+                    zone: state.vpc.dns_zone.to_string(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The device's whole VPC table: every local VPC with every member's blocks.
+fn device_request(
+    vpcs: &VpcSnapshot,
+    mesh_ula: Ipv6Net,
+    local_id: NodeId,
+    local: &[(&VpcState, LocalVpc)],
+) -> VpcsRequest {
+    VpcsRequest {
+        mesh_prefix: mesh_ula,
+        local_node: local_id.0,
+        vpcs: local
+            .iter()
+            .map(|(state, l)| VpcPlane {
+                id: l.id,
+                netns: netns::path_of(&l.netns).display().to_string(),
+                mtu: l.mtu,
+                members: state
+                    .members
+                    .values()
+                    .filter_map(|m| Some((vpcs.node_ids.get(&m.node)?.0, &m.pod_cidrs)))
+                    .flat_map(|(id, cidrs)| cidrs.iter().map(move |c| (id, *c)))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The namespace with the pods' gateway on its `lo` and forwarding on; idempotent.
+fn ensure_namespace(ns: &str) -> Result<(), HostError> {
+    if !netns::exists(ns) {
+        tracing::info!(netns = %ns, "creating a VPC namespace");
+        netns::add(ns)?;
+    }
+    let gateway = format!("{}/32", wiremesh_host::pod::POD_GATEWAY);
+    run(&["ip", "-n", ns, "address", "replace", &gateway, "dev", "lo"])?;
+    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}=1"),
+        ])?;
+    }
+    Ok(())
+}
+
+fn write_local_vpc(state_dir: &Path, vpc: &Label, local: &LocalVpc) -> Result<(), AgentError> {
+    let path: PathBuf = state_dir
+        .join(VPCS_DIR)
+        .join(vpc.as_str())
+        .join(LOCAL_VPC_FILE);
+    let json = serde_json::to_vec_pretty(local).expect("serializes");
+    if std::fs::read(&path).is_ok_and(|old| old == json) {
+        return Ok(());
+    }
+    // Atomically: the plugin may read it at any moment.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| AgentError::State {
+            path: path.display().to_string(),
+            source,
+        })
+}
