@@ -4,6 +4,7 @@
 
 mod agent_cmd;
 mod bench;
+mod cluster_link;
 mod demo;
 mod peers;
 mod status;
@@ -143,6 +144,9 @@ enum Command {
     /// External peers: devices outside the cluster (laptops, VMs, phones).
     #[command(subcommand)]
     Peer(peers::PeerCommand),
+    /// Link this cluster with another that has its own registry (import its gateway nodes as peers).
+    #[command(subcommand)]
+    Cluster(cluster_link::ClusterCommand),
     /// Print the WireGuard config of an external peer (wg-quick) or of a node.
     #[command(subcommand)]
     Showconf(peers::ShowconfCommand),
@@ -226,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
                 mtu: a.mtu,
                 granularity: a.granularity,
                 trust_location_network: a.trust_location_network,
+                mesh_ula: None,
             };
             if a.registry.is_kubernetes() {
                 bail!("on Kubernetes the settings are the ConfigMap wiremesh-settings (deploy/30-settings.yaml): edit it and `kubectl apply` it; `wiremesh init` is for dir: and etcd:// registries");
@@ -250,6 +255,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Peer(c) => peers::run_peer(c),
+        Command::Cluster(c) => cluster_link::run(c),
         Command::Showconf(c) => peers::run_showconf(c),
         Command::Bench(b) => bench::run(b),
     }
