@@ -53,6 +53,9 @@ pub struct Mesh {
     pub fabric: Netns,
     pub nat: Option<Netns>,
     pub nodes: Vec<TestNode>,
+    /// The last byte of the first node's `lan` address (10.99.0.x); a mesh beside
+    /// another ([`Mesh::beside`]) starts higher, as they share one segment.
+    pub first_host: u8,
 }
 
 pub fn ip(args: &[&str]) {
@@ -102,14 +105,55 @@ impl Mesh {
     /// An empty cluster with a directory registry and one bridge (`lan`) for public
     /// nodes and, if asked, a NAT router in front of a second bridge (`natlan`).
     pub fn new(granularity: &str, with_nat: bool) -> Mesh {
-        Self::build(granularity, with_nat, RegistryKind::Dir)
+        Self::build(granularity, with_nat, RegistryKind::Dir, &[])
+    }
+
+    /// A second cluster, with its own directory registry initialised with
+    /// `init_args` (give it CIDRs apart from `other`'s), whose `lan` bridge is joined
+    /// to `other`'s: one underlay, so the two clusters' nodes reach each other as
+    /// the sites of two clusters would over the internet.
+    pub fn beside(other: &Mesh, granularity: &str, init_args: &[&str]) -> Mesh {
+        let mut mesh = Self::build(granularity, false, RegistryKind::Dir, init_args);
+        mesh.first_host = other.first_host + 100;
+        // Both bridges were given one fixed MAC; one segment needs two.
+        ip(&[
+            "-n",
+            mesh.fabric.name(),
+            "link",
+            "set",
+            "lan",
+            "address",
+            "02:77:6d:00:00:02",
+        ]);
+        let (here, there) = (
+            format!("f{}", random_suffix(8)),
+            format!("f{}", random_suffix(8)),
+        );
+        ip(&[
+            "link",
+            "add",
+            &here,
+            "netns",
+            mesh.fabric.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &there,
+            "netns",
+            other.fabric.name(),
+        ]);
+        for (ns, end) in [(&mesh.fabric, &here), (&other.fabric, &there)] {
+            ip(&["-n", ns.name(), "link", "set", end, "master", "lan", "up"]);
+        }
+        mesh
     }
 
     /// An empty cluster whose registry is a fake Kubernetes API server on the `lan`
     /// bridge; each node added gets a Node object with its pod CIDR, as the kubelet
     /// and controller manager would make it.
     pub fn with_kubernetes(granularity: &str) -> Mesh {
-        Self::build(granularity, false, RegistryKind::Kubernetes)
+        Self::build(granularity, false, RegistryKind::Kubernetes, &[])
     }
 
     /// An empty cluster whose registry is an etcd cluster of `members` on the `lan`
@@ -123,10 +167,16 @@ impl Mesh {
             granularity,
             false,
             RegistryKind::Etcd { members },
+            &[],
         ))
     }
 
-    fn build(granularity: &str, with_nat: bool, registry: RegistryKind) -> Mesh {
+    fn build(
+        granularity: &str,
+        with_nat: bool,
+        registry: RegistryKind,
+        init_args: &[&str],
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let cluster = format!("t{}", random_suffix(6));
         let fabric = Netns::new("fabric").expect("netns");
@@ -153,6 +203,7 @@ impl Mesh {
             fabric,
             nat: None,
             nodes: Vec::new(),
+            first_host: 1,
         };
         if with_nat {
             ip(&[
@@ -202,7 +253,9 @@ impl Mesh {
                 .expect("etcd cluster");
             mesh.etcd = Some(etcd);
         }
-        let out = mesh.wiremesh(&["init", "--granularity", granularity]);
+        let mut init = vec!["init", "--granularity", granularity];
+        init.extend_from_slice(init_args);
+        let out = mesh.wiremesh(&init);
         assert!(
             out.status.success(),
             "init: {}",
@@ -334,7 +387,7 @@ impl Mesh {
     /// Add a node (not started). Public nodes sit on `lan` with a public endpoint;
     /// others sit behind the NAT router.
     pub fn add_node(&mut self, name: &str, location: &str, public: bool) -> usize {
-        let i = self.nodes.len() as u8 + 1;
+        let i = self.nodes.len() as u8 + self.first_host;
         let ns = Netns::new(name).expect("netns");
         let lan_ip = if public {
             let ip4 = Ipv4Addr::new(10, 99, 0, i);
