@@ -1,8 +1,8 @@
 //! The OpenVPN, tinc, SoftEther and Nebula drivers against the real programs.
 //!
 //! Each test builds a small bed: a master and two workers as network namespaces on a
-//! bridge (the underlay), each worker with a pod namespace answering TCP on its pod
-//! address. It brings the VPN up in one shape and proves what the benchmark relies on:
+//! bridge (the underlay), the second worker behind a NAT router, each worker with a
+//! pod namespace answering TCP on its pod address. It brings the VPN up in one shape and proves what the benchmark relies on:
 //! the master (and a worker) reach every pod through the tunnel while nftables
 //! counters on every underlay interface see none of that TCP in the clear; in the
 //! hub-and-spoke shape no worker sends anything to another worker's underlay address;
@@ -29,7 +29,8 @@ const WORKERS: u8 = 2;
 struct Node {
     ns: Netns,
     underlay_if: String,
-    underlay: Ipv4Addr,
+    /// Where the others reach it on the WAN (a NAT router's address for w2).
+    public: Ipv4Addr,
     /// A worker's pod namespace, kept for the bed's lifetime.
     _pod: Option<Netns>,
 }
@@ -37,6 +38,7 @@ struct Node {
 struct TestBed {
     bed: Bed,
     nodes: Vec<Node>,
+    _routers: Vec<Netns>,
     // Dropped last: the bridge outlives the hosts' links into it.
     _wan: Netns,
     _work: tempfile::TempDir,
@@ -70,9 +72,13 @@ fn install_counters(node: &Node, others: &[Ipv4Addr]) {
         rules += " }\n";
     }
     rules += "}\n";
+    apply_nft(&node.ns, &rules);
+}
+
+fn apply_nft(ns: &Netns, rules: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), rules).unwrap();
-    sh(&node.ns, &["nft", "-f", &file.path().to_string_lossy()]);
+    sh(ns, &["nft", "-f", &file.path().to_string_lossy()]);
 }
 
 fn counter(ns: &Netns, name: &str) -> u64 {
@@ -124,6 +130,44 @@ fn pod_addr(worker: u8) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 78, worker, 2)), POD_PORT)
 }
 
+/// Plugs `ns` into the bridge in `wan` with `addr` (a /24); its interface name.
+fn attach_to_wan(wan: &Netns, ns: &Netns, addr: Ipv4Addr) -> String {
+    let inside = unique_ifname("ul");
+    let port = unique_ifname("br");
+    // Created straight in the namespaces: nothing touches the host's.
+    #[rustfmt::skip]
+    sh(wan, &["ip", "link", "add", &port, "type", "veth", "peer", "name", &inside, "netns", ns.name()]);
+    sh(wan, &["ip", "link", "set", &port, "master", "br0", "up"]);
+    sh(
+        ns,
+        &["ip", "addr", "add", &format!("{addr}/24"), "dev", &inside],
+    );
+    sh(ns, &["ip", "link", "set", &inside, "up"]);
+    inside
+}
+
+/// Puts `worker` behind a NAT router on the WAN at `public`; the router namespace
+/// and the worker's interface towards it.
+fn behind_nat(wan: &Netns, worker: &Netns, public: Ipv4Addr) -> (Netns, String) {
+    let router = Netns::new("nat").unwrap();
+    let outside = attach_to_wan(wan, &router, public);
+    let (_, inside) = veth_pair(&router, worker, "192.168.78.1/24", "192.168.78.2/24").unwrap();
+    sh(
+        worker,
+        &["ip", "route", "add", "default", "via", "192.168.78.1"],
+    );
+    sh(&router, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    apply_nft(
+        &router,
+        &format!(
+            "table ip nat {{\n chain post {{\n  type nat hook postrouting priority srcnat;\n  \
+             oifname \"{outside}\" masquerade\n }}\n}}\n"
+        ),
+    );
+    (router, inside)
+}
+
+/// A master and two workers; w2 sits behind a NAT, as an edge node often does.
 fn build_bed() -> TestBed {
     let wan = Netns::new("wan").unwrap();
     sh(&wan, &["ip", "link", "add", "br0", "type", "bridge"]);
@@ -131,6 +175,7 @@ fn build_bed() -> TestBed {
     let work = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
     let mut hosts = Vec::new();
+    let mut routers = Vec::new();
     for i in 0..=WORKERS {
         let name = if i == 0 {
             "master".to_string()
@@ -138,60 +183,21 @@ fn build_bed() -> TestBed {
             format!("w{i}")
         };
         let ns = Netns::new(&name).unwrap();
-        let underlay_if = unique_ifname("ul");
-        let port = unique_ifname("br");
-        let underlay = Ipv4Addr::new(192, 168, 77, 1 + i);
-        // Created straight in the namespaces: nothing touches the host's.
-        sh(
-            &wan,
-            &[
-                "ip",
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &underlay_if,
-                "netns",
-                ns.name(),
-            ],
-        );
-        sh(&wan, &["ip", "link", "set", &port, "master", "br0", "up"]);
-        sh(
-            &ns,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{underlay}/24"),
-                "dev",
-                &underlay_if,
-            ],
-        );
-        sh(&ns, &["ip", "link", "set", &underlay_if, "up"]);
+        let public = Ipv4Addr::new(192, 168, 77, 1 + i);
+        let nat = i == WORKERS;
+        let (underlay, underlay_if) = if nat {
+            let (router, inside) = behind_nat(&wan, &ns, public);
+            routers.push(router);
+            (Ipv4Addr::new(192, 168, 78, 2), inside)
+        } else {
+            (public, attach_to_wan(&wan, &ns, public))
+        };
         sh(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
         let pod = (i > 0).then(|| {
             let pod = Netns::new(&format!("pod{i}")).unwrap();
-            veth_pair(
-                &ns,
-                &pod,
-                &format!("10.78.{i}.1/24"),
-                &format!("10.78.{i}.2/24"),
-            )
-            .unwrap();
-            sh(
-                &pod,
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.78.{i}.1"),
-                ],
-            );
+            let (gateway, addr) = (format!("10.78.{i}.1"), format!("10.78.{i}.2/24"));
+            veth_pair(&ns, &pod, &format!("{gateway}/24"), &addr).unwrap();
+            sh(&pod, &["ip", "route", "add", "default", "via", &gateway]);
             serve_pod(&pod, pod_addr(i), pod_reply(i));
             pod
         });
@@ -203,20 +209,20 @@ fn build_bed() -> TestBed {
             underlay_if: underlay_if.clone(),
             pod_cidr: (i > 0).then(|| format!("10.78.{i}.0/24").parse().unwrap()),
             overlay: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1 + i)),
-            behind_nat: false,
+            behind_nat: nat,
         });
         nodes.push(Node {
             ns,
             underlay_if,
-            underlay,
+            public,
             _pod: pod,
         });
     }
     for node in &nodes {
         let others: Vec<Ipv4Addr> = nodes
             .iter()
-            .map(|n| n.underlay)
-            .filter(|a| *a != node.underlay)
+            .map(|n| n.public)
+            .filter(|a| *a != node.public)
             .collect();
         install_counters(node, &others);
     }
@@ -228,6 +234,7 @@ fn build_bed() -> TestBed {
             underlay_mtu: 1500,
         },
         nodes,
+        _routers: routers,
         _wan: wan,
         _work: work,
     }
@@ -299,7 +306,7 @@ fn check_counters_see_plaintext(t: &TestBed) {
         "add",
         "10.78.1.0/24",
         "via",
-        &w1.underlay.to_string(),
+        &w1.public.to_string(),
     ];
     sh(&master.ns, &route);
     assert!(
@@ -366,8 +373,8 @@ fn check_vpn(mut vpn: impl Vpn, shape: Shape) {
             node.ns.name()
         );
     }
-    let w2_underlay = t.nodes[2].underlay;
-    let w1_to_w2 = counter(&w1.ns, &format!("to_{}", w2_underlay.octets()[3]));
+    let w2_public = t.nodes[2].public;
+    let w1_to_w2 = counter(&w1.ns, &format!("to_{}", w2_public.octets()[3]));
     match shape {
         Shape::HubAndSpoke => assert_eq!(
             w1_to_w2, 0,

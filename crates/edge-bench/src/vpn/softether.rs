@@ -11,7 +11,8 @@
 //! Cipher: the session runs over TLS 1.3 on TCP port 5555 (TLS_AES_256_GCM_SHA384
 //! is what `AccountStatusGet` reports here); each client pins the server's own
 //! certificate (`AccountServerCertSet` + `AccountServerCertEnable`) and logs in with
-//! a random per-run password.
+//! a random per-run password. Data rides the TLS session, or UDP acceleration where
+//! SoftEther sets it up (not for a worker behind a NAT: see `AccountDetailSet`).
 //!
 //! The Debian build keeps its state in fixed directories (`/var/lib/softether`,
 //! `/run/softether`, `/var/log/softether`), so each daemon (and each `vpncmd`
@@ -302,20 +303,27 @@ impl SoftEther {
             self.deployment.track_link(&worker.netns, CLIENT_NIC);
             client.wait_for_daemon("/CLIENT", "AccountList")?;
             let account = "bench";
-            client.vpncmd(
-                "/CLIENT",
-                "setup",
-                &[
-                    format!("NicCreate {NIC}"),
-                    format!(
-                        "AccountCreate {account} /SERVER:{}:{PORT} /HUB:{HUB} /USERNAME:{} /NICNAME:{NIC}",
-                        master.underlay, worker.name
-                    ),
-                    format!("AccountPasswordSet {account} /PASSWORD:{password} /TYPE:standard"),
-                    format!("AccountServerCertSet {account} /LOADCERT:server.crt"),
-                    format!("AccountServerCertEnable {account}"),
-                ],
-            )?;
+            let mut commands = vec![
+                format!("NicCreate {NIC}"),
+                format!(
+                    "AccountCreate {account} /SERVER:{}:{PORT} /HUB:{HUB} /USERNAME:{} /NICNAME:{NIC}",
+                    master.underlay, worker.name
+                ),
+                format!("AccountPasswordSet {account} /PASSWORD:{password} /TYPE:standard"),
+                format!("AccountServerCertSet {account} /LOADCERT:server.crt"),
+                format!("AccountServerCertEnable {account}"),
+            ];
+            if worker.behind_nat {
+                // Behind the harness's NAT the server deleted the session within a
+                // second of every login while UDP acceleration was on (and not with
+                // it off): such a worker keeps to TCP. The other values are the
+                // defaults; vpncmd would prompt for any left out.
+                commands.push(format!(
+                    "AccountDetailSet {account} /MAXTCP:2 /INTERVAL:1 /TTL:0 /HALF:no \
+                     /BRIDGE:no /MONITOR:no /NOTRACK:no /NOQOS:no /DISABLEUDP:yes"
+                ));
+            }
+            client.vpncmd("/CLIENT", "setup", &commands)?;
             configure_interface(bed, worker, CLIENT_NIC)?;
             client.vpncmd("/CLIENT", "connect", &[format!("AccountConnect {account}")])?;
         }
