@@ -22,9 +22,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// Failed rounds in a row that make a leader suspect (~1.5 s).
 const FAILURES: u32 = 3;
-/// A new plan (a new leader, new targets) is not judged before its tunnels had
-/// time to come up.
-const GRACE: Duration = Duration::from_secs(3);
+/// Failures count once a probe of the current plan (leader and targets) got through,
+/// so a leader is judged on forwarding that *stopped*, not on tunnels still coming
+/// up; a plan that never got through counts as failing after this long.
+const GRACE: Duration = Duration::from_secs(20);
 /// How long a suspicion stands. Once the leader is replaced nothing routes through
 /// it any more, so nothing can clear it sooner; after this it may lead again, and
 /// is deposed again if it still does not forward.
@@ -35,6 +36,7 @@ const HOLD: Duration = Duration::from_secs(300);
 struct Tracker {
     plan: Option<ForwardingProbe>,
     since: Option<Instant>,
+    reached_once: bool,
     failures: u32,
     suspect: Option<(NodeName, Instant)>,
 }
@@ -44,6 +46,7 @@ impl Tracker {
         if plan != self.plan {
             self.plan = plan;
             self.since = Some(now);
+            self.reached_once = false;
             self.failures = 0;
         }
     }
@@ -54,10 +57,11 @@ impl Tracker {
             return;
         }
         if reached {
+            self.reached_once = true;
             self.failures = 0;
             return;
         }
-        if self.since.is_some_and(|s| now.duration_since(s) < GRACE) {
+        if !self.reached_once && self.since.is_some_and(|s| now.duration_since(s) < GRACE) {
             return;
         }
         self.failures += 1;
@@ -154,17 +158,30 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_is_suspected_after_failures_in_a_row_past_the_grace_period() {
+    fn a_leader_that_never_forwarded_is_suspected_after_the_grace_period() {
         let t0 = Instant::now();
         let mut t = Tracker::default();
         let p = plan("a1");
         t.set_plan(Some(p.clone()), t0);
-        // During the grace period failures do not count.
-        for _ in 0..5 {
+        // Tunnels coming up: failures do not count yet.
+        for _ in 0..10 {
             t.record(&p, false, t0 + Duration::from_secs(1));
         }
         assert!(t.suspected(t0 + Duration::from_secs(1)).is_empty());
-        let later = t0 + GRACE;
+        for _ in 0..FAILURES {
+            t.record(&p, false, t0 + GRACE);
+        }
+        assert_eq!(t.suspected(t0 + GRACE).len(), 1);
+    }
+
+    #[test]
+    fn a_leader_that_stops_forwarding_is_suspected_after_failures_in_a_row() {
+        let t0 = Instant::now();
+        let mut t = Tracker::default();
+        let p = plan("a1");
+        t.set_plan(Some(p.clone()), t0);
+        let later = t0 + Duration::from_secs(2);
+        t.record(&p, true, later);
         t.record(&p, false, later);
         t.record(&p, false, later);
         // One answer resets the count.
