@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ipnet::IpNet;
-use wiremesh_agent::{Changes, Registry};
+use wiremesh_agent::{Change, Changes, Registry};
 use wiremesh_model::{ClusterSettings, ExternalPeer, PeerName};
 use wiremesh_topology::{gateways, Snapshot};
 
@@ -48,12 +48,12 @@ pub enum ClusterCommand {
 
 #[derive(Args)]
 pub struct LinkArgs {
-    /// This cluster's registry (`--registry`, `--cluster`): where the peers are written.
+    // This cluster's registry: where the peers are written.
     #[command(flatten)]
     registry: RegistryArgs,
     /// The link's name, a DNS label without '-': the imported peers are named NAME-<node>.
     name: String,
-    /// The other cluster's registry: `dir:/path` or `etcd://host:port,...` (read only).
+    /// The other cluster's registry, read only: `dir:/path` or `etcd://host:port,...` (the --etcd-* flags apply to --registry only).
     #[arg(long)]
     remote_registry: String,
     /// The other cluster's name in its registry.
@@ -218,7 +218,7 @@ fn reopen(remote: &dyn Registry) -> Box<dyn Changes> {
     }
 }
 
-/// Returns when the remote's topology may have changed, or after [`RESYNC`]; the
+/// Returns when the remote's gateways may have changed, or after [`RESYNC`]; the
 /// changes already waiting are taken with it, so a burst costs one sync.
 fn wait_for_change(changes: &mut dyn Changes) -> Result<()> {
     let deadline = std::time::Instant::now() + RESYNC;
@@ -226,7 +226,9 @@ fn wait_for_change(changes: &mut dyn Changes) -> Result<()> {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match changes.recv_timeout(left)? {
             None => return Ok(()),
-            Some(c) if c.affects_topology() => break,
+            // Only nodes and settings make gateways; the remote's own external
+            // peers (its import of this cluster among them), reports and VPCs do not.
+            Some(Change::Node(_) | Change::Settings | Change::Resync) => break,
             Some(_) => continue,
         }
     }

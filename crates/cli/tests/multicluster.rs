@@ -58,12 +58,26 @@ fn peer_names(mesh: &Mesh) -> Vec<String> {
 }
 
 #[test]
-fn linked_clusters_reach_each_other_and_see_a_node_leave() {
+fn linked_full_clusters_reach_each_other_and_see_a_node_leave() {
+    link_reach_leave_unlink("full");
+}
+
+/// Cluster A in location granularity: B imports only A's leader, which carries both
+/// A nodes' prefixes; A's follower reaches B through it.
+#[test]
+fn a_location_cluster_links_through_its_leader() {
+    link_reach_leave_unlink("location");
+}
+
+/// Links A (granularity `a_granularity`, one location) and B (full), checks pods
+/// reach each other both ways, stops a B node and waits for A to drop it, then
+/// unlinks A from B and checks that A's pods are cut off from B.
+fn link_reach_leave_unlink(a_granularity: &str) {
     if !require_root() {
         return;
     }
     let started = Instant::now();
-    let mut a = Mesh::new("full", false);
+    let mut a = Mesh::new(a_granularity, false);
     let mut b = Mesh::beside(
         &a,
         "full",
@@ -92,7 +106,7 @@ fn linked_clusters_reach_each_other_and_see_a_node_leave() {
         !pings(&a, a_nodes[0], b.pod_ip(b_nodes[0])),
         "the clusters reach each other before they are linked"
     );
-    let _a_imports_b = Link::follow(&a, "clb", &b);
+    let a_imports_b = Link::follow(&a, "clb", &b);
     let _b_imports_a = Link::follow(&b, "cla", &a);
 
     for &i in &a_nodes {
@@ -142,7 +156,29 @@ fn linked_clusters_reach_each_other_and_see_a_node_leave() {
         );
     }
     assert_eq!(peer_names(&a), ["clb-b1"]);
-    println!("multi-cluster test took {:?}", started.elapsed());
+
+    // Unlinked (the follower stopped first, or it would import b1 again), A's
+    // nodes drop b1 and A's pods no longer reach it.
+    drop(a_imports_b);
+    let out = a.wiremesh(&["cluster", "unlink", "clb"]);
+    assert!(
+        out.status.success(),
+        "unlink: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(peer_names(&a).is_empty(), "{:?}", peer_names(&a));
+    let b1_ip = b.pod_ip(b1);
+    for &i in &a_nodes {
+        assert!(
+            wait_until(Duration::from_secs(10), || !pings(&a, i, b1_ip)),
+            "{} still reaches b1 after the unlink",
+            a.nodes[i].name
+        );
+    }
+    println!(
+        "multi-cluster test ({a_granularity}) took {:?}",
+        started.elapsed()
+    );
 }
 
 /// `wiremesh cluster link` once (no --follow) between two directory registries.
