@@ -9,6 +9,7 @@ mod demo;
 mod peers;
 mod status;
 mod ui;
+mod vpc_cmd;
 
 use std::path::PathBuf;
 
@@ -169,6 +170,14 @@ enum Command {
     /// Benchmarks that build their own clusters on this host (as root).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// VPCs: isolated layer-3 networks of pods, spanning nodes and sites.
+    #[command(subcommand)]
+    Vpc(vpc_cmd::VpcCommand),
+    /// Services of a VPC: a clusterIP that follows its backends wherever they run.
+    #[command(subcommand)]
+    Service(vpc_cmd::ServiceCommand),
+    /// List a service's endpoints, or add or remove one.
+    Endpoints(vpc_cmd::EndpointsArgs),
 }
 
 #[derive(Args)]
@@ -230,7 +239,7 @@ fn run(cli: Cli) -> Result<()> {
                 mtu: a.mtu,
                 granularity: a.granularity,
                 trust_location_network: a.trust_location_network,
-                mesh_ula: None,
+                mesh_ula: Some(vpc_cmd::random_mesh_ula()?.to_string()),
             };
             if a.registry.is_kubernetes() {
                 bail!("on Kubernetes the settings are the ConfigMap wiremesh-settings (deploy/30-settings.yaml): edit it and `kubectl apply` it; `wiremesh init` is for dir: and etcd:// registries");
@@ -258,6 +267,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cluster(c) => cluster_link::run(c),
         Command::Showconf(c) => peers::run_showconf(c),
         Command::Bench(b) => bench::run(b),
+        Command::Vpc(c) => vpc_cmd::run_vpc(c),
+        Command::Service(c) => vpc_cmd::run_service(c),
+        Command::Endpoints(a) => vpc_cmd::run_endpoints(a),
     }
 }
 
