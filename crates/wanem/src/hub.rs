@@ -2,7 +2,8 @@
 //!
 //! Each port's TUN interface is opened by a thread that joined the host's namespace,
 //! so the interface lives there while its file descriptor works from any thread. The
-//! ports use TCP segmentation offload when the kernel grants it ([`crate::frame`]).
+//! ports use TCP and UDP segmentation offload when the kernel grants it
+//! ([`crate::port`], [`crate::frame`]).
 //! One reader thread per port reads packets, routes them by destination address
 //! ([`crate::routes`]) and asks the directed link's model ([`crate::link`]) for their
 //! fate. On a link with no impairment a read goes on whole, super-packet or not (the
@@ -31,16 +32,18 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use ipnet::IpNet;
 use memchr::memmem;
-use wiremesh_wg::offload::{self, VNET_HDR_LEN};
-use wiremesh_wg::tun::Tun;
+use wiremesh_wg::offload::VNET_HDR_LEN;
 
 use crate::frame;
 use crate::link::{DropReason, Impairment, Link, Verdict};
+use crate::port::PortTun;
 use crate::routes::{self, Routes};
 use crate::WanemError;
 
 /// How often a reader with no traffic checks whether the hub is stopping.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// Reads a reader makes between checks whether the hub is stopping.
+const READS_PER_WAKEUP: usize = 256;
 
 /// One host's port on the hub: a TUN interface created inside `netns`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,7 +114,7 @@ pub struct Hub {
 #[derive(Debug)]
 struct Shared {
     specs: Mutex<Vec<PortSpec>>,
-    tuns: Vec<Tun>,
+    tuns: Vec<PortTun>,
     routes: RwLock<Routes>,
     /// Extra prefixes routed to each port ([`Hub::set_port_routes`]).
     prefixes: Mutex<Vec<Vec<IpNet>>>,
@@ -397,26 +400,53 @@ fn port_error(port: usize, spec: &PortSpec, reason: impl std::fmt::Display) -> W
     }
 }
 
-/// Opens the TUN inside the port's namespace, sets its MTU and brings it up.
-fn open_port(port: usize, spec: &PortSpec) -> Result<Tun, WanemError> {
+/// Creates the TUN inside the port's namespace, sets its MTU and brings it up.
+fn open_port(port: usize, spec: &PortSpec) -> Result<PortTun, WanemError> {
     let ns = File::open(Path::new("/var/run/netns").join(&spec.netns))
         .map_err(|e| port_error(port, spec, format!("opening the namespace: {e}")))?;
-    std::thread::scope(|s| {
+    let tun = std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on a valid namespace fd changes only this thread, which
             // ends when the scope does.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(format!("setns: {}", std::io::Error::last_os_error()));
             }
-            let tun = Tun::create(&spec.ifname, true).map_err(|e| format!("creating: {e}"))?;
-            tun.set_mtu(spec.mtu).map_err(|e| format!("mtu: {e}"))?;
-            tun.set_up().map_err(|e| format!("up: {e}"))?;
-            Ok(tun)
+            PortTun::create(&spec.ifname).map_err(|e| format!("creating: {e}"))
         })
         .join()
         .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
     })
-    .map_err(|reason| port_error(port, spec, reason))
+    .map_err(|reason| port_error(port, spec, reason))?;
+    let mtu = spec.mtu.to_string();
+    ip(
+        port,
+        spec,
+        &["link", "set", "dev", &spec.ifname, "mtu", &mtu, "up"],
+    )?;
+    Ok(tun)
+}
+
+/// Runs `ip -n NETNS ARGS...` for the port.
+fn ip(port: usize, spec: &PortSpec, args: &[&str]) -> Result<(), WanemError> {
+    let out = Command::new("ip")
+        .args(["-n", &spec.netns])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| port_error(port, spec, format!("running ip: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(port_error(
+            port,
+            spec,
+            format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ))
+    }
 }
 
 /// Moves the port's interface from addresses `old` to `new` with iproute2.
@@ -426,29 +456,12 @@ fn set_addresses(
     old: &[IpNet],
     new: &[IpNet],
 ) -> Result<(), WanemError> {
-    let ip = |args: &[&str]| -> Result<(), WanemError> {
-        let out = Command::new("ip")
-            .args(["-n", &spec.netns])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| port_error(port, spec, format!("running ip: {e}")))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(port_error(
-                port,
-                spec,
-                format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            ))
-        }
-    };
     for net in old.iter().filter(|n| !new.contains(n)) {
-        ip(&["addr", "del", &net.to_string(), "dev", &spec.ifname])?;
+        ip(
+            port,
+            spec,
+            &["addr", "del", &net.to_string(), "dev", &spec.ifname],
+        )?;
     }
     for net in new.iter().filter(|n| !old.contains(n)) {
         let net = net.to_string();
@@ -457,7 +470,7 @@ fn set_addresses(
             // Usable at once, without duplicate address detection.
             args.push("nodad");
         }
-        ip(&args)?;
+        ip(port, spec, &args)?;
     }
     Ok(())
 }
@@ -491,7 +504,14 @@ fn run_reader(shared: &Shared, port: usize, to_scheduler: Sender<Scheduled>) {
     };
     let result = (|| -> std::io::Result<()> {
         while !shared.stopping.load(Ordering::Relaxed) {
-            if let Some(n) = tun.recv(&mut reader.buf, STOP_POLL)? {
+            if !tun.wait_readable(STOP_POLL)? {
+                continue;
+            }
+            // Drain what is queued, but look up now and then to notice a stop.
+            for _ in 0..READS_PER_WAKEUP {
+                let Some(n) = tun.try_recv(&mut reader.buf)? else {
+                    break;
+                };
                 if !reader.forward(n) {
                     return Ok(());
                 }
@@ -553,7 +573,7 @@ impl Reader<'_> {
         // Every wire packet meets the link on its own.
         self.segments.clear();
         if self.header_len > 0 {
-            if let Err(e) = offload::split(frame, &mut self.segments) {
+            if let Err(e) = frame::split(frame, &mut self.segments) {
                 tracing::debug!(port, error = %e, "wanem dropped an unreadable TUN read");
                 shared.unroutable[port].fetch_add(1, Ordering::Relaxed);
                 return true;
@@ -600,7 +620,7 @@ impl Reader<'_> {
 }
 
 fn deliver(shared: &Shared, to: usize, packet: &[u8]) {
-    if let Err(e) = shared.tuns[to].send(packet) {
+    if let Err(e) = shared.tuns[to].send_packet(packet) {
         // The far host's stack refused it (interface down, namespace gone): the
         // packet is lost, as on a wire.
         tracing::debug!(port = to, error = %e, "wanem delivery failed");

@@ -9,11 +9,14 @@
 //! the same seed and the same traffic repeats exactly.
 //!
 //! - [`link`]: the pure per-direction model (no I/O, no clock: time is an argument).
-//! - [`hub`]: the shell (TUN ports, reader threads, one delivery scheduler).
+//! - [`routes`], [`frame`]: which port a packet goes to; what a TUN read stands for
+//!   on the wire (pure).
+//! - [`hub`], [`port`]: the shell (TUN ports, reader threads, one delivery scheduler).
 
 pub mod frame;
 pub mod hub;
 pub mod link;
+pub mod port;
 pub mod routes;
 
 pub use hub::{Hub, LinkStats, PortSpec};
