@@ -5,8 +5,12 @@
 //! packets between the ports by destination address. Every directed link (port `a` to
 //! port `b`) applies an [`Impairment`]: one-way delay, jitter with or without
 //! reordering, random or bursty (Gilbert–Elliott) loss, a rate limit with a bounded
-//! queue, and link down/up. Decisions come from a seeded RNG per link, so a run with
-//! the same seed and the same traffic repeats exactly.
+//! queue, and link down/up. Each link draws from its own seeded RNG stream, so the
+//! same seed and the same packets on a link (sizes, arrival times, impairment
+//! changes) give the same decisions; traffic on one link never shifts another's.
+//!
+//! [`Hub::watch_for`] counts packets carrying a byte pattern per link, so a benchmark
+//! can prove that no plaintext crossed the underlay.
 //!
 //! - [`link`]: the pure per-direction model (no I/O, no clock: time is an argument).
 //! - [`routes`], [`frame`]: which port a packet goes to; what a TUN read stands for
