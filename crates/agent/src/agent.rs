@@ -263,6 +263,10 @@ pub fn run(
                 }
                 Err(e) => tracing::debug!("status not published: {e}"),
             }
+            // Only wiremesh-wg answers; other devices leave the drop counters out.
+            if let Ok(stats) = uapi_client::stats(&socket) {
+                metrics.lock().unwrap_or_else(PoisonError::into_inner).drops = stats.dropped;
+            }
         }
     }
     if config.leave_on_exit {

@@ -2,6 +2,7 @@
 //! traffic and handshake age as the device reports them. The loop writes a
 //! [`Metrics`] value; a small HTTP thread serves its text rendering on `/metrics`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -20,6 +21,8 @@ pub struct Metrics {
     pub peers: Vec<PeerStatus>,
     /// Unix seconds, for handshake ages.
     pub now: u64,
+    /// Packets the device dropped, by reason (empty for devices that do not say).
+    pub drops: BTreeMap<String, u64>,
 }
 
 fn escape(label: &str) -> String {
@@ -99,6 +102,15 @@ pub fn render(m: &Metrics) -> String {
             })
             .collect::<Vec<_>>(),
     );
+    family(
+        "wiremesh_dropped_packets_total",
+        "counter",
+        "Packets the WireGuard device dropped, by reason (wiremesh-wg only).",
+        &m.drops
+            .iter()
+            .map(|(reason, n)| (format!(",reason=\"{}\"", escape(reason)), n.to_string()))
+            .collect::<Vec<_>>(),
+    );
     out
 }
 
@@ -149,9 +161,16 @@ mod tests {
                 ..Default::default()
             }],
             now: 100,
+            drops: BTreeMap::from([("disallowed_source".to_owned(), 7)]),
             ..Default::default()
         };
         let text = render(&m);
+        assert!(
+            text.contains(
+                "wiremesh_dropped_packets_total{node=\"a1\",reason=\"disallowed_source\"} 7\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("wiremesh_reconciles_total{node=\"a1\"} 3\n"),
             "{text}"

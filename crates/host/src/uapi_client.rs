@@ -63,6 +63,14 @@ pub fn get(path: &Path) -> Result<DeviceSnapshot, HostError> {
     DeviceSnapshot::parse(&reply).map_err(|e| uapi_err(path, format!("malformed get reply: {e}")))
 }
 
+/// The counters of a `wiremesh-wg` device (`get_stats=1`): VPC traffic and drops by
+/// reason. Other devices do not know the operation and answer with an error.
+pub fn stats(path: &Path) -> Result<wiremesh_uapi::DeviceStats, HostError> {
+    let reply = exchange(path, "get_stats=1\n\n")?;
+    wiremesh_uapi::DeviceStats::parse(&reply)
+        .map_err(|e| uapi_err(path, format!("malformed get_stats reply: {e}")))
+}
+
 /// Apply a configuration change.
 pub fn set(path: &Path, request: &SetRequest) -> Result<(), HostError> {
     exchange(path, &request.render()).map(|_| ())

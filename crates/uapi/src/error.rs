@@ -24,7 +24,7 @@ impl Errno {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UapiError {
     /// The first line was not a known operation.
-    #[error("unknown operation: expected get=1, set=1, get_vpcs=1 or set_vpcs=1")]
+    #[error("unknown operation: expected get=1, set=1, get_stats=1 or set_vpcs=1")]
     UnknownOperation,
     /// A line exceeded [`crate::MAX_LINE_LEN`].
     #[error("line too long ({len} bytes)")]

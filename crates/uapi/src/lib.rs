@@ -23,7 +23,7 @@ pub use error::{Errno, UapiError};
 pub use get::{DeviceSnapshot, PeerSnapshot};
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey, KEY_LEN};
 pub use set::{PeerConfig, SetRequest};
-pub use vpc::{VpcCounters, VpcPlane, VpcsRequest};
+pub use vpc::{DeviceStats, VpcPlane, VpcsRequest};
 
 /// Longest line accepted in either direction. The longest legitimate line is a
 /// `preshared_key=` plus 64 hex digits; anything far beyond is hostile or broken.
@@ -39,8 +39,8 @@ pub enum Request {
     Set(SetRequest),
     /// `set_vpcs=1` (wiremesh's extension): replace the VPC table.
     SetVpcs(VpcsRequest),
-    /// `get_vpcs=1` (wiremesh's extension): reply with [`VpcCounters`].
-    GetVpcs,
+    /// `get_stats=1` (wiremesh's extension): reply with [`DeviceStats`].
+    GetStats,
 }
 
 impl Request {
@@ -51,7 +51,7 @@ impl Request {
             "get=1" => Ok(Request::Get),
             "set=1" => SetRequest::parse(text).map(Request::Set),
             "set_vpcs=1" => VpcsRequest::parse(text).map(Request::SetVpcs),
-            "get_vpcs=1" => Ok(Request::GetVpcs),
+            "get_stats=1" => Ok(Request::GetStats),
             _ => Err(UapiError::UnknownOperation),
         }
     }

@@ -2,9 +2,9 @@
 //!
 //! `set_vpcs=1` replaces the whole VPC table of the device (the agent always sends
 //! all of it, so a lost or repeated request cannot leave a stale entry behind);
-//! `get_vpcs=1` reads the VPC traffic counters. wireguard-tools never sends either
-//! operation, and a stock device answers them with an error, so `wg` and other
-//! devices are unaffected.
+//! `get_stats=1` reads the device's counters: VPC traffic, and packets dropped, by
+//! reason. wireguard-tools never sends either operation, and a stock device answers
+//! them with an error, so `wg` and other devices are unaffected.
 //!
 //! ```text
 //! set_vpcs=1
@@ -44,15 +44,15 @@ pub struct VpcPlane {
     pub members: Vec<(u16, IpNet)>,
 }
 
-/// The reply to `get_vpcs=1`: the VPCs carried and the traffic counters.
+/// The reply to `get_stats=1`: the VPCs carried and the device's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VpcCounters {
+pub struct DeviceStats {
     pub vpcs: Vec<u32>,
     /// Packets read from VPC TUN devices and sent encapsulated.
-    pub sent: u64,
+    pub vpc_sent: u64,
     /// Packets received, checked and written to a VPC TUN device.
-    pub delivered: u64,
-    /// Packets dropped, by reason (`unknown_vpc`, `inner_source_outside`, ...).
+    pub vpc_delivered: u64,
+    /// Packets dropped, by reason (`disallowed_source`, `unknown_vpc`, ...).
     pub dropped: BTreeMap<String, u64>,
 }
 
@@ -180,7 +180,7 @@ impl VpcsRequest {
     }
 }
 
-impl VpcCounters {
+impl DeviceStats {
     /// The reply body (the caller appends the `errno=` line).
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -189,8 +189,8 @@ impl VpcCounters {
         }
         let _ = writeln!(
             s,
-            "sent_packets={}\ndelivered_packets={}",
-            self.sent, self.delivered
+            "vpc_sent_packets={}\nvpc_delivered_packets={}",
+            self.vpc_sent, self.vpc_delivered
         );
         for (reason, n) in &self.dropped {
             let _ = writeln!(s, "dropped_{reason}={n}");
@@ -200,7 +200,7 @@ impl VpcCounters {
 
     /// Parses a reply (the client side), up to and including its `errno=` line.
     pub fn parse(text: &str) -> Result<Self, UapiError> {
-        let mut c = VpcCounters::default();
+        let mut c = DeviceStats::default();
         for (i, line) in text.split('\n').enumerate() {
             if line.is_empty() {
                 break;
@@ -226,13 +226,13 @@ impl VpcCounters {
                         .parse()
                         .map_err(|_| invalid("vpc", "expected a VPC id"))?,
                 ),
-                "sent_packets" => c.sent = number()?,
-                "delivered_packets" => c.delivered = number()?,
+                "vpc_sent_packets" => c.vpc_sent = number()?,
+                "vpc_delivered_packets" => c.vpc_delivered = number()?,
                 _ => match key.strip_prefix("dropped_") {
                     Some(reason) => {
                         c.dropped.insert(reason.to_owned(), number()?);
                     }
-                    None => return Err(unexpected(key, "vpc counters")),
+                    None => return Err(unexpected(key, "stats")),
                 },
             }
         }
@@ -307,16 +307,16 @@ mod tests {
 
     #[test]
     fn counters_round_trip() {
-        let c = VpcCounters {
+        let c = DeviceStats {
             vpcs: vec![7, 9],
-            sent: 10,
-            delivered: 8,
+            vpc_sent: 10,
+            vpc_delivered: 8,
             dropped: [("unknown_vpc".to_owned(), 2)].into_iter().collect(),
         };
         let reply = format!("{}errno=0\n\n", c.render());
-        assert_eq!(VpcCounters::parse(&reply), Ok(c));
+        assert_eq!(DeviceStats::parse(&reply), Ok(c));
         assert_eq!(
-            VpcCounters::parse("errno=-22\n\n"),
+            DeviceStats::parse("errno=-22\n\n"),
             Err(UapiError::Errno(crate::Errno::EINVAL))
         );
     }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -97,6 +97,54 @@ struct State {
     routes: AllowedIps<PeerRef>,
 }
 
+/// Why the device dropped a packet; one counter each, reported by `get_stats=1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketDrop {
+    /// The device has no private key yet.
+    NoKey,
+    /// A datagram that failed the MAC check, or a handshake refused under load.
+    Rejected,
+    /// A handshake from an unknown key, or data for an unknown session.
+    UnknownPeer,
+    /// Data that did not decrypt, replayed, or for an expired session.
+    InvalidData,
+    /// A decrypted packet that is not a valid IP packet.
+    MalformedInner,
+    /// A decrypted packet whose source the sending peer may not use (cryptokey routing).
+    DisallowedSource,
+    /// An outgoing packet for an address no peer is allowed.
+    NoRoute,
+    /// An outgoing packet for a peer whose endpoint is unknown.
+    NoEndpoint,
+}
+
+impl PacketDrop {
+    pub const ALL: [PacketDrop; 8] = [
+        PacketDrop::NoKey,
+        PacketDrop::Rejected,
+        PacketDrop::UnknownPeer,
+        PacketDrop::InvalidData,
+        PacketDrop::MalformedInner,
+        PacketDrop::DisallowedSource,
+        PacketDrop::NoRoute,
+        PacketDrop::NoEndpoint,
+    ];
+
+    /// A metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacketDrop::NoKey => "no_key",
+            PacketDrop::Rejected => "rejected",
+            PacketDrop::UnknownPeer => "unknown_peer",
+            PacketDrop::InvalidData => "invalid_data",
+            PacketDrop::MalformedInner => "malformed_inner",
+            PacketDrop::DisallowedSource => "disallowed_source",
+            PacketDrop::NoRoute => "no_route",
+            PacketDrop::NoEndpoint => "no_endpoint",
+        }
+    }
+}
+
 /// A WireGuard device's protocol state. Shared by all I/O threads (`&self` methods).
 pub struct Device {
     state: RwLock<State>,
@@ -104,6 +152,7 @@ pub struct Device {
     index_table: IndexTable,
     /// The TUN MTU, followed by the runtime (`ip link set mtu` may change it).
     mtu: AtomicU16,
+    drops: [AtomicU64; PacketDrop::ALL.len()],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,7 +184,19 @@ impl Device {
             by_index: Mutex::new(HashMap::new()),
             index_table: IndexTable::from_os_rng(),
             mtu: AtomicU16::new(mtu),
+            drops: Default::default(),
         }
+    }
+
+    fn drop_packet(&self, why: PacketDrop) {
+        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets dropped so far, by reason.
+    pub fn drops(&self) -> impl Iterator<Item = (PacketDrop, u64)> + '_ {
+        PacketDrop::ALL
+            .into_iter()
+            .map(|why| (why, self.drops[why as usize].load(Ordering::Relaxed)))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -413,6 +474,7 @@ impl Device {
         let len = datagram.len() as u64;
         let st = self.read();
         let (Some(key), Some(rl)) = (&st.key, &st.rate_limiter) else {
+            self.drop_packet(PacketDrop::NoKey);
             return;
         };
         let packet = match rl.verify_packet(src, Packet::from_bytes(datagram)) {
@@ -424,7 +486,10 @@ impl Device {
                 });
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                self.drop_packet(PacketDrop::Rejected);
+                return;
+            }
         };
         let peer_ref = match &packet {
             WgKind::HandshakeInit(p) => parse_handshake_anon(&key.secret, &key.public, p)
@@ -436,12 +501,16 @@ impl Device {
             WgKind::Data(p) => self.peer_by_index(p.header.receiver_idx.get()),
         };
         let Some(peer_ref) = peer_ref else {
+            self.drop_packet(PacketDrop::UnknownPeer);
             return;
         };
         let mut peer = lock(&peer_ref);
         match peer.tunn.handle_incoming_packet(packet) {
             TunnResult::Done => peer.rx_bytes += len,
-            TunnResult::Err(e) => tracing::trace!(error = ?e, %src, "dropped packet"),
+            TunnResult::Err(e) => {
+                self.drop_packet(PacketDrop::InvalidData);
+                tracing::trace!(error = ?e, %src, "dropped packet");
+            }
             TunnResult::WriteToNetwork(reply) => {
                 // Authenticated: the peer is at `src` now (roaming, whitepaper §2.1).
                 peer.endpoint = Some(src);
@@ -473,6 +542,7 @@ impl Device {
                 }
                 // Validates the IP header and trims the padding (whitepaper §5.4.6).
                 let Ok(ip) = inner.try_into_ipvx() else {
+                    self.drop_packet(PacketDrop::MalformedInner);
                     return;
                 };
                 let (source, bytes): (IpAddr, Packet) = ip.either(
@@ -487,6 +557,7 @@ impl Device {
                 {
                     out.push(Output::Tunnel(bytes));
                 } else {
+                    self.drop_packet(PacketDrop::DisallowedSource);
                     tracing::trace!(%source, "dropped packet from disallowed source");
                 }
             }
@@ -498,10 +569,19 @@ impl Device {
     pub fn handle_tun_packet(&self, packet: BytesMut) -> Option<(SocketAddr, Packet)> {
         let dst = ip_destination(&packet)?;
         let st = self.read();
-        st.key.as_ref()?;
-        let peer_ref = Arc::clone(st.routes.lookup(dst)?);
+        if st.key.is_none() {
+            self.drop_packet(PacketDrop::NoKey);
+            return None;
+        }
+        let Some(peer_ref) = st.routes.lookup(dst).map(Arc::clone) else {
+            self.drop_packet(PacketDrop::NoRoute);
+            return None;
+        };
         let mut peer = lock(&peer_ref);
-        let endpoint = peer.endpoint?;
+        let Some(endpoint) = peer.endpoint else {
+            self.drop_packet(PacketDrop::NoEndpoint);
+            return None;
+        };
         let mut mtu = MtuWatcher::new(self.mtu.load(Ordering::Relaxed));
         let wg = peer
             .tunn

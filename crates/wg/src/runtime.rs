@@ -480,8 +480,14 @@ impl Handler for Arc<Shared> {
             Request::Get => self.device.snapshot(SystemTime::now()).render(),
             Request::Set(req) => wiremesh_uapi::render_errno(self.configure(&req)),
             Request::SetVpcs(req) => wiremesh_uapi::render_errno(self.configure_vpcs(&req)),
-            Request::GetVpcs => {
-                self.vpcs.counters().render() + &wiremesh_uapi::render_errno(Errno::OK)
+            Request::GetStats => {
+                let mut stats = self.vpcs.stats();
+                stats.dropped.extend(
+                    self.device
+                        .drops()
+                        .map(|(why, n)| (why.as_str().to_owned(), n)),
+                );
+                stats.render() + &wiremesh_uapi::render_errno(Errno::OK)
             }
         }
     }

@@ -160,7 +160,7 @@ mod tests {
                 Request::Get => "listen_port=1\nerrno=0\n\n".into(),
                 Request::Set(s) => format!("errno={}\n\n", s.peers.len()),
                 Request::SetVpcs(v) => format!("errno={}\n\n", v.vpcs.len()),
-                Request::GetVpcs => "errno=0\n\n".into(),
+                Request::GetStats => "errno=0\n\n".into(),
             }
         }
     }

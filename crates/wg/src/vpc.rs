@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
-use wiremesh_uapi::{Errno, VpcCounters, VpcsRequest};
+use wiremesh_uapi::{DeviceStats, Errno, VpcsRequest};
 use wiremesh_vpc::wire::{DropReason, MemberTable, MeshPrefix, Verdict, HEADER_LEN};
 use wiremesh_vpc::{NodeId, VpcId};
 
@@ -228,8 +228,9 @@ impl Vpcs {
         tracing::trace!(reason = reason.as_str(), "dropped a VPC packet");
     }
 
-    pub(crate) fn counters(&self) -> VpcCounters {
-        VpcCounters {
+    /// The VPC part of the device's statistics.
+    pub(crate) fn stats(&self) -> DeviceStats {
+        DeviceStats {
             vpcs: self
                 .ports
                 .lock()
@@ -237,8 +238,8 @@ impl Vpcs {
                 .keys()
                 .map(|id| id.0)
                 .collect(),
-            sent: self.sent.load(Ordering::Relaxed),
-            delivered: self.delivered.load(Ordering::Relaxed),
+            vpc_sent: self.sent.load(Ordering::Relaxed),
+            vpc_delivered: self.delivered.load(Ordering::Relaxed),
             dropped: DropReason::ALL
                 .iter()
                 .zip(&self.dropped)

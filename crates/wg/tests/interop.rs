@@ -231,6 +231,18 @@ fn unknown_keys_and_garbage_get_no_answer() {
     }
     // Still alive and serving its real peer.
     udp_echo(&p.b.ns, &p.a.ns, p.tun_a4, Duration::from_secs(10)).expect("echo after probes");
+    // And every probe was counted as dropped, for the operator's metrics.
+    let stats = wiremesh_uapi::DeviceStats::parse(&p.a.uapi("get_stats=1\n\n").expect("get_stats"))
+        .expect("stats reply");
+    let dropped: u64 = ["rejected", "unknown_peer"]
+        .iter()
+        .map(|r| stats.dropped.get(*r).copied().unwrap_or(0))
+        .sum();
+    assert!(
+        dropped >= 2,
+        "the unknown-key initiations were not counted: {:?}",
+        stats.dropped
+    );
 }
 
 /// Reconfiguration while traffic flows: peers added and removed, allowed IPs

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{can_run, Family, Impl, Node, Pair};
 use socket2::{Domain, Socket, Type};
 use wiremesh_testkit::{wait_until, Netns};
-use wiremesh_uapi::{PeerConfig, SetRequest, VpcCounters, VpcPlane, VpcsRequest};
+use wiremesh_uapi::{DeviceStats, PeerConfig, SetRequest, VpcPlane, VpcsRequest};
 
 const MESH: &str = "fd5e:1d2c:9a00::/48";
 const NODE_A: u16 = 1;
@@ -44,9 +44,9 @@ impl Bed {
         }
     }
 
-    fn counters(&self, node: u16) -> VpcCounters {
-        let reply = self.node(node).uapi("get_vpcs=1\n\n").expect("get_vpcs");
-        VpcCounters::parse(&reply).expect("counters reply")
+    fn counters(&self, node: u16) -> DeviceStats {
+        let reply = self.node(node).uapi("get_stats=1\n\n").expect("get_stats");
+        DeviceStats::parse(&reply).expect("counters reply")
     }
 
     /// Sends node `node` the table: it hosts `vpcs`, each with both nodes' pod CIDRs.
@@ -206,7 +206,7 @@ fn vpcs_with_overlapping_cidrs_each_reach_their_own_pods() -> io::Result<()> {
     // It crossed the tunnel, encapsulated: both devices counted it.
     let (a, b) = (bed.counters(NODE_A), bed.counters(NODE_B));
     assert!(
-        a.sent > 0 && b.delivered > 0,
+        a.vpc_sent > 0 && b.vpc_delivered > 0,
         "node 1: {a:?}, node 2: {b:?}"
     );
     assert_eq!(a.vpcs, vec![7, 9]);
