@@ -41,6 +41,10 @@ const POLL: Duration = Duration::from_millis(200);
 const MAX_UAPI_CLIENTS: usize = 32;
 /// Largest datagram or packet read.
 const BUF_LEN: usize = 65536;
+/// Reads from the TUN device per wake-up, at most...
+const TUN_READS: usize = 64;
+/// ...and datagrams gathered before they are sent (a TSO super-packet alone gives ~45).
+const MAX_SENDS: usize = 128;
 
 /// How to start a device.
 #[derive(Debug, Clone)]
@@ -306,12 +310,13 @@ impl Shared {
         let mut packets = Vec::new();
         let mut sends: Vec<(SocketAddr, Packet)> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
-            match self.tun.recv(&mut buf, POLL) {
-                Ok(None) => {}
-                Ok(Some(n)) => {
-                    let Some(data) = buf.get(..n) else {
-                        continue;
-                    };
+            let mut next = self.tun.recv(&mut buf, POLL);
+            // After one wake-up, take everything already queued (up to a bound), so
+            // small packets to one peer leave as one GSO batch instead of one
+            // `sendmsg` each. Nothing waits for more to arrive.
+            let mut reads = 0;
+            while let Ok(Some(n)) = next {
+                if let Some(data) = buf.get(..n) {
                     if self.tun.has_vnet_hdr() {
                         if let Err(e) = crate::offload::split(data, &mut packets) {
                             tracing::debug!(error = %e, "dropped TUN read");
@@ -324,24 +329,33 @@ impl Shared {
                             sends.push(t);
                         }
                     }
-                    // Consecutive datagrams for one endpoint go out as one GSO batch.
-                    if let Some(s) = self.current_sockets() {
-                        for run in sends.chunk_by(|a, b| a.0 == b.0) {
-                            let dst = run[0].0;
-                            let batch: Vec<&Packet> = run.iter().map(|(_, p)| p).collect();
-                            if let Err(e) = s.send_batch(&batch, dst) {
-                                tracing::trace!(error = %e, %dst, "udp send failed");
-                            }
-                        }
-                    }
-                    sends.clear();
                 }
+                reads += 1;
+                next = if reads < TUN_READS && sends.len() < MAX_SENDS {
+                    self.tun.try_recv(&mut buf)
+                } else {
+                    Ok(None)
+                };
+            }
+            // Consecutive datagrams for one endpoint go out as one GSO batch.
+            if let Some(s) = self.current_sockets() {
+                for run in sends.chunk_by(|a, b| a.0 == b.0) {
+                    let dst = run[0].0;
+                    let batch: Vec<&Packet> = run.iter().map(|(_, p)| p).collect();
+                    if let Err(e) = s.send_batch(&batch, dst) {
+                        tracing::trace!(error = %e, %dst, "udp send failed");
+                    }
+                }
+            }
+            sends.clear();
+            match next {
                 Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                     self.set_exit(ExitReason::InterfaceDeleted);
                 }
                 Err(e) => {
                     self.set_exit(ExitReason::TunError(e.to_string()));
                 }
+                Ok(_) => {}
             }
         }
     }

@@ -2,7 +2,8 @@
 //! information headers (`IFF_TUN | IFF_NO_PI`), set its MTU, bring it up, and read
 //! and write whole IP packets.
 //!
-//! Reads wait with `poll(2)` and a timeout so the reading thread can notice shutdown.
+//! The descriptor is non-blocking: readers wait with `poll(2)` and a timeout (so the
+//! reading thread notices shutdown), then may drain what is queued.
 //! When the interface is deleted (`ip link del`), reads fail with `EBADFD`, which the
 //! runtime treats as "stop".
 
@@ -115,7 +116,9 @@ impl Tun {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            // Non-blocking: a reader drains what is queued after one `poll` and must
+            // not sleep in `read` when the queue is empty.
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open("/dev/net/tun")?;
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
         if vnet_hdr {
@@ -241,7 +244,7 @@ impl Tun {
         self.file.as_raw_fd()
     }
 
-    /// Waits up to `timeout` for a packet and reads it into `buf`. `Ok(None)` on
+    /// Waits up to `timeout` for a packet and reads it into `buf`; `Ok(None)` on
     /// timeout.
     pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
         let mut pfd = libc::pollfd {
@@ -263,6 +266,11 @@ impl Tun {
         if rc == 0 {
             return Ok(None);
         }
+        self.try_recv(buf)
+    }
+
+    /// Reads one packet into `buf` if one is queued; `Ok(None)` if none is.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         // SAFETY: buf is valid for buf.len() bytes.
         let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
