@@ -8,17 +8,22 @@
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
+use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use wiremesh_host::{pod, run};
+use wiremesh_vpc::dns::search_path;
+use wiremesh_vpc::record::DnsZone;
+use wiremesh_vpc::Label;
 
 use crate::config::{self, Attachment, NetConf, FALLBACK_MTU};
 use crate::error::CniError;
 use crate::ipam;
 use crate::request::{self, Command, Request};
-use crate::result::{self, AddResult, Interface};
+use crate::result::{self, AddResult, Dns, Interface};
 use crate::store::Store;
 use crate::version::Version;
 use crate::veth;
@@ -44,7 +49,7 @@ pub fn run_command(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Option
         }
     };
     match req.command {
-        Command::Add => add(&conf, &req).map(Some),
+        Command::Add => add(&conf, &req, pod_namespace(env)).map(Some),
         Command::Del => del(&conf, &req).map(|()| None),
         Command::Check => {
             needs(Version::CHECK, "CHECK")?;
@@ -65,6 +70,112 @@ pub fn run_command(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Option
 fn version_info() -> Value {
     let supported: Vec<String> = Version::SUPPORTED.iter().map(|v| v.to_string()).collect();
     json!({"cniVersion": Version::LATEST.to_string(), "supportedVersions": supported})
+}
+
+/// The agent's answer for one VPC, `<stateDir>/vpcs/<vpc>/vpc.json` (written by
+/// `wiremesh_agent::vpc`).
+pub const VPCS_DIR: &str = "vpcs";
+pub const LOCAL_VPC_FILE: &str = "vpc.json";
+/// How long ADD waits for the agent to set up a VPC new to this node.
+const VPC_WAIT: Duration = Duration::from_secs(10);
+
+/// Where a pod of this network goes: the node's namespace and pod CIDR, or a VPC's.
+struct Placement {
+    /// `None`: the node's own namespace (where the plugin runs).
+    node_netns: Option<String>,
+    pool: Ipv4Net,
+    mtu: u16,
+    dns: Option<(IpAddr, DnsZone)>,
+}
+
+/// The pod's Kubernetes namespace from `CNI_ARGS` (`K8S_POD_NAMESPACE=...`), for the
+/// DNS search path; `default` without one.
+fn pod_namespace(env: &HashMap<String, String>) -> Label {
+    env.get("CNI_ARGS")
+        .into_iter()
+        .flat_map(|a| a.split(';'))
+        .find_map(|kv| kv.strip_prefix("K8S_POD_NAMESPACE="))
+        .and_then(|ns| Label::parse("K8S_POD_NAMESPACE", ns).ok())
+        .unwrap_or_else(|| Label::parse("namespace", "default").expect("a label"))
+}
+
+fn placement(conf: &NetConf, wait: bool) -> Result<Placement, CniError> {
+    match &conf.vpc {
+        None => Ok(Placement {
+            node_netns: None,
+            pool: pod_cidr(conf)?,
+            mtu: mtu(conf),
+            dns: None,
+        }),
+        Some(vpc) => vpc_placement(conf, vpc, wait),
+    }
+}
+
+/// Asks the agent for `vpc` on this node (a directory in its state dir) and reads its
+/// answer, waiting up to [`VPC_WAIT`] when `wait`.
+fn vpc_placement(conf: &NetConf, vpc: &Label, wait: bool) -> Result<Placement, CniError> {
+    let dir = conf.state_dir.join(VPCS_DIR).join(vpc.as_str());
+    let file = dir.join(LOCAL_VPC_FILE);
+    if wait {
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            CniError::io(
+                format!("asking the agent for VPC {vpc} at {}", dir.display()),
+                e,
+            )
+        })?;
+        let deadline = Instant::now() + VPC_WAIT;
+        while !file.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let text = std::fs::read(&file).map_err(|e| match e.kind() {
+        ErrorKind::NotFound => CniError::TryAgain(format!(
+            "{} does not exist: the agent has not set VPC {vpc} up on this node (is `wiremesh agent --state-dir {}` running, and does `wiremesh vpc show {vpc}` find it?)",
+            file.display(),
+            conf.state_dir.display()
+        )),
+        _ => CniError::io(format!("reading {}", file.display()), e),
+    })?;
+    parse_local_vpc(&text, conf.mtu).map_err(|reason| {
+        CniError::io(
+            format!("agent state {} is unreadable", file.display()),
+            std::io::Error::new(ErrorKind::InvalidData, reason),
+        )
+    })
+}
+
+/// `vpc.json`: the VPC's namespace, the node's IPv4 block, the pod MTU (unless the
+/// network config sets one) and the VPC's DNS.
+fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, String> {
+    let v: Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    let field = |k: &str| v.get(k).ok_or_else(|| format!("no {k}"));
+    let netns = field("netns")?
+        .as_str()
+        .ok_or("netns is no string")?
+        .to_owned();
+    let pool = field("pod_cidrs")?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str()?.parse::<Ipv4Net>().ok())
+        .next()
+        .ok_or("pod_cidrs has no IPv4 block")?;
+    let vpc_mtu = field("mtu")?
+        .as_u64()
+        .and_then(|m| u16::try_from(m).ok())
+        .ok_or("mtu is no MTU")?;
+    let nameserver: IpAddr = field("nameserver")?
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or("nameserver is no address")?;
+    let zone = field("zone")?.as_str().ok_or("zone is no string")?;
+    let zone = DnsZone::parse("zone", zone).map_err(|e| e.to_string())?;
+    Ok(Placement {
+        node_netns: Some(netns),
+        pool,
+        mtu: mtu.unwrap_or(vpc_mtu),
+        dns: Some((nameserver, zone)),
+    })
 }
 
 /// The pool: `podCidr` if set, else what the agent claimed. A missing file means the
@@ -136,14 +247,24 @@ fn ip_in(netns: &Path, args: &[&str]) -> Result<String, CniError> {
     Ok(run(&full)?)
 }
 
-fn add(conf: &NetConf, req: &Request) -> Result<Value, CniError> {
+/// `ip` on the node side: in the VPC's namespace, or where the plugin runs.
+fn ip_on_node(node_netns: Option<&str>, args: &[&str]) -> Result<String, CniError> {
+    let mut full = vec!["ip"];
+    if let Some(ns) = node_netns {
+        full.extend(["-n", ns]);
+    }
+    full.extend(args);
+    Ok(run(&full)?)
+}
+
+fn add(conf: &NetConf, req: &Request, namespace: Label) -> Result<Value, CniError> {
     let netns = existing_netns(req, |reason| CniError::InvalidEnv {
         var: "CNI_NETNS",
         reason,
     })?;
     let who = attachment(req)?;
-    let pool = pod_cidr(conf)?;
-    let mtu = mtu(conf);
+    let place = placement(conf, true)?;
+    let (pool, mtu, node_ns) = (place.pool, place.mtu, place.node_netns.as_deref());
     let address = {
         let store = Store::open(&conf.data_dir, &conf.name)?;
         let taken = store.allocations()?;
@@ -165,7 +286,7 @@ fn add(conf: &NetConf, req: &Request) -> Result<Value, CniError> {
     };
     let host_if = veth::host_ifname(&who.container_id, &who.ifname);
     let link = pod::PodLink {
-        node_netns: None,
+        node_netns: node_ns,
         pod_netns: netns,
         host_if: &host_if,
         pod_if: &who.ifname,
@@ -180,7 +301,7 @@ fn add(conf: &NetConf, req: &Request) -> Result<Value, CniError> {
         return Err(e.into());
     }
     // MACs are informational; a failed read must not fail a working ADD.
-    let host_facts = run(&["ip", "-json", "link", "show", "dev", &host_if])
+    let host_facts = ip_on_node(node_ns, &["-json", "link", "show", "dev", &host_if])
         .ok()
         .and_then(|o| veth::link_facts(&o));
     let pod_facts = ip_in(netns, &["-json", "link", "show", "dev", &who.ifname])
@@ -204,6 +325,11 @@ fn add(conf: &NetConf, req: &Request) -> Result<Value, CniError> {
         },
         address,
         gateway: pod::POD_GATEWAY,
+        dns: place.dns.map(|(nameserver, zone)| Dns {
+            nameservers: vec![nameserver],
+            search: search_path(&namespace, &zone).to_vec(),
+            options: vec!["ndots:5".into()],
+        }),
     };
     Ok(result::render(
         &added,
@@ -215,11 +341,32 @@ fn add(conf: &NetConf, req: &Request) -> Result<Value, CniError> {
 /// Remove the link, then free the address; both steps tolerate "already gone".
 fn del(conf: &NetConf, req: &Request) -> Result<(), CniError> {
     let who = attachment(req)?;
+    // A VPC the agent no longer hosts took its namespace, and the link, with it.
+    let node_ns = match placement(conf, false) {
+        Ok(place) => place.node_netns,
+        Err(_) if conf.vpc.is_some() => None,
+        Err(e) => return Err(e),
+    };
+    let host_if = veth::host_ifname(&who.container_id, &who.ifname);
     // Deleting the node end takes the container end (and the /32 route) with it.
-    pod::detach(None, &veth::host_ifname(&who.container_id, &who.ifname))?;
+    if conf.vpc.is_none() || node_ns.is_some() {
+        pod::detach(node_ns.as_deref(), &host_if)?;
+    }
     let store = Store::open(&conf.data_dir, &conf.name)?;
     if let Some(ip) = ipam::held_by(&store.allocations()?, &who) {
         store.release(ip)?;
+    }
+    // The VPC's last pod on this node: tell the agent, which removes the namespace.
+    if let Some(vpc) = &conf.vpc {
+        if store.allocations()?.is_empty() {
+            let dir = conf.state_dir.join(VPCS_DIR).join(vpc.as_str());
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    return Err(CniError::io(format!("removing {}", dir.display()), e))
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }
@@ -245,7 +392,9 @@ fn check(conf: &NetConf, req: &Request) -> Result<(), CniError> {
     }
     let host_if = veth::host_ifname(&who.container_id, &who.ifname);
     let failed = |what: String| Err(CniError::CheckFailed(what));
-    let host_routes = run(&["ip", "-json", "-4", "route", "show", &ip.to_string()])
+    let place = placement(conf, false).map_err(|e| CniError::CheckFailed(e.to_string()))?;
+    let node_ns = place.node_netns.as_deref();
+    let host_routes = ip_on_node(node_ns, &["-json", "-4", "route", "show", &ip.to_string()])
         .map_err(|e| CniError::CheckFailed(format!("node link {host_if}: {e}")))?;
     if !veth::has_route(&host_routes, &ip.to_string(), &host_if, None) {
         return failed(format!("the node has no route to {ip} through {host_if}"));
@@ -276,9 +425,11 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         CniError::config(config::VALID_ATTACHMENTS, "is required for GC")
     })?;
     let store = Store::open(&conf.data_dir, &conf.name)?;
+    let node_ns = placement(conf, false).ok().and_then(|p| p.node_netns);
     for (ip, owner) in ipam::garbage(&store.allocations()?, valid) {
         if let Some(o) = owner {
-            pod::detach(None, &veth::host_ifname(&o.container_id, &o.ifname))?;
+            let host_if = veth::host_ifname(&o.container_id, &o.ifname);
+            pod::detach(node_ns.as_deref(), &host_if)?;
         }
         store.release(ip)?;
     }
@@ -288,7 +439,15 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
 /// Ready for ADD: a pod CIDR is known and has a free address.
 fn status(conf: &NetConf) -> Result<(), CniError> {
     let unavailable = |e: CniError| CniError::NotAvailable(e.to_string());
-    let pool = pod_cidr(conf).map_err(unavailable)?;
+    let pool = match placement(conf, false) {
+        Ok(place) => place.pool,
+        // A VPC new to this node: ADD asks the agent for it; a running agent is enough.
+        Err(CniError::TryAgain(_)) if conf.vpc.is_some() => {
+            pod_cidr(conf).map_err(unavailable)?;
+            return Ok(());
+        }
+        Err(e) => return Err(unavailable(e)),
+    };
     let store = Store::open(&conf.data_dir, &conf.name).map_err(unavailable)?;
     if !ipam::has_room(pool, &store.allocations().map_err(unavailable)?) {
         return Err(CniError::NotAvailable(format!(

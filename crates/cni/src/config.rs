@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Map, Value};
 
+use wiremesh_vpc::Label;
+
 use crate::error::CniError;
 use crate::version::Version;
 
@@ -51,6 +53,10 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// GC's list; `None` when absent.
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// The VPC this network plugs pods into (one CNI network per VPC): the pod's veth
+    /// goes into the VPC's namespace on the node, its address comes from the node's
+    /// block of the VPC, its DNS is the VPC's. `None`: the node's own pod network.
+    pub vpc: Option<Label>,
 }
 
 /// Only the version, for error replies when the rest does not parse.
@@ -214,6 +220,16 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         Some(v @ Value::Object(_)) => Some(v.clone()),
         Some(_) => return Err(CniError::config("prevResult", "must be an object")),
     };
+    let vpc = string_field(&obj, "vpc")?
+        .map(|v| Label::parse("vpc", v))
+        .transpose()
+        .map_err(|e| CniError::config("vpc", e.reason))?;
+    if vpc.is_some() && pod_cidr.is_some() {
+        return Err(CniError::config(
+            "podCidr",
+            "a VPC network takes its addresses from the node's block of the VPC; remove podCidr",
+        ));
+    }
     let valid_attachments = obj
         .get(VALID_ATTACHMENTS)
         .map(parse_attachments)
@@ -228,6 +244,7 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         interface: interface.to_owned(),
         prev_result,
         valid_attachments,
+        vpc,
     })
 }
 
@@ -340,6 +357,21 @@ mod tests {
                 r#"{"cniVersion":"1.1.0","name":"wm","type":"wiremesh-cni","mtu":-1}"#,
                 7,
                 "`mtu`",
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"wm","type":"wiremesh-cni","vpc":"Blue_1"}"#,
+                7,
+                "`vpc`",
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"wm","type":"wiremesh-cni","vpc":7}"#,
+                7,
+                "`vpc`",
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"wm","type":"wiremesh-cni","vpc":"blue","podCidr":"10.42.1.0/24"}"#,
+                7,
+                "`podCidr`",
             ),
             (
                 r#"{"cniVersion":"1.1.0","name":"wm","type":"wiremesh-cni","podCidr":"banana"}"#,

@@ -1,7 +1,7 @@
 //! The result of ADD (spec §"Success"), rendered for the version the runtime asked
 //! for, and merged into a `prevResult` when this plugin is not first in a chain.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::{json, Map, Value};
 
@@ -24,6 +24,17 @@ pub struct AddResult {
     pub container: Interface,
     pub address: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    /// The pod's resolver (a VPC's DNS service and search path); `None` keeps what
+    /// earlier plugins said.
+    pub dns: Option<Dns>,
+}
+
+/// Spec §"Success": the `dns` object of a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    pub nameservers: Vec<IpAddr>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
 }
 
 fn interface_json(i: &Interface, version: Version) -> Value {
@@ -67,10 +78,17 @@ pub fn render(r: &AddResult, version: Version, prev: Option<&Value>) -> Value {
     }
     ips.push(ip);
     routes.push(json!({"dst": "0.0.0.0/0", "gw": r.gateway.to_string()}));
-    let dns = prev
-        .and_then(|p| p.get("dns"))
-        .cloned()
-        .unwrap_or_else(|| json!({}));
+    let dns = match &r.dns {
+        Some(d) => json!({
+            "nameservers": d.nameservers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "search": d.search,
+            "options": d.options,
+        }),
+        None => prev
+            .and_then(|p| p.get("dns"))
+            .cloned()
+            .unwrap_or_else(|| json!({})),
+    };
     json!({
         "cniVersion": version.to_string(),
         "interfaces": interfaces,
@@ -100,6 +118,7 @@ mod tests {
             },
             address: Ipv4Addr::new(10, 42, 1, 5),
             gateway: Ipv4Addr::new(169, 254, 1, 1),
+            dns: None,
         }
     }
 
