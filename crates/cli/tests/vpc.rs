@@ -1,7 +1,8 @@
 //! VPCs end to end: two real agents with `wiremesh-wg` devices on two nodes, two VPCs
 //! made with `wiremesh vpc create` on one pod CIDR, pods plugged into the agents' VPC
 //! namespaces as the CNI plugin does (`wiremesh_host::pod`), and a service made with
-//! `wiremesh service create` whose VIP reaches its backend on the other node.
+//! `wiremesh service create` whose VIP reaches its backend on the other node and
+//! follows it when it moves (issue 8, tests 1 to 3 across nodes).
 
 mod support;
 
@@ -82,13 +83,14 @@ fn join_vpc(mesh: &Mesh, i: usize, vpc: &str) -> LocalVpc {
     serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap()
 }
 
-/// A pod in the VPC namespace `node_ns`, plugged in as the CNI plugin does.
-fn plug(local: &LocalVpc, node_ns: &str, tag: &'static str) -> Pod {
+/// A pod in the VPC namespace `node_ns`, plugged in as the CNI plugin does, at
+/// host `n` of the node's block.
+fn plug(local: &LocalVpc, node_ns: &str, n: usize, tag: &'static str) -> Pod {
     let ns = Netns::new("vpod").unwrap();
     let ipnet::IpNet::V4(block) = local.pod_cidrs[0] else {
         panic!("an IPv4 block")
     };
-    let ip = block.hosts().nth(1).unwrap();
+    let ip = block.hosts().nth(n).unwrap();
     pod::attach(&pod::PodLink {
         node_netns: Some(node_ns),
         pod_netns: &netns::path_of(ns.name()),
@@ -135,38 +137,73 @@ fn fetch(pod: &Pod, dst: &str, patience: Duration) -> Result<String, String> {
         .unwrap()
 }
 
+/// Two started nodes, VPCs blue (id 7) and green (id 9) on one pod CIDR, and a pod of
+/// each VPC on each node, n1's before n2's so both VPCs give the nodes the same
+/// blocks: `pods` are blue-n1, green-n1, blue-n2, green-n2, at identical addresses
+/// in both VPCs.
+struct Bed {
+    pods: Vec<Pod>,
+    /// Each pod's VPC: the agent's answer, and its namespace as this test names it.
+    locals: Vec<(LocalVpc, String)>,
+    /// Held for its Drop, before the mesh's (which stops the agents).
+    _namespaces: VpcNamespaces,
+    mesh: Mesh,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        let (mesh, n1, n2) = Mesh::pair();
+        for (name, id) in [("blue", "7"), ("green", "9")] {
+            let args = [
+                "vpc",
+                "create",
+                name,
+                "--id",
+                id,
+                "--pod-cidr",
+                "10.10.0.0/16",
+            ];
+            wiremesh_ok(&mesh, &args);
+        }
+        let mut namespaces = VpcNamespaces(Vec::new());
+        let (mut pods, mut locals) = (Vec::new(), Vec::new());
+        for (i, vpc, tag) in [
+            (n1, "blue", "blue-n1"),
+            (n1, "green", "green-n1"),
+            (n2, "blue", "blue-n2"),
+            (n2, "green", "green-n2"),
+        ] {
+            let local = join_vpc(&mesh, i, vpc);
+            assert_eq!(local.mtu, 1380, "1420 less the 40-byte outer header");
+            let agent = mesh.nodes[i].agent.as_ref().unwrap().id();
+            let alias = namespaces.alias(agent, &local.netns);
+            pods.push(plug(&local, &alias, 1, tag));
+            locals.push((local, alias));
+        }
+        assert_eq!((pods[0].ip, pods[2].ip), (pods[1].ip, pods[3].ip));
+        Bed {
+            pods,
+            locals,
+            _namespaces: namespaces,
+            mesh,
+        }
+    }
+
+    fn agent_pid(&self, i: usize) -> u32 {
+        self.mesh.nodes[i].agent.as_ref().unwrap().id()
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
 #[test]
 fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     if !require_root() {
         return;
     }
     let started = Instant::now();
-    let (mesh, n1, n2) = Mesh::pair();
-    let agent_pid = |i: usize| mesh.nodes[i].agent.as_ref().unwrap().id();
-    wiremesh_ok(
-        &mesh,
-        &[
-            "vpc",
-            "create",
-            "blue",
-            "--id",
-            "7",
-            "--pod-cidr",
-            "10.10.0.0/16",
-        ],
-    );
-    wiremesh_ok(
-        &mesh,
-        &[
-            "vpc",
-            "create",
-            "green",
-            "--id",
-            "9",
-            "--pod-cidr",
-            "10.10.0.0/16",
-        ],
-    );
+    let bed = Bed::new();
+    let mesh = &bed.mesh;
     let dup = mesh.wiremesh(&[
         "vpc",
         "create",
@@ -177,56 +214,142 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
         "10.20.0.0/16",
     ]);
     assert!(!dup.status.success());
-    assert!(
-        String::from_utf8_lossy(&dup.stderr).contains("id"),
-        "{dup:?}"
-    );
-
-    // n1 first in both VPCs, so both give it the same block: identical addresses.
-    let mut namespaces = VpcNamespaces(Vec::new());
-    let mut local = Vec::new();
-    for (i, vpc) in [(n1, "blue"), (n1, "green"), (n2, "blue"), (n2, "green")] {
-        let l = join_vpc(&mesh, i, vpc);
-        let alias = namespaces.alias(agent_pid(i), &l.netns);
-        local.push((l, alias));
-    }
-    assert_eq!(local[0].0.pod_cidrs, local[1].0.pod_cidrs);
-    assert_eq!(local[2].0.pod_cidrs, local[3].0.pod_cidrs);
-    assert_eq!(local[0].0.mtu, 1380, "1420 less the 40-byte outer header");
-    let pods: Vec<Pod> = local
-        .iter()
-        .zip(["blue-n1", "green-n1", "blue-n2", "green-n2"])
-        .map(|((l, ns), tag)| plug(l, ns, tag))
-        .collect();
-    let [blue1, green1, blue2, green2] = &pods[..] else {
+    let stderr = String::from_utf8_lossy(&dup.stderr);
+    assert!(stderr.contains("id"), "{stderr}");
+    let [blue1, green1, blue2, green2] = &bed.pods[..] else {
         unreachable!()
     };
-    assert_eq!((blue1.ip, blue2.ip), (green1.ip, green2.ip));
 
     // Across nodes, each VPC reaches its own pod at the very same address.
-    let patience = Duration::from_secs(20);
     let b2 = blue2.ip.to_string();
-    assert_eq!(fetch(blue1, &b2, patience).as_deref(), Ok("blue-n2"));
-    assert_eq!(fetch(green1, &b2, patience).as_deref(), Ok("green-n2"));
-    assert_eq!(
-        fetch(green2, &blue1.ip.to_string(), patience).as_deref(),
-        Ok("green-n1")
-    );
+    assert_eq!(fetch(blue1, &b2, PATIENCE).as_deref(), Ok("blue-n2"));
+    assert_eq!(fetch(green1, &b2, PATIENCE).as_deref(), Ok("green-n2"));
+    let b1 = blue1.ip.to_string();
+    assert_eq!(fetch(green2, &b1, PATIENCE).as_deref(), Ok("green-n1"));
 
     // A service in blue, its one endpoint on n2: the VIP from n1 lands there.
     let out = wiremesh_ok(
-        &mesh,
+        mesh,
         &["service", "create", "blue/web/db", "--port", "http:80/tcp"],
     );
     let vip = out.trim().rsplit(' ').next().unwrap().to_owned();
     wiremesh_ok(
-        &mesh,
+        mesh,
         &["endpoints", "blue/web/db", "--add", &b2, "--node", "n2"],
     );
-    assert_eq!(fetch(blue1, &vip, patience).as_deref(), Ok("blue-n2"));
+    assert_eq!(fetch(blue1, &vip, PATIENCE).as_deref(), Ok("blue-n2"));
     // green has no such service: its pods cannot reach blue's VIP.
     assert!(fetch(green1, &vip, Duration::from_secs(2)).is_err());
-    let listed = wiremesh_ok(&mesh, &["endpoints", "blue/web/db"]);
+    let listed = wiremesh_ok(mesh, &["endpoints", "blue/web/db"]);
     assert!(listed.contains(&format!("{b2}\tn2")), "{listed}");
     eprintln!("VPC test took {:?}", started.elapsed());
+}
+
+/// One connection attempt to `vip:80` from `pod`: the tag, or how it failed.
+fn attempt(pod: &Pod, vip: SocketAddr) -> Result<String, std::io::ErrorKind> {
+    pod.ns
+        .run(|| {
+            let mut s = TcpStream::connect_timeout(&vip, Duration::from_millis(500))
+                .map_err(|e| e.kind())?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))
+                .map_err(|e| e.kind())?;
+            let mut tag = String::new();
+            s.read_to_string(&mut tag).map_err(|e| e.kind())?;
+            Ok(tag)
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new();
+    let mesh = &bed.mesh;
+    let [blue1, _, blue2, _] = &bed.pods[..] else {
+        unreachable!()
+    };
+    let out = wiremesh_ok(
+        mesh,
+        &["service", "create", "blue/web/db", "--port", "http:80/tcp"],
+    );
+    let vip: SocketAddr = format!("{}:80", out.trim().rsplit(' ').next().unwrap())
+        .parse()
+        .unwrap();
+    let b2 = blue2.ip.to_string();
+    wiremesh_ok(
+        mesh,
+        &["endpoints", "blue/web/db", "--add", &b2, "--node", "n2"],
+    );
+    assert_eq!(
+        fetch(blue1, &vip.ip().to_string(), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
+
+    // The backend moves from n2 to a new pod on n1 (a new address) while the client,
+    // which never resolves anything again, calls the VIP every 50 ms.
+    let (blue_n1, ns) = &bed.locals[0];
+    let moved_pod = plug(blue_n1, ns, 2, "blue-n1");
+    let b1 = moved_pod.ip.to_string();
+    wiremesh_ok(mesh, &["endpoints", "blue/web/db", "--remove", &b2]);
+    let mut log: Vec<(Duration, Result<String, std::io::ErrorKind>)> = Vec::new();
+    let start = Instant::now();
+    let mut moved = false;
+    while start.elapsed() < PATIENCE {
+        let outcome = attempt(blue1, vip);
+        let refused = outcome == Err(std::io::ErrorKind::ConnectionRefused);
+        log.push((start.elapsed(), outcome));
+        if refused && !moved {
+            wiremesh_ok(
+                mesh,
+                &["endpoints", "blue/web/db", "--add", &b1, "--node", "n1"],
+            );
+            moved = true;
+        }
+        if log.last().unwrap().1.as_deref() == Ok("blue-n1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let summary: Vec<String> = log.iter().map(|(t, o)| format!("{t:.2?} {o:?}")).collect();
+    let first_refusal = log.iter().find(|(_, o)| o.is_err()).map(|(t, _)| *t);
+    let back = log.last().filter(|(_, o)| o.as_deref() == Ok("blue-n1"));
+    assert!(
+        back.is_some(),
+        "the VIP never reached the moved backend:\n{summary:#?}"
+    );
+    // While it had no endpoint the VIP refused at once: never a hang.
+    assert!(
+        log.iter()
+            .all(|(_, o)| matches!(o, Ok(_) | Err(std::io::ErrorKind::ConnectionRefused))),
+        "{summary:#?}"
+    );
+    eprintln!(
+        "moving backend: first refusal at {first_refusal:?}, back at {:?} on n1 ({} calls)",
+        back.unwrap().0,
+        log.len()
+    );
+
+    // green's last pod on n2 leaves (the plugin's last DEL removes its directory):
+    // the agent gives n2's block back and removes the namespace.
+    let dir = mesh.state_dir(1).join(VPCS_DIR).join("green");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let agent_ns = format!(
+        "/proc/{}/root/run/netns/{}",
+        bed.agent_pid(1),
+        bed.locals[3].0.netns
+    );
+    assert!(
+        wait_until(PATIENCE, || !std::path::Path::new(&agent_ns).exists()),
+        "n2 kept green's namespace:\n{}",
+        mesh.log(1)
+    );
+    let shown = wiremesh_ok(mesh, &["vpc", "show", "green"]);
+    assert!(
+        shown.contains("member n1") && !shown.contains("member n2"),
+        "{shown}"
+    );
+    // blue on n2 is untouched.
+    assert_eq!(fetch(blue1, &b2, PATIENCE).as_deref(), Ok("blue-n2"));
 }
