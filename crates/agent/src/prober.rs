@@ -57,6 +57,9 @@ impl Tracker {
             return;
         }
         if reached {
+            if !self.reached_once {
+                tracing::info!(leader = %plan.via, "probes through this location's leader are answered");
+            }
             self.reached_once = true;
             self.failures = 0;
             return;

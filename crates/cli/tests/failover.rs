@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use support::Mesh;
 use wiremesh_host::probe;
-use wiremesh_testkit::require_root;
+use wiremesh_testkit::{require_root, wait_until};
 
 /// How long after `start` a ping from `from`'s pod to `to`'s first gets an answer
 /// (pings every 50 ms, each waiting up to 200 ms), and how many went unanswered;
@@ -43,25 +43,16 @@ fn a_leader_that_stops_forwarding_is_replaced_within_seconds() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("location", false);
-    let a1 = mesh.add_node("a1", "site-a", true);
-    let a2 = mesh.add_node("a2", "site-a", true);
-    let b1 = mesh.add_node("b1", "site-b", true);
-    for i in [a1, a2, b1] {
-        mesh.start(i);
-    }
+    let (mesh, a1, a2, b1) = Mesh::two_sites();
+    assert_eq!(mesh.leader_of("site-a").as_deref(), Some("a1"));
+    // a2 judges a1 on forwarding that stops: wait until its probes through a1 work.
     assert!(
-        mesh.eventually_pings(a2, b1, Duration::from_secs(20)),
-        "a2 -> b1 through leader a1"
+        wait_until(Duration::from_secs(10), || mesh
+            .log(a2)
+            .contains("probes through this location's leader are answered")),
+        "a2 never got an answer through a1\n{}",
+        mesh.log(a2)
     );
-    let site_a = "site-a".parse().unwrap();
-    let leader_of_a = || {
-        let snapshot = mesh.cluster().snapshot().unwrap().0;
-        wiremesh_topology::leaders(&snapshot)
-            .get(&site_a)
-            .map(|n| n.to_string())
-    };
-    assert_eq!(leader_of_a().as_deref(), Some("a1"));
 
     // a1's agent and device stay up (its heartbeat goes on); only forwarding dies.
     let killed = Instant::now();
@@ -87,6 +78,6 @@ fn a_leader_that_stops_forwarding_is_replaced_within_seconds() {
         resumed < Duration::from_secs(5),
         "traffic resumed only after {resumed:?} (target: 5 s)"
     );
-    assert_eq!(leader_of_a().as_deref(), Some("a2"));
+    assert_eq!(mesh.leader_of("site-a").as_deref(), Some("a2"));
     eprintln!("traffic between sites resumed {resumed:?} after the leader stopped forwarding ({lost} pings lost)");
 }

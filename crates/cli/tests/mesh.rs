@@ -63,17 +63,7 @@ fn leader_failover_restores_traffic_between_locations() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("location", false);
-    let a1 = mesh.add_node("a1", "site-a", true);
-    let a2 = mesh.add_node("a2", "site-a", true);
-    let b1 = mesh.add_node("b1", "site-b", true);
-    for i in [a1, a2, b1] {
-        mesh.start(i);
-    }
-    assert!(
-        mesh.eventually_pings(a2, b1, Duration::from_secs(20)),
-        "a2 -> b1 through leader a1"
-    );
+    let (mut mesh, a1, a2, b1) = Mesh::two_sites();
     // The leader of site-a dies entirely (agent and device): a2 takes over.
     let leader = mesh.nodes.remove(a1);
     drop(leader);
@@ -82,11 +72,7 @@ fn leader_failover_restores_traffic_between_locations() {
         mesh.eventually_pings(a2, b1, Duration::from_secs(30)),
         "traffic between sites did not resume after the leader died"
     );
-    let leaders = wiremesh_topology::leaders(&mesh.cluster().snapshot().unwrap().0);
-    assert_eq!(
-        leaders.get(&"site-a".parse().unwrap()).map(|n| n.as_str()),
-        Some("a2")
-    );
+    assert_eq!(mesh.leader_of("site-a").as_deref(), Some("a2"));
 }
 
 #[test]

@@ -102,6 +102,31 @@ impl Mesh {
         (mesh, n1, n2)
     }
 
+    /// Two sites, location granularity: `site-a` with a1 (its leader, by name) and a2,
+    /// `site-b` with b1; all started, a2's pod already reaching b1's through a1.
+    pub fn two_sites() -> (Mesh, usize, usize, usize) {
+        let mut mesh = Mesh::new("location", false);
+        let a1 = mesh.add_node("a1", "site-a", true);
+        let a2 = mesh.add_node("a2", "site-a", true);
+        let b1 = mesh.add_node("b1", "site-b", true);
+        for i in [a1, a2, b1] {
+            mesh.start(i);
+        }
+        assert!(
+            mesh.eventually_pings(a2, b1, Duration::from_secs(20)),
+            "a2 -> b1 through leader a1"
+        );
+        (mesh, a1, a2, b1)
+    }
+
+    /// The leader the registry's nodes elect for `location` now.
+    pub fn leader_of(&self, location: &str) -> Option<String> {
+        let snapshot = self.cluster().snapshot().expect("snapshot").0;
+        wiremesh_topology::leaders(&snapshot)
+            .get(&location.parse().expect("location"))
+            .map(|n| n.to_string())
+    }
+
     /// An empty cluster with a directory registry and one bridge (`lan`) for public
     /// nodes and, if asked, a NAT router in front of a second bridge (`natlan`).
     pub fn new(granularity: &str, with_nat: bool) -> Mesh {
