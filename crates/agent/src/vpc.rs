@@ -83,7 +83,8 @@ pub struct VpcHost {
     rulesets: BTreeMap<String, ServicesPlan>,
     /// Namespaces whose routes are in place.
     routed: BTreeMap<String, Vec<IpNet>>,
-    warned_no_ula: bool,
+    /// Whether "VPCs are unavailable here" was logged.
+    warned: bool,
     /// The VPCs the state directory asked for at the last reconcile.
     wanted: BTreeSet<Label>,
 }
@@ -109,18 +110,22 @@ impl VpcHost {
         self.wanted = wanted.clone();
         let settings = &snapshot.settings;
         let Some(ula) = settings.mesh_ula else {
-            if !wanted.is_empty() && !self.warned_no_ula {
+            if !wanted.is_empty() && !self.warned {
                 tracing::warn!("pods ask for VPCs {wanted:?}: {}", RegistryError::NoMeshUla);
-                self.warned_no_ula = true;
+                self.warned = true;
             }
             return Ok(());
         };
         let prefix = MeshPrefix::new(ula).map_err(|e| AgentError::Record(e.within("settings")))?;
         let (mut records, bad) = match registry.vpc_records() {
             Ok(r) => r,
-            // Nothing asked for, nothing to say: a registry without VPCs is fine.
-            Err(RegistryError::NoVpcs) if wanted.is_empty() && self.device.is_none() => {
-                return Ok(())
+            // Said once: the rest of the mesh goes on without VPCs.
+            Err(RegistryError::NoVpcs) => {
+                if !wanted.is_empty() && !self.warned {
+                    tracing::warn!("pods ask for VPCs {wanted:?}: {}", RegistryError::NoVpcs);
+                    self.warned = true;
+                }
+                return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
@@ -178,7 +183,10 @@ impl VpcHost {
         }
         let request = device_request(&vpcs, ula, local_id, &local);
         let text = request.render();
-        if self.device.as_ref() != Some(&text) {
+        // A node that never hosted a VPC sends nothing: devices other than
+        // wiremesh-wg (wireguard-go, boringtun) refuse `set_vpcs`.
+        let untouched = self.device.is_none() && request.vpcs.is_empty();
+        if !untouched && self.device.as_ref() != Some(&text) {
             tracing::info!(vpcs = request.vpcs.len(), "updating the device's VPC table");
             uapi_client::exchange(socket, &text)?;
             self.device = Some(text);
@@ -422,4 +430,88 @@ fn write_local_vpc(state_dir: &Path, vpc: &Label, local: &LocalVpc) -> Result<()
             path: path.display().to_string(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wiremesh_vpc::snapshot::Records;
+    use wiremesh_vpc::{VpcMember, VpcRecord};
+
+    fn snapshot() -> VpcSnapshot {
+        let vpc = |name: &str, id: u32| {
+            wiremesh_vpc::Vpc::try_from(VpcRecord {
+                name: name.into(),
+                id,
+                pod_cidrs: vec!["10.10.0.0/16".into()],
+                service_cidr: "10.96.0.0/16".into(),
+                dns_zone: "cluster.local".into(),
+            })
+            .unwrap()
+        };
+        let member = |vpc: &str, node: &str, cidr: &str| VpcMember {
+            vpc: Label::parse("vpc", vpc).unwrap(),
+            node: node.parse().unwrap(),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+        };
+        let nodes: BTreeMap<NodeName, NodeId> = [("n1", 1), ("n2", 2), ("n3", 3)]
+            .into_iter()
+            .map(|(n, id)| (n.parse().unwrap(), NodeId(id)))
+            .collect();
+        let records = Records {
+            vpcs: vec![vpc("blue", 7), vpc("green", 9)],
+            members: vec![
+                member("blue", "n1", "10.10.0.0/24"),
+                member("blue", "n2", "10.10.1.0/24"),
+                member("green", "n2", "10.10.0.0/24"),
+                member("green", "n3", "10.10.1.0/24"),
+            ],
+            ..Records::default()
+        };
+        let mesh = Mesh {
+            prefix: "fd5e:1d2c:9a00::/48".parse().unwrap(),
+            nodes: &nodes,
+        };
+        let (snapshot, bad) = VpcSnapshot::build(records, mesh);
+        assert!(bad.is_empty(), "{bad:?}");
+        snapshot
+    }
+
+    #[test]
+    fn the_device_gets_every_member_of_the_local_vpcs_only() {
+        let s = snapshot();
+        let n1: NodeName = "n1".parse().unwrap();
+        let local = local_vpcs(&s, &n1, "wiremesh0", 1380);
+        assert_eq!(local.len(), 1, "n1 is in blue only");
+        let l = &local[0].1;
+        assert_eq!(l.netns, "wm-vpc-7");
+        assert_eq!(l.nameserver.to_string(), "10.96.0.10");
+        let req = device_request(
+            &s,
+            "fd5e:1d2c:9a00::/48".parse().unwrap(),
+            NodeId(1),
+            &local,
+        );
+        assert_eq!(
+            req.render(),
+            "set_vpcs=1\nmesh_prefix=fd5e:1d2c:9a00::/48\nlocal_node=1\nvpc=7\n\
+             netns=/var/run/netns/wm-vpc-7\nmtu=1380\nmember=1,10.10.0.0/24\n\
+             member=2,10.10.1.0/24\n\n"
+        );
+        let n2: NodeName = "n2".parse().unwrap();
+        let both: Vec<u32> = local_vpcs(&s, &n2, "wmt0", 1380)
+            .iter()
+            .map(|(_, l)| l.id)
+            .collect();
+        assert_eq!(both, [7, 9]);
+    }
+
+    #[test]
+    fn namespace_names_carry_the_interface_unless_default() {
+        assert_eq!(netns_name("wiremesh0", 7), "wm-vpc-7");
+        assert_eq!(netns_name("wmt0", 4_000_000_000), "wm-vpc-4000000000-wmt0");
+        assert_eq!(id_of("wm-vpc-7"), 7);
+        assert_eq!(id_of("wm-vpc-9-wmt0"), 9);
+        assert_eq!(id_of("wm-vpc-x"), 0);
+    }
 }
