@@ -76,6 +76,46 @@ fn leader_failover_restores_traffic_between_locations() {
 }
 
 #[test]
+fn nodes_behind_two_cone_nats_reach_each_other_directly() {
+    if !require_root() {
+        return;
+    }
+    let mut mesh = Mesh::new("full", true);
+    let second_nat = mesh.add_nat();
+    let public = mesh.add_node("pub", "cloud", true);
+    let x = mesh.add_node_at("x", "home-x", Some(0));
+    let y = mesh.add_node_at("y", "home-y", Some(second_nat));
+    for i in [public, x, y] {
+        mesh.start(i);
+    }
+    // Neither can be dialled; the public node sees both NAT mappings and publishes
+    // them, each dials the other's mapping, and the two NATs let the flows meet.
+    assert!(
+        mesh.eventually_pings(x, y, Duration::from_secs(30)),
+        "x and y behind two NATs never reached each other\nx: {}\ny: {}",
+        mesh.nodes[x]
+            .ns
+            .exec_ok(&["wg", "show", &mesh.nodes[x].ifname])
+            .unwrap_or_default(),
+        mesh.nodes[y]
+            .ns
+            .exec_ok(&["wg", "show", &mesh.nodes[y].ifname])
+            .unwrap_or_default(),
+    );
+    assert!(mesh.eventually_pings(y, x, Duration::from_secs(10)));
+    // Direct: x's tunnel to y ends at y's NAT router, not at the public node (in a
+    // full mesh nothing relays, so the ping could only have gone this way).
+    let endpoints = mesh.nodes[x]
+        .ns
+        .exec_ok(&["wg", "show", &mesh.nodes[x].ifname, "endpoints"])
+        .expect("wg show");
+    assert!(
+        endpoints.contains("\t10.99.0.253:"),
+        "x has no tunnel ending at y's NAT router (10.99.0.253):\n{endpoints}"
+    );
+}
+
+#[test]
 fn node_behind_nat_is_reached_through_its_discovered_endpoint() {
     if !require_root() {
         return;

@@ -51,7 +51,8 @@ pub struct Mesh {
     pub dir: tempfile::TempDir,
     pub cluster: String,
     pub fabric: Netns,
-    pub nat: Option<Netns>,
+    /// NAT routers, each in front of a bridge of its own (`natlan`, `natlan1`, ...).
+    pub nats: Vec<Netns>,
     pub nodes: Vec<TestNode>,
     /// The last byte of the first node's `lan` address (10.99.0.x); a mesh beside
     /// another ([`Mesh::beside`]) starts higher, as they share one segment.
@@ -226,31 +227,12 @@ impl Mesh {
             dir,
             cluster,
             fabric,
-            nat: None,
+            nats: Vec::new(),
             nodes: Vec::new(),
             first_host: 1,
         };
         if with_nat {
-            ip(&[
-                "-n",
-                mesh.fabric.name(),
-                "link",
-                "add",
-                "natlan",
-                "type",
-                "bridge",
-            ]);
-            ip(&["-n", mesh.fabric.name(), "link", "set", "natlan", "up"]);
-            let nat = Netns::new("nat").expect("netns");
-            mesh.wire(&nat, "wan0", "lan", "10.99.0.254/24");
-            mesh.wire(&nat, "lan0", "natlan", "192.168.77.1/24");
-            nat.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-                .expect("forwarding");
-            let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" masquerade\n }\n}\n";
-            netns::enter(nat.name(), || wiremesh_host::nft::apply(rules))
-                .unwrap()
-                .expect("nat rules");
-            mesh.nat = Some(nat);
+            mesh.add_nat();
         }
         if let RegistryKind::Kubernetes = registry {
             mesh.start_kube(granularity);
@@ -409,28 +391,79 @@ impl Mesh {
         ip(&["-n", ns.name(), "link", "set", ifname, "up"]);
     }
 
+    /// Adds a NAT router (number `n`, from 0): `lan` address 10.99.0.(254 - n), and a
+    /// bridge of its own with 192.168.(77 + n).0/24 behind it. Its masquerade keeps
+    /// a flow's source port where it can, so one mapping serves every destination
+    /// (a "cone" NAT, as most home routers are), and like them it drops unsolicited
+    /// packets to itself: dropped before conntrack confirms them, they leave no entry
+    /// that would later push an outgoing flow onto another port. Returns `n`.
+    pub fn add_nat(&mut self) -> usize {
+        let n = self.nats.len();
+        let bridge = Self::nat_bridge(n);
+        ip(&[
+            "-n",
+            self.fabric.name(),
+            "link",
+            "add",
+            &bridge,
+            "type",
+            "bridge",
+        ]);
+        ip(&["-n", self.fabric.name(), "link", "set", &bridge, "up"]);
+        let nat = Netns::new(&format!("nat{n}")).expect("netns");
+        self.wire(&nat, "wan0", "lan", &format!("10.99.0.{}/24", 254 - n));
+        self.wire(&nat, "lan0", &bridge, &format!("192.168.{}.1/24", 77 + n));
+        nat.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .expect("forwarding");
+        let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" masquerade\n }\n chain in {\n  type filter hook input priority filter;\n  iifname \"wan0\" ct state new drop\n }\n}\n";
+        netns::enter(nat.name(), || wiremesh_host::nft::apply(rules))
+            .unwrap()
+            .expect("nat rules");
+        self.nats.push(nat);
+        n
+    }
+
+    fn nat_bridge(n: usize) -> String {
+        if n == 0 {
+            "natlan".into()
+        } else {
+            format!("natlan{n}")
+        }
+    }
+
     /// Add a node (not started). Public nodes sit on `lan` with a public endpoint;
-    /// others sit behind the NAT router.
+    /// others sit behind the first NAT router.
     pub fn add_node(&mut self, name: &str, location: &str, public: bool) -> usize {
+        self.add_node_at(name, location, (!public).then_some(0))
+    }
+
+    /// Add a node (not started) on `lan` with a public endpoint, or behind NAT router
+    /// `nat` (see [`Mesh::add_nat`]).
+    pub fn add_node_at(&mut self, name: &str, location: &str, nat: Option<usize>) -> usize {
+        let public = nat.is_none();
         let i = self.nodes.len() as u8 + self.first_host;
         let ns = Netns::new(name).expect("netns");
-        let lan_ip = if public {
-            let ip4 = Ipv4Addr::new(10, 99, 0, i);
-            self.wire(&ns, "eth0", "lan", &format!("{ip4}/24"));
-            ip4
-        } else {
-            let ip4 = Ipv4Addr::new(192, 168, 77, 10 + i);
-            self.wire(&ns, "eth0", "natlan", &format!("{ip4}/24"));
-            ip(&[
-                "-n",
-                ns.name(),
-                "route",
-                "add",
-                "default",
-                "via",
-                "192.168.77.1",
-            ]);
-            ip4
+        let lan_ip = match nat {
+            None => {
+                let ip4 = Ipv4Addr::new(10, 99, 0, i);
+                self.wire(&ns, "eth0", "lan", &format!("{ip4}/24"));
+                ip4
+            }
+            Some(n) => {
+                let subnet = 77 + n as u8;
+                let ip4 = Ipv4Addr::new(192, 168, subnet, 10 + i);
+                self.wire(&ns, "eth0", &Self::nat_bridge(n), &format!("{ip4}/24"));
+                ip(&[
+                    "-n",
+                    ns.name(),
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("192.168.{subnet}.1"),
+                ]);
+                ip4
+            }
         };
         if let Some(kube) = &self.kube {
             kube.server.put(
