@@ -2,7 +2,8 @@
 //! made with `wiremesh vpc create` on one pod CIDR, pods plugged into the agents' VPC
 //! namespaces as the CNI plugin does (`wiremesh_host::pod`), and a service made with
 //! `wiremesh service create` whose VIP reaches its backend on the other node and
-//! follows it when it moves (issue 8, tests 1 to 3 across nodes).
+//! follows it when it moves (issue 8, tests 1 to 3 across nodes); and a pod added by
+//! the real `wiremesh-cni` plugin, which asks the agent for its VPC.
 
 mod support;
 
@@ -227,6 +228,15 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     let b1 = blue1.ip.to_string();
     assert_eq!(fetch(green2, &b1, PATIENCE).as_deref(), Ok("green-n1"));
 
+    // An address only blue has: blue reaches it, green (the same CIDR) does not.
+    let (blue_n2, ns) = &bed.locals[2];
+    let only_blue = plug(blue_n2, ns, 3, "blue-only").ip.to_string();
+    assert_eq!(
+        fetch(blue1, &only_blue, PATIENCE).as_deref(),
+        Ok("blue-only")
+    );
+    assert!(fetch(green1, &only_blue, Duration::from_secs(2)).is_err());
+
     // A service in blue, its one endpoint on n2: the VIP from n1 lands there.
     let out = wiremesh_ok(
         mesh,
@@ -352,4 +362,92 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
     );
     // blue on n2 is untouched.
     assert_eq!(fetch(blue1, &b2, PATIENCE).as_deref(), Ok("blue-n2"));
+}
+
+/// Runs `wiremesh-cni` for container `id` as the runtime on node `i` would, inside
+/// the agent's namespaces (mount included: see [`VpcNamespaces`]).
+fn cni(
+    bed: &Bed,
+    i: usize,
+    command: &str,
+    id: &str,
+    pod: &Netns,
+    conf: &serde_json::Value,
+) -> serde_json::Value {
+    let pid = bed.agent_pid(i);
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .arg(wiremesh_testkit::cargo_bin("wiremesh-cni"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", netns::path_of(pod.name()))
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=web")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "CNI {command}: {text} {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        bed.mesh.log(i)
+    );
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn a_pod_added_by_the_cni_plugin_joins_its_vpc_across_nodes() {
+    if !require_root() || !wiremesh_testkit::require_tool("nsenter") {
+        return;
+    }
+    if !wiremesh_testkit::cargo_bin("wiremesh-cni").exists() {
+        eprintln!("skipped: build wiremesh-cni first (cargo build -p wiremesh-cni)");
+        return;
+    }
+    let bed = Bed::new();
+    let [_, _, blue2, _] = &bed.pods[..] else {
+        unreachable!()
+    };
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "blue",
+        "type": "wiremesh-cni",
+        "vpc": "blue",
+        "stateDir": bed.mesh.state_dir(0),
+        "dataDir": bed.mesh.dir.path().join("cni-n1"),
+        "interface": bed.mesh.nodes[0].ifname,
+    });
+    let ctr = Netns::new("cpod").unwrap();
+    let result = cni(&bed, 0, "ADD", "c1", &ctr, &conf);
+    let ip = result["ips"][0]["address"].as_str().unwrap().to_owned();
+    assert!(ip.starts_with("10.10.0."), "n1's block of blue: {result}");
+    assert_eq!(result["interfaces"][1]["mtu"], 1380, "{result}");
+    assert_eq!(result["dns"]["nameservers"][0], "10.96.0.10", "{result}");
+    assert_eq!(
+        result["dns"]["search"][0], "web.svc.cluster.local",
+        "{result}"
+    );
+    let pod = Pod {
+        ns: ctr,
+        ip: ip.trim_end_matches("/32").parse().unwrap(),
+    };
+    assert_eq!(
+        fetch(&pod, &blue2.ip.to_string(), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
+    cni(&bed, 0, "DEL", "c1", &pod.ns, &conf);
 }
