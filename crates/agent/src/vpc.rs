@@ -178,7 +178,11 @@ impl VpcHost {
         let local = local_vpcs(&vpcs, me, interface, mtu);
 
         for (state, l) in &local {
-            ensure_namespace(&l.netns)?;
+            if ensure_namespace(&l.netns)? {
+                // A new namespace has none of what was applied to an old one.
+                self.routed.remove(&l.netns);
+                self.rulesets.remove(&l.netns);
+            }
             write_local_vpc(state_dir, &state.vpc.name, l)?;
         }
         let request = device_request(&vpcs, ula, local_id, &local);
@@ -392,8 +396,19 @@ fn device_request(
 }
 
 /// The namespace with the pods' gateway on its `lo` and forwarding on; idempotent.
-fn ensure_namespace(ns: &str) -> Result<(), HostError> {
-    if !netns::exists(ns) {
+/// Whether it had to be made.
+fn ensure_namespace(ns: &str) -> Result<bool, HostError> {
+    // A name with no namespace behind it (its bind mount lived in another mount
+    // namespace, now gone) is an empty file: take it away and start over.
+    if netns::exists(ns) && run(&["ip", "-n", ns, "link", "show", "lo"]).is_err() {
+        tracing::warn!(netns = %ns, "replacing a VPC namespace name with no namespace behind it");
+        std::fs::remove_file(netns::path_of(ns)).map_err(|e| HostError::Netns {
+            name: ns.into(),
+            reason: e.to_string(),
+        })?;
+    }
+    let created = !netns::exists(ns);
+    if created {
         tracing::info!(netns = %ns, "creating a VPC namespace");
         netns::add(ns)?;
     }
@@ -410,7 +425,7 @@ fn ensure_namespace(ns: &str) -> Result<(), HostError> {
             &format!("{key}=1"),
         ])?;
     }
-    Ok(())
+    Ok(created)
 }
 
 fn write_local_vpc(state_dir: &Path, vpc: &Label, local: &LocalVpc) -> Result<(), AgentError> {
