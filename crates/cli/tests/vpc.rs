@@ -2,7 +2,7 @@
 //! made with `wiremesh vpc create` on one pod CIDR, pods plugged into the agents' VPC
 //! namespaces as the CNI plugin does (`wiremesh_host::pod`), and a service made with
 //! `wiremesh service create` whose VIP reaches its backend on the other node and
-//! follows it when it moves (issue 8, tests 1 to 3 across nodes); and a pod added by
+//! follows it when it moves (issue 8, tests 1 to 3 across nodes, 8 by CIDR); and a pod added by
 //! the real `wiremesh-cni` plugin, which asks the agent for its VPC.
 
 mod support;
@@ -250,6 +250,30 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     assert_eq!(fetch(blue1, &vip, PATIENCE).as_deref(), Ok("blue-n2"));
     // green has no such service: its pods cannot reach blue's VIP.
     assert!(fetch(green1, &vip, Duration::from_secs(2)).is_err());
+    // Access policy: only blue1's address may call db2; another pod of blue is refused.
+    let allow = format!("{b1}/32");
+    let args = [
+        "service",
+        "create",
+        "blue/web/db2",
+        "--port",
+        "http:80/tcp",
+        "--allow",
+        &allow,
+    ];
+    let out = wiremesh_ok(mesh, &args);
+    let vip2 = out.trim().rsplit(' ').next().unwrap().to_owned();
+    wiremesh_ok(
+        mesh,
+        &["endpoints", "blue/web/db2", "--add", &b2, "--node", "n2"],
+    );
+    assert_eq!(fetch(blue1, &vip2, PATIENCE).as_deref(), Ok("blue-n2"));
+    let (blue_n1, ns) = &bed.locals[0];
+    let other = plug(blue_n1, ns, 2, "blue-other");
+    assert_eq!(fetch(&other, &vip, PATIENCE).as_deref(), Ok("blue-n2"));
+    let refused = fetch(&other, &vip2, Duration::from_secs(2)).unwrap_err();
+    assert!(refused.contains("ConnectionRefused"), "{refused}");
+
     let listed = wiremesh_ok(mesh, &["endpoints", "blue/web/db"]);
     assert!(listed.contains(&format!("{b2}\tn2")), "{listed}");
     eprintln!("VPC test took {:?}", started.elapsed());
