@@ -18,9 +18,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,9 +34,9 @@ use wiremesh_wg::offload::VNET_HDR_LEN;
 
 use crate::frame;
 use crate::link::{DropReason, Impairment, Link, Verdict};
-use crate::port::PortTun;
 use crate::routes::{self, Routes};
 use crate::WanemError;
+use wiremesh_wg::tun::{Offload, Tun};
 
 /// How often a reader with no traffic checks whether the hub is stopping.
 const STOP_POLL: Duration = Duration::from_millis(50);
@@ -114,7 +112,7 @@ pub struct Hub {
 #[derive(Debug)]
 struct Shared {
     specs: Mutex<Vec<PortSpec>>,
-    tuns: Vec<PortTun>,
+    tuns: Vec<Tun>,
     routes: RwLock<Routes>,
     /// Extra prefixes routed to each port ([`Hub::set_port_routes`]).
     prefixes: Mutex<Vec<Vec<IpNet>>>,
@@ -400,30 +398,19 @@ fn port_error(port: usize, spec: &PortSpec, reason: impl std::fmt::Display) -> W
     }
 }
 
-/// Creates the TUN inside the port's namespace, sets its MTU and brings it up.
-fn open_port(port: usize, spec: &PortSpec) -> Result<PortTun, WanemError> {
-    let ns = File::open(Path::new("/var/run/netns").join(&spec.netns))
-        .map_err(|e| port_error(port, spec, format!("opening the namespace: {e}")))?;
-    let tun = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on a valid namespace fd changes only this thread, which
-            // ends when the scope does.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!("setns: {}", std::io::Error::last_os_error()));
-            }
-            PortTun::create(&spec.ifname).map_err(|e| format!("creating: {e}"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
-    })
-    .map_err(|reason| port_error(port, spec, reason))?;
-    let mtu = spec.mtu.to_string();
-    ip(
-        port,
-        spec,
-        &["link", "set", "dev", &spec.ifname, "mtu", &mtu, "up"],
-    )?;
-    Ok(tun)
+/// Creates the TUN inside the port's namespace, with TCP and UDP segmentation
+/// offload where the kernel grants them (a VPN's GSO batch is then one read, which
+/// an unimpaired link passes on whole, as a wire with GRO at the receiver would),
+/// sets its MTU and brings it up.
+fn open_port(port: usize, spec: &PortSpec) -> Result<Tun, WanemError> {
+    let ns = Path::new("/var/run/netns").join(&spec.netns);
+    Tun::create_in_netns(
+        &ns.to_string_lossy(),
+        &spec.ifname,
+        Offload::TcpAndUdp,
+        spec.mtu,
+    )
+    .map_err(|e| port_error(port, spec, format!("creating its TUN device: {e}")))
 }
 
 /// Runs `ip -n NETNS ARGS...` for the port.
@@ -620,7 +607,7 @@ impl Reader<'_> {
 }
 
 fn deliver(shared: &Shared, to: usize, packet: &[u8]) {
-    if let Err(e) = shared.tuns[to].send_packet(packet) {
+    if let Err(e) = shared.tuns[to].send(packet) {
         // The far host's stack refused it (interface down, namespace gone): the
         // packet is lost, as on a wire.
         tracing::debug!(port = to, error = %e, "wanem delivery failed");

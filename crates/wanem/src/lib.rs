@@ -15,12 +15,12 @@
 //! - [`link`]: the pure per-direction model (no I/O, no clock: time is an argument).
 //! - [`routes`], [`frame`]: which port a packet goes to; what a TUN read stands for
 //!   on the wire (pure).
-//! - [`hub`], [`port`]: the shell (TUN ports, reader threads, one delivery scheduler).
+//! - [`hub`]: the shell (TUN ports, reader threads, one delivery scheduler); the ports
+//!   are `wiremesh_wg::tun` devices with TCP and UDP segmentation offload.
 
 pub mod frame;
 pub mod hub;
 pub mod link;
-pub mod port;
 pub mod routes;
 
 pub use hub::{Hub, LinkStats, PortSpec};

@@ -28,7 +28,7 @@ use wiremesh_uapi::{DeviceSnapshot, Errno, Request, SetRequest, VpcsRequest};
 use wiremesh_vpc::VpcId;
 
 use crate::device::{Device, Output};
-use crate::tun::Tun;
+use crate::tun::{Offload, Tun};
 use crate::uapi_server::{self, Handler};
 use crate::udp::{self, UdpSockets};
 use crate::vpc::{Received, Vpcs};
@@ -519,7 +519,12 @@ impl RunningDevice {
             ifname: config.ifname.clone(),
             source,
         };
-        let tun = Tun::create(&config.ifname, config.offload).map_err(tun_err)?;
+        let offload = if config.offload {
+            Offload::Tcp
+        } else {
+            Offload::None
+        };
+        let tun = Tun::create(&config.ifname, offload).map_err(tun_err)?;
         tun.set_mtu(config.mtu).map_err(tun_err)?;
         tun.set_up().map_err(tun_err)?;
         let socket_path = uapi_server::socket_path(&config.socket_dir, tun.name());

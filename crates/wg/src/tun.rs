@@ -17,6 +17,17 @@ use std::time::Duration;
 /// WireGuard (32) overheads.
 pub const DEFAULT_MTU: u16 = 1420;
 
+/// The segmentation offloads a TUN device is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offload {
+    /// Plain packets, no vnet header.
+    None,
+    /// Checksum and TCP segmentation offload: reads may be TCP super-packets.
+    Tcp,
+    /// Also UDP segmentation offload (Linux 6.2+): a sender's UDP GSO batch is one read.
+    TcpAndUdp,
+}
+
 /// An open TUN interface. Closing it (drop) deletes the interface.
 #[derive(Debug)]
 pub struct Tun {
@@ -86,20 +97,31 @@ fn in_netns<T: Send>(path: &str, f: impl FnOnce() -> io::Result<T> + Send) -> io
 }
 
 impl Tun {
-    /// Creates (or attaches to) the TUN interface `name`. With `offload`, asks for
-    /// checksum and TCP segmentation offload (falling back to plain packets if the
-    /// kernel refuses).
-    pub fn create(name: &str, offload: bool) -> io::Result<Self> {
-        if offload {
+    /// Creates (or attaches to) the TUN interface `name`, asking for `offload` and
+    /// settling for less (down to plain packets) if the kernel refuses.
+    pub fn create(name: &str, offload: Offload) -> io::Result<Self> {
+        const TCP: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        const UDP: libc::c_uint = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        let wanted: &[libc::c_uint] = match offload {
+            Offload::None => &[],
+            Offload::Tcp => &[TCP],
+            Offload::TcpAndUdp => &[TCP | UDP, TCP],
+        };
+        if !wanted.is_empty() {
             match Self::open(name, true) {
                 Ok(tun) => {
-                    let features = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-                    // SAFETY: TUNSETOFFLOAD takes its argument by value.
-                    let rc = unsafe {
-                        libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD, features as libc::c_ulong)
-                    };
-                    if rc == 0 {
-                        return Ok(tun);
+                    for features in wanted {
+                        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+                        let rc = unsafe {
+                            libc::ioctl(
+                                tun.fd(),
+                                libc::TUNSETOFFLOAD,
+                                libc::c_ulong::from(*features),
+                            )
+                        };
+                        if rc == 0 {
+                            return Ok(tun);
+                        }
                     }
                     tracing::info!(
                         error = %io::Error::last_os_error(),
@@ -148,11 +170,16 @@ impl Tun {
     }
 
     /// Creates the TUN interface `name` inside the network namespace at `netns` (a
-    /// path such as `/var/run/netns/NAME`), with plain packets, MTU `mtu`, up. The
+    /// path such as `/var/run/netns/NAME`), with `offload`, MTU `mtu`, up. The
     /// descriptor works from any namespace; closing it deletes the interface.
-    pub fn create_in_netns(netns: &str, name: &str, mtu: u16) -> io::Result<Self> {
+    pub fn create_in_netns(
+        netns: &str,
+        name: &str,
+        offload: Offload,
+        mtu: u16,
+    ) -> io::Result<Self> {
         in_netns(netns, || {
-            let tun = Self::open(name, false)?;
+            let tun = Self::create(name, offload)?;
             tun.set_mtu(mtu)?;
             tun.set_up()?;
             Ok(tun)
@@ -244,9 +271,8 @@ impl Tun {
         self.file.as_raw_fd()
     }
 
-    /// Waits up to `timeout` for a packet and reads it into `buf`; `Ok(None)` on
-    /// timeout.
-    pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+    /// Waits up to `timeout` until a read would find a packet; `false` on timeout.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.fd(),
             events: libc::POLLIN,
@@ -258,12 +284,18 @@ impl Tun {
         if rc < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
+                Ok(false)
             } else {
                 Err(e)
             };
         }
-        if rc == 0 {
+        Ok(rc > 0)
+    }
+
+    /// Waits up to `timeout` for a packet and reads it into `buf`; `Ok(None)` on
+    /// timeout.
+    pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        if !self.wait_readable(timeout)? {
             return Ok(None);
         }
         self.try_recv(buf)

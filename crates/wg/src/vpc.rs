@@ -25,7 +25,7 @@ use wiremesh_uapi::{DeviceStats, Errno, VpcsRequest};
 use wiremesh_vpc::wire::{DropReason, MemberTable, MeshPrefix, Verdict, HEADER_LEN};
 use wiremesh_vpc::{NodeId, VpcId};
 
-use crate::tun::Tun;
+use crate::tun::{Offload, Tun};
 
 /// The name of the TUN device in every VPC namespace.
 pub const VPC_TUN_NAME: &str = "wm-vpc";
@@ -119,18 +119,19 @@ impl Vpcs {
                 }
                 continue;
             }
-            let opened = Tun::create_in_netns(&v.netns, VPC_TUN_NAME, v.mtu).and_then(|tun| {
-                let tun = Arc::new(tun);
-                let stop = Arc::new(AtomicBool::new(false));
-                let reader = spawn_reader(id, Arc::clone(&tun), Arc::clone(&stop))?;
-                Ok(Port {
-                    tun,
-                    netns: v.netns.clone(),
-                    mtu: v.mtu,
-                    stop,
-                    reader: Some(reader),
-                })
-            });
+            let opened = Tun::create_in_netns(&v.netns, VPC_TUN_NAME, Offload::None, v.mtu)
+                .and_then(|tun| {
+                    let tun = Arc::new(tun);
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let reader = spawn_reader(id, Arc::clone(&tun), Arc::clone(&stop))?;
+                    Ok(Port {
+                        tun,
+                        netns: v.netns.clone(),
+                        mtu: v.mtu,
+                        stop,
+                        reader: Some(reader),
+                    })
+                });
             match opened {
                 Ok(port) => {
                     tracing::info!(vpc = v.id, netns = %v.netns, "VPC TUN device up");
