@@ -159,7 +159,7 @@ pub fn run(
             registry.join(&me, config.lease_ttl)
         })?,
         last_keepalive: Instant::now(),
-        vpcs: Default::default(),
+        vpcs: crate::vpc::VpcHost::new(&config, &socket),
     };
     let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
     let prober = crate::prober::Prober::start().map_err(AgentError::Device)?;
@@ -219,7 +219,7 @@ pub fn run(
             Err(e) => tracing::warn!("key rotation failed, will retry: {e}"),
         }
         // Pods of a VPC arriving on, or all leaving, this node (the CNI plugin's word).
-        dirty |= state.vpcs.local_pods_changed(&config.state_dir);
+        dirty |= state.vpcs.local_pods_changed();
         let mut device_changed = false;
         if dirty || last_full.elapsed() >= config.resync {
             if !dirty {
@@ -423,7 +423,9 @@ fn reconcile(
         me.observed_endpoints = observed;
         state.membership.publish(me)?;
     }
-    state.vpcs.reconcile(registry, &snapshot, config, socket)?;
+    state
+        .vpcs
+        .reconcile(registry, &snapshot, &mut *state.membership)?;
     Ok(request.is_some() || !plan.is_empty())
 }
 

@@ -451,12 +451,17 @@ impl Cluster {
         Ok(existed)
     }
 
-    pub fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClusterError> {
+    /// Under `lease` if given: the owning node's, so the endpoint expires with it.
+    pub fn put_endpoint(
+        &self,
+        endpoint: &Endpoint,
+        lease: Option<LeaseId>,
+    ) -> Result<(), ClusterError> {
         let id = ServiceId::of(endpoint);
         let json =
             serde_json::to_vec_pretty(&EndpointRecord::from(endpoint)).expect("records serialize");
         self.store
-            .put(&self.endpoint_key(&id, endpoint.address), &json, None)?;
+            .put(&self.endpoint_key(&id, endpoint.address), &json, lease)?;
         Ok(())
     }
 
@@ -565,7 +570,7 @@ impl Registry for Cluster {
     }
 
     fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), RegistryError> {
-        Ok(Cluster::put_endpoint(self, endpoint)?)
+        Ok(Cluster::put_endpoint(self, endpoint, None)?)
     }
 
     fn delete_endpoint(&self, id: &ServiceId, address: IpAddr) -> Result<bool, RegistryError> {
@@ -619,6 +624,10 @@ impl Membership for StoreMembership {
 
     fn report(&mut self, status: &NodeStatus) -> Result<(), RegistryError> {
         Ok(self.cluster.put_status(status, self.lease)?)
+    }
+
+    fn publish_endpoint(&mut self, endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Ok(self.cluster.put_endpoint(endpoint, Some(self.lease))?)
     }
 
     fn leave(self: Box<Self>) -> Result<(), RegistryError> {

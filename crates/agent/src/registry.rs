@@ -181,6 +181,12 @@ pub trait Membership: Send {
     /// long as the node does.
     fn report(&mut self, status: &NodeStatus) -> Result<(), RegistryError>;
 
+    /// Publishes an endpoint on this node under the node's liveness, so it goes
+    /// (and every VIP stops choosing it) when the node does.
+    fn publish_endpoint(&mut self, _endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
     /// Takes the node out of the mesh at once: its record and report go.
     fn leave(self: Box<Self>) -> Result<(), RegistryError>;
 }

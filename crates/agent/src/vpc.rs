@@ -33,9 +33,9 @@ use wiremesh_uapi::{VpcPlane, VpcsRequest};
 use wiremesh_vpc::nft::{self, ServicesPlan};
 use wiremesh_vpc::snapshot::{Mesh, VpcState};
 use wiremesh_vpc::wire::MeshPrefix;
-use wiremesh_vpc::{dns_cluster_ip, Label, NodeId, VpcSnapshot};
+use wiremesh_vpc::{dns_cluster_ip, Endpoint, Label, NodeId, VpcSnapshot};
 
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Membership, Registry, RegistryError, ServiceId};
 use crate::{AgentConfig, AgentError};
 
 /// Under the state directory: one directory per VPC with pods on this node.
@@ -75,8 +75,12 @@ pub fn netns_name(interface: &str, id: u32) -> String {
 }
 
 /// The VPCs' state the agent keeps between reconciles: what it last applied.
-#[derive(Default)]
 pub struct VpcHost {
+    me: NodeName,
+    interface: String,
+    state_dir: PathBuf,
+    /// The device's UAPI socket.
+    socket: PathBuf,
     /// The last `set_vpcs=1` request the device accepted.
     device: Option<String>,
     /// Per namespace: the services plan applied there.
@@ -87,25 +91,43 @@ pub struct VpcHost {
     warned: bool,
     /// The VPCs the state directory asked for at the last reconcile.
     wanted: BTreeSet<Label>,
+    /// Endpoints on this node as last published under its lease.
+    adopted: BTreeMap<(ServiceId, IpAddr), Endpoint>,
 }
 
 impl VpcHost {
+    pub fn new(config: &AgentConfig, socket: &Path) -> VpcHost {
+        VpcHost {
+            me: config.name.clone(),
+            interface: config.interface.clone(),
+            state_dir: config.state_dir.clone(),
+            socket: socket.to_owned(),
+            device: None,
+            rulesets: BTreeMap::new(),
+            routed: BTreeMap::new(),
+            warned: false,
+            wanted: BTreeSet::new(),
+            adopted: BTreeMap::new(),
+        }
+    }
+
     /// Whether the CNI plugin asked for a VPC, or gave one up, since the last
     /// reconcile: one directory listing, cheap enough for every tick.
-    pub fn local_pods_changed(&self, state_dir: &Path) -> bool {
-        wanted_vpcs(state_dir) != self.wanted
+    pub fn local_pods_changed(&self) -> bool {
+        wanted_vpcs(&self.state_dir) != self.wanted
     }
 
     /// Brings this node's VPCs in line with the registry and the state directory.
+    /// `membership` is the node's: endpoints on this node go under its lease.
     pub fn reconcile(
         &mut self,
         registry: &dyn Registry,
         snapshot: &Snapshot,
-        config: &AgentConfig,
-        socket: &Path,
+        membership: &mut dyn Membership,
     ) -> Result<(), AgentError> {
-        let (me, interface) = (&config.name, config.interface.as_str());
-        let state_dir = config.state_dir.as_path();
+        let me = &self.me.clone();
+        let interface = &self.interface.clone();
+        let state_dir = &self.state_dir.clone();
         let wanted = wanted_vpcs(state_dir);
         self.wanted = wanted.clone();
         let settings = &snapshot.settings;
@@ -159,6 +181,7 @@ impl VpcHost {
             .members
             .retain(|m| !(&m.node == me && stale.contains(&m.vpc)));
 
+        self.adopt_endpoints(&records.endpoints, membership)?;
         let node_ids = node_ids(settings, snapshot);
         let (vpcs, bad) = VpcSnapshot::build(
             records,
@@ -192,7 +215,7 @@ impl VpcHost {
         let untouched = self.device.is_none() && request.vpcs.is_empty();
         if !untouched && self.device.as_ref() != Some(&text) {
             tracing::info!(vpcs = request.vpcs.len(), "updating the device's VPC table");
-            uapi_client::exchange(socket, &text)?;
+            uapi_client::exchange(&self.socket, &text)?;
             self.device = Some(text);
         }
         for (state, l) in &local {
@@ -208,6 +231,29 @@ impl VpcHost {
                 netns::delete(&ns)?;
                 self.rulesets.remove(&ns);
                 self.routed.remove(&ns);
+            }
+        }
+        Ok(())
+    }
+
+    /// Endpoints on this node live under its lease (whoever wrote them): when the
+    /// node dies they expire, and every VIP stops choosing them. Each is written
+    /// once per change, so its own write does not start another reconcile loop.
+    fn adopt_endpoints(
+        &mut self,
+        endpoints: &[Endpoint],
+        membership: &mut dyn Membership,
+    ) -> Result<(), AgentError> {
+        let mine: BTreeMap<(ServiceId, IpAddr), &Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.node == self.me)
+            .map(|e| ((ServiceId::of(e), e.address), e))
+            .collect();
+        self.adopted.retain(|k, _| mine.contains_key(k));
+        for (key, endpoint) in mine {
+            if self.adopted.get(&key) != Some(endpoint) {
+                membership.publish_endpoint(endpoint)?;
+                self.adopted.insert(key, endpoint.clone());
             }
         }
         Ok(())

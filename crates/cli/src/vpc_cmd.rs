@@ -423,7 +423,7 @@ pub fn run_endpoints(a: EndpointsArgs) -> Result<()> {
             .retain(|e| !(ServiceId::of(e) == id && e.address == endpoint.address));
         records.endpoints.push(endpoint.clone());
         current.check(records, &format!("endpoint {id}/{}", endpoint.address))?;
-        registry.put_endpoint(&endpoint)?;
+        registry.put_endpoint(&endpoint, None)?;
         println!("endpoint {} of {id} on {}", endpoint.address, endpoint.node);
         return Ok(());
     }

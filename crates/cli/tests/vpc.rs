@@ -203,7 +203,7 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
         return;
     }
     let started = Instant::now();
-    let bed = Bed::new();
+    let mut bed = Bed::new();
     let mesh = &bed.mesh;
     let dup = mesh.wiremesh(&[
         "vpc",
@@ -276,6 +276,21 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
 
     let listed = wiremesh_ok(mesh, &["endpoints", "blue/web/db"]);
     assert!(listed.contains(&format!("{b2}\tn2")), "{listed}");
+
+    // n2's agent stops: the endpoints on n2 expire with its lease (3 s here), and
+    // the VIP refuses at once instead of sending clients to a node nobody runs.
+    bed.mesh.stop(1);
+    let stopped = Instant::now();
+    let vip: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let refused = || attempt(blue1, vip) == Err(std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        wait_until(PATIENCE, refused),
+        "n2's endpoint outlived its lease"
+    );
+    eprintln!(
+        "a dead node's endpoint left the VIP after {:?}",
+        stopped.elapsed()
+    );
     eprintln!("VPC test took {:?}", started.elapsed());
 }
 
