@@ -356,3 +356,9 @@ impl Tun {
         Ok(())
     }
 }
+
+impl AsRawFd for Tun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd()
+    }
+}
