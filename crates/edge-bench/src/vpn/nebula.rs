@@ -17,8 +17,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::process::{self, Deployment};
-use super::{Bed, Host, Role, Shape, Vpn, VpnError};
+use super::process::{self, Daemons, Deployment};
+use super::{Bed, Host, Role, Shape, VpnError};
 
 const NAME: &str = "nebula";
 const PORT: u16 = 4242;
@@ -124,7 +124,20 @@ fn config(bed: &Bed, pki: &Path, host: &Host, shape: Shape) -> String {
     s
 }
 
-impl Nebula {
+impl Daemons for Nebula {
+    const NAME: &'static str = NAME;
+    const SHAPES: &'static [Shape] = &[Shape::HubAndSpoke, Shape::Mesh];
+    const PROGRAMS: &'static [&'static str] = &["nebula", "nebula-cert"];
+    const PACKAGES: &'static [&'static str] = &["nebula"];
+
+    fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    fn deployment_mut(&mut self) -> &mut Deployment {
+        &mut self.deployment
+    }
+
     fn start(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
         let dir = bed.work_dir.join("nebula");
         let _ = std::fs::remove_dir_all(&dir);
@@ -165,37 +178,6 @@ impl Nebula {
             self.deployment.track_link(&host.netns, INTERFACE);
         }
         process::wait_for_workers(NAME, bed, &mut self.deployment)
-    }
-}
-
-impl Vpn for Nebula {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn shapes(&self) -> &'static [Shape] {
-        &[Shape::HubAndSpoke, Shape::Mesh]
-    }
-
-    fn check_installed(&self) -> Result<(), VpnError> {
-        process::require_programs(NAME, &["nebula", "nebula-cert"], self.packages())
-    }
-
-    fn packages(&self) -> &'static [&'static str] {
-        &["nebula"]
-    }
-
-    fn up(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
-        let result = self.start(bed, shape);
-        process::undo_on_error(NAME, &mut self.deployment, result)
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.deployment.pids()
-    }
-
-    fn down(&mut self) -> Result<(), VpnError> {
-        self.deployment.down(NAME)
     }
 }
 

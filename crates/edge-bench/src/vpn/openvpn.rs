@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
-use super::process::{self, Deployment};
+use super::process::{self, Daemons, Deployment};
 use super::{Bed, Host, Role, Shape, Vpn, VpnError};
 
 const NAME: &str = "openvpn";
@@ -223,7 +223,20 @@ fn client_config(bed: &Bed, pki: &Pki, worker: &Host) -> String {
         + &pki.config_lines(worker)
 }
 
-impl OpenVpn {
+impl Daemons for OpenVpn {
+    const NAME: &'static str = NAME;
+    const SHAPES: &'static [Shape] = &[Shape::HubAndSpoke];
+    const PROGRAMS: &'static [&'static str] = &["openvpn", "openssl"];
+    const PACKAGES: &'static [&'static str] = &["openvpn", "openssl"];
+
+    fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    fn deployment_mut(&mut self) -> &mut Deployment {
+        &mut self.deployment
+    }
+
     fn start(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
         process::require_shape(NAME, self.shapes(), shape)?;
         let dir = bed.work_dir.join("openvpn");
@@ -257,37 +270,6 @@ impl OpenVpn {
             self.deployment.track_link(&host.netns, INTERFACE);
         }
         process::wait_for_workers(NAME, bed, &mut self.deployment)
-    }
-}
-
-impl Vpn for OpenVpn {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn shapes(&self) -> &'static [Shape] {
-        &[Shape::HubAndSpoke]
-    }
-
-    fn check_installed(&self) -> Result<(), VpnError> {
-        process::require_programs(NAME, &["openvpn", "openssl"], self.packages())
-    }
-
-    fn packages(&self) -> &'static [&'static str] {
-        &["openvpn", "openssl"]
-    }
-
-    fn up(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
-        let result = self.start(bed, shape);
-        process::undo_on_error(NAME, &mut self.deployment, result)
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.deployment.pids()
-    }
-
-    fn down(&mut self) -> Result<(), VpnError> {
-        self.deployment.down(NAME)
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Bed, Host, Shape, VpnError};
+use super::{Bed, Host, Shape, Vpn, VpnError};
 
 /// How long a driver waits for every worker to answer through a fresh tunnel.
 pub(crate) const BRING_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -466,6 +466,56 @@ pub(crate) fn example_bed() -> Bed {
         overlay_cidr: "10.99.0.0/24".parse().unwrap(),
         work_dir: "/work".into(),
         underlay_mtu: 1500,
+    }
+}
+
+/// A VPN run as daemons kept in a [`Deployment`]: a driver says what differs (its
+/// programs, shapes, packages and how to start it), and gets the rest of [`Vpn`]:
+/// a failed bring-up undone, the daemons' PIDs, and `down`.
+pub(crate) trait Daemons: Send {
+    const NAME: &'static str;
+    const SHAPES: &'static [Shape];
+    /// Binaries that must be on `PATH`.
+    const PROGRAMS: &'static [&'static str];
+    /// Debian packages that provide them.
+    const PACKAGES: &'static [&'static str];
+
+    fn deployment(&self) -> &Deployment;
+    fn deployment_mut(&mut self) -> &mut Deployment;
+
+    /// Write the configuration and start every daemon (tracked in the deployment),
+    /// until the tunnel carries traffic.
+    fn start(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError>;
+}
+
+impl<D: Daemons> Vpn for D {
+    fn name(&self) -> &'static str {
+        D::NAME
+    }
+
+    fn shapes(&self) -> &'static [Shape] {
+        D::SHAPES
+    }
+
+    fn check_installed(&self) -> Result<(), VpnError> {
+        require_programs(D::NAME, D::PROGRAMS, D::PACKAGES)
+    }
+
+    fn packages(&self) -> &'static [&'static str] {
+        D::PACKAGES
+    }
+
+    fn up(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
+        let result = self.start(bed, shape);
+        undo_on_error(D::NAME, self.deployment_mut(), result)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.deployment().pids()
+    }
+
+    fn down(&mut self) -> Result<(), VpnError> {
+        self.deployment_mut().down(D::NAME)
     }
 }
 

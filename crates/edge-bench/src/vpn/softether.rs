@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::process::{self, Deployment};
+use super::process::{self, Daemons, Deployment};
 use super::{Bed, Host, Shape, Vpn, VpnError};
 
 const NAME: &str = "softether";
@@ -253,6 +253,25 @@ impl SoftEther {
             &log,
         )
     }
+}
+
+impl Daemons for SoftEther {
+    const NAME: &'static str = NAME;
+    const SHAPES: &'static [Shape] = &[Shape::HubAndSpoke];
+    const PROGRAMS: &'static [&'static str] = &["vpnserver", "vpnclient", "vpncmd"];
+    const PACKAGES: &'static [&'static str] = &[
+        "softether-vpnserver",
+        "softether-vpnclient",
+        "softether-vpncmd",
+    ];
+
+    fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    fn deployment_mut(&mut self) -> &mut Deployment {
+        &mut self.deployment
+    }
 
     fn start(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
         process::require_shape(NAME, self.shapes(), shape)?;
@@ -328,41 +347,6 @@ impl SoftEther {
             client.vpncmd("/CLIENT", "connect", &[format!("AccountConnect {account}")])?;
         }
         process::wait_for_workers(NAME, bed, &mut self.deployment)
-    }
-}
-
-impl Vpn for SoftEther {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn shapes(&self) -> &'static [Shape] {
-        &[Shape::HubAndSpoke]
-    }
-
-    fn check_installed(&self) -> Result<(), VpnError> {
-        process::require_programs(NAME, &["vpnserver", "vpnclient", "vpncmd"], self.packages())
-    }
-
-    fn packages(&self) -> &'static [&'static str] {
-        &[
-            "softether-vpnserver",
-            "softether-vpnclient",
-            "softether-vpncmd",
-        ]
-    }
-
-    fn up(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
-        let result = self.start(bed, shape);
-        process::undo_on_error(NAME, &mut self.deployment, result)
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.deployment.pids()
-    }
-
-    fn down(&mut self) -> Result<(), VpnError> {
-        self.deployment.down(NAME)
     }
 }
 

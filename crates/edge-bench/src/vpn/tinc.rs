@@ -13,8 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::process::{self, Deployment};
-use super::{Bed, Host, Role, Shape, Vpn, VpnError};
+use super::process::{self, Daemons, Deployment};
+use super::{Bed, Host, Role, Shape, VpnError};
 
 const NAME: &str = "tinc";
 const PORT: u16 = 655;
@@ -129,7 +129,20 @@ fn tinc_up(bed: &Bed, host: &Host) -> String {
     s
 }
 
-impl Tinc {
+impl Daemons for Tinc {
+    const NAME: &'static str = NAME;
+    const SHAPES: &'static [Shape] = &[Shape::HubAndSpoke, Shape::Mesh];
+    const PROGRAMS: &'static [&'static str] = &["tincd"];
+    const PACKAGES: &'static [&'static str] = &["tinc"];
+
+    fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    fn deployment_mut(&mut self) -> &mut Deployment {
+        &mut self.deployment
+    }
+
     fn start(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
         let mut public_keys = Vec::new();
         for host in &bed.hosts {
@@ -163,37 +176,6 @@ impl Tinc {
             self.deployment.track_link(&host.netns, INTERFACE);
         }
         process::wait_for_workers(NAME, bed, &mut self.deployment)
-    }
-}
-
-impl Vpn for Tinc {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn shapes(&self) -> &'static [Shape] {
-        &[Shape::HubAndSpoke, Shape::Mesh]
-    }
-
-    fn check_installed(&self) -> Result<(), VpnError> {
-        process::require_programs(NAME, &["tincd"], self.packages())
-    }
-
-    fn packages(&self) -> &'static [&'static str] {
-        &["tinc"]
-    }
-
-    fn up(&mut self, bed: &Bed, shape: Shape) -> Result<(), VpnError> {
-        let result = self.start(bed, shape);
-        process::undo_on_error(NAME, &mut self.deployment, result)
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.deployment.pids()
-    }
-
-    fn down(&mut self) -> Result<(), VpnError> {
-        self.deployment.down(NAME)
     }
 }
 
