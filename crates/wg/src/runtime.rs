@@ -279,7 +279,9 @@ impl Shared {
             && self.generation.load(Ordering::Relaxed) == generation
         {
             if serves_tun {
-                let (udp_ready, tun_ready) = match wait_readable(sock, &self.tun, POLL) {
+                use std::os::fd::AsRawFd;
+                let fds = [sock.as_raw_fd(), self.tun.as_raw_fd()];
+                let [udp_ready, tun_ready] = match crate::tun::wait_readable(fds, POLL) {
                     Ok(ready) => ready,
                     Err(e) => {
                         self.set_exit(ExitReason::TunError(e.to_string()));
@@ -551,39 +553,6 @@ impl Handler for Arc<Shared> {
             }
         }
     }
-}
-
-/// Waits up to `timeout` until `socket` or `tun` can be read: (socket, TUN) ready.
-fn wait_readable(
-    socket: &socket2::Socket,
-    tun: &Tun,
-    timeout: Duration,
-) -> io::Result<(bool, bool)> {
-    use std::os::fd::AsRawFd;
-    let mut fds = [
-        libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: tun.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: two valid pollfds.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok((false, false))
-        } else {
-            Err(e)
-        };
-    }
-    Ok((fds[0].revents != 0, fds[1].revents != 0))
 }
 
 fn inode(path: &Path) -> Option<u64> {

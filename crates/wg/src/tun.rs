@@ -96,6 +96,28 @@ fn in_netns<T: Send>(path: &str, f: impl FnOnce() -> io::Result<T> + Send) -> io
     })
 }
 
+/// Waits up to `timeout` until any of `fds` can be read; which ones can (none on
+/// timeout or a signal).
+pub fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::Result<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: N valid pollfds.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok([false; N])
+        } else {
+            Err(e)
+        };
+    }
+    Ok(pfds.map(|p| p.revents != 0))
+}
+
 impl Tun {
     /// Creates (or attaches to) the TUN interface `name`, asking for `offload` and
     /// settling for less (down to plain packets) if the kernel refuses.
@@ -273,23 +295,8 @@ impl Tun {
 
     /// Waits up to `timeout` until a read would find a packet; `false` on timeout.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(rc > 0)
+        let [ready] = wait_readable([self.fd()], timeout)?;
+        Ok(ready)
     }
 
     /// Waits up to `timeout` for a packet and reads it into `buf`; `Ok(None)` on

@@ -186,6 +186,10 @@ impl Vpcs {
     /// Cryptokey routing has already accepted the outer source as one of the sending
     /// peer's allowed IPs (a node's `/64`), so the outer source names the sending node.
     pub(crate) fn receive(&self, packet: &[u8]) -> Received {
+        // Checked before the table's lock: most packets are IPv4 and never need it.
+        if packet.first().map(|b| b >> 4) != Some(6) {
+            return Received::NotVpc;
+        }
         let Some(table) = self.table() else {
             return Received::NotVpc;
         };
@@ -194,9 +198,6 @@ impl Vpcs {
             let octets: [u8; 16] = packet.get(range)?.try_into().ok()?;
             prefix.parse_vpc_address(&Ipv6Addr::from(octets))
         };
-        if packet.first().map(|b| b >> 4) != Some(6) {
-            return Received::NotVpc;
-        }
         match outer(24..40) {
             Some((node, vpc)) if node == local && vpc != VpcId(0) => {}
             _ => return Received::NotVpc,
