@@ -369,6 +369,7 @@ mod tests {
                 endpoint("peers", "10.10.1.7", Some("peer-2"), false),
                 endpoint("idle", "10.10.1.8", None, false),
             ],
+            pods: Vec::new(),
         };
         let nodes = nodes();
         let mesh = Mesh {

@@ -16,17 +16,19 @@
 //! - [`mtu`]: the pod MTU under both headers.
 //! - [`nft`]: the services ruleset of one VPC namespace, and UDP conntrack flushes.
 //! - [`dns`]: answers of the Kubernetes DNS schema, and the pod search path.
+//! - [`pods`]: what pods' labels decide: selector endpoints, access by label.
 
 pub mod dns;
 pub mod mtu;
 pub mod nft;
+pub mod pods;
 pub mod record;
 pub mod snapshot;
 pub mod wire;
 
 pub use record::{
-    Endpoint, EndpointRecord, IpFamily, Label, LabelSelector, NodeId, Protocol, Service,
-    ServiceRecord, SessionAffinity, TrafficPolicy, Vpc, VpcId, VpcMember, VpcMemberRecord,
-    VpcRecord,
+    parse_labels, Endpoint, EndpointRecord, IpFamily, Label, LabelSelector, LocalPodRecord, NodeId,
+    Pod, PodName, PodRecord, Protocol, Service, ServiceRecord, SessionAffinity, TrafficPolicy, Vpc,
+    VpcId, VpcMember, VpcMemberRecord, VpcRecord,
 };
 pub use snapshot::{allocate_cluster_ip, dns_cluster_ip, BadRecord, VpcSnapshot, VpcState};

@@ -391,38 +391,47 @@ impl LabelSelector {
     }
 
     fn parse(field: &str, labels: &BTreeMap<String, String>) -> Result<Self, FieldError> {
-        let segment_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 63
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-                && s.as_bytes()[0].is_ascii_alphanumeric()
-                && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
-        };
-        for (k, v) in labels {
-            // `prefix/name` with a DNS-subdomain prefix, or `name` alone.
-            let name = k.rsplit_once('/').map_or(k.as_str(), |(prefix, name)| {
-                if prefix.is_empty() || prefix.len() > 253 {
-                    ""
-                } else {
-                    name
-                }
-            });
-            if !segment_ok(name) {
-                return Err(FieldError::new(
-                    format!("{field}.{k}"),
-                    "is not a label key ([prefix/]name, name 1 to 63 of [A-Za-z0-9-_.])",
-                ));
-            }
-            if !v.is_empty() && !segment_ok(v) {
-                return Err(FieldError::new(
-                    format!("{field}.{k}"),
-                    format!("{v:?} is not a label value (up to 63 of [A-Za-z0-9-_.])"),
-                ));
-            }
-        }
-        Ok(LabelSelector(labels.clone()))
+        parse_labels(field, labels).map(LabelSelector)
     }
+}
+
+/// Checks Kubernetes labels (a selector's or a pod's), naming `<field>.<key>` in the
+/// error: keys are `[prefix/]name`, values empty or up to 63 characters.
+pub fn parse_labels(
+    field: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, FieldError> {
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+    };
+    for (k, v) in labels {
+        // `prefix/name` with a DNS-subdomain prefix, or `name` alone.
+        let name = k.rsplit_once('/').map_or(k.as_str(), |(prefix, name)| {
+            if prefix.is_empty() || prefix.len() > 253 {
+                ""
+            } else {
+                name
+            }
+        });
+        if !segment_ok(name) {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                "is not a label key ([prefix/]name, name 1 to 63 of [A-Za-z0-9-_.])",
+            ));
+        }
+        if !v.is_empty() && !segment_ok(v) {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                format!("{v:?} is not a label value (up to 63 of [A-Za-z0-9-_.])"),
+            ));
+        }
+    }
+    Ok(labels.clone())
 }
 
 /// Who may reach a service, besides nobody: sources in these CIDRs or pods matching
@@ -826,6 +835,115 @@ impl From<&Endpoint> for EndpointRecord {
     }
 }
 
+/// A pod's name in its namespace: a DNS-1123 subdomain, as Kubernetes names pods.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodName(String);
+
+impl PodName {
+    pub fn parse(field: &str, s: &str) -> Result<PodName, FieldError> {
+        // Node and pod names follow one Kubernetes rule: reuse its check.
+        NodeName::try_from(s.to_owned())
+            .map(|_| PodName(s.to_owned()))
+            .map_err(|e| FieldError::new(field, e.reason))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PodName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+/// A pod of a VPC, as the agent of its node reports it: where it is and its labels,
+/// which services' selectors and access policies match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub vpc: Label,
+    pub namespace: Label,
+    pub name: PodName,
+    pub address: IpAddr,
+    pub node: NodeName,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodRecord {
+    pub vpc: String,
+    pub namespace: String,
+    pub name: String,
+    pub address: String,
+    pub node: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl TryFrom<PodRecord> for Pod {
+    type Error = FieldError;
+
+    fn try_from(r: PodRecord) -> Result<Self, FieldError> {
+        let within = |e: FieldError| e.within(&format!("pod {}/{}/{}", r.vpc, r.namespace, r.name));
+        let node: NodeName = r
+            .node
+            .clone()
+            .try_into()
+            .map_err(|e: FieldError| within(FieldError::new("node", e.reason)))?;
+        Ok(Pod {
+            vpc: Label::parse("vpc", &r.vpc).map_err(within)?,
+            namespace: Label::parse("namespace", &r.namespace).map_err(within)?,
+            name: PodName::parse("name", &r.name).map_err(within)?,
+            address: parse_ip("address", &r.address).map_err(within)?,
+            node,
+            labels: parse_labels("labels", &r.labels).map_err(within)?,
+        })
+    }
+}
+
+impl From<&Pod> for PodRecord {
+    fn from(p: &Pod) -> Self {
+        PodRecord {
+            vpc: p.vpc.to_string(),
+            namespace: p.namespace.to_string(),
+            name: p.name.to_string(),
+            address: p.address.to_string(),
+            node: p.node.to_string(),
+            labels: p.labels.clone(),
+        }
+    }
+}
+
+/// What the CNI plugin tells its node's agent about one pod it added:
+/// `<stateDir>/vpcs/<vpc>/pods/<container id>.json`. The agent adds the VPC and
+/// itself as the node, and publishes the [`Pod`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalPodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LocalPodRecord {
+    /// The pod it describes, on `node` in `vpc`.
+    pub fn into_pod(self, vpc: &Label, node: &NodeName) -> Result<Pod, FieldError> {
+        PodRecord {
+            vpc: vpc.to_string(),
+            namespace: self.namespace,
+            name: self.name,
+            address: self.address,
+            node: node.to_string(),
+            labels: self.labels,
+        }
+        .try_into()
+    }
+}
+
 /// Parses one registry value: JSON into `R`, then into `T`; a malformed value names `kind`.
 pub fn from_json<R, T>(kind: &str, bytes: &[u8]) -> Result<T, FieldError>
 where
@@ -1042,6 +1160,55 @@ mod tests {
         r.serving = Some(true);
         r.terminating = true;
         assert!(Endpoint::try_from(r).unwrap().is_fallback());
+    }
+
+    fn pod_record() -> PodRecord {
+        serde_json::from_str(
+            r#"{"vpc":"blue","namespace":"web","name":"db-0","address":"10.10.1.5","node":"n1",
+                "labels":{"app":"db","example.com/tier":"data"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pods_round_trip_and_errors_name_the_field() {
+        let pod = Pod::try_from(pod_record()).unwrap();
+        assert_eq!(Pod::try_from(PodRecord::from(&pod)).unwrap(), pod);
+        let check = |edit: fn(&mut PodRecord), field: &str| {
+            let mut r = pod_record();
+            edit(&mut r);
+            assert_eq!(Pod::try_from(r).unwrap_err().field, field);
+        };
+        let at = |f: &str| format!("pod blue/web/db-0.{f}");
+        check(|r| r.address = "10.10.1".into(), &at("address"));
+        check(|r| r.node = "N1".into(), &at("node"));
+        check(
+            |r| r.namespace = "Web".into(),
+            "pod blue/Web/db-0.namespace",
+        );
+        check(|r| r.name = "db_0".into(), "pod blue/web/db_0.name");
+        check(
+            |r| {
+                r.labels.insert("app".into(), "-db".into());
+            },
+            &at("labels.app"),
+        );
+        check(
+            |r| {
+                r.labels.insert("/x".into(), "y".into());
+            },
+            &at("labels./x"),
+        );
+        let local = LocalPodRecord {
+            namespace: "web".into(),
+            name: "db-0".into(),
+            address: "10.10.1.5".into(),
+            labels: pod.labels.clone(),
+        };
+        assert_eq!(
+            local.into_pod(&pod.vpc, &"n1".parse().unwrap()).unwrap(),
+            pod
+        );
     }
 
     #[test]

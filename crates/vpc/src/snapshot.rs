@@ -15,13 +15,13 @@ use wiremesh_model::{FieldError, NodeName};
 
 use crate::record::{overlaps, IpFamily};
 use crate::wire::MeshPrefix;
-use crate::{Endpoint, Label, NodeId, Service, Vpc, VpcId, VpcMember};
+use crate::{Endpoint, Label, NodeId, Pod, PodName, Service, Vpc, VpcId, VpcMember};
 
 /// A record left out of the snapshot, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRecord {
     /// Which record: `vpc blue`, `member blue/n1`, `service blue/web/db`,
-    /// `endpoint blue/web/db/10.10.1.5`.
+    /// `endpoint blue/web/db/10.10.1.5`, `pod blue/web/db-0`.
     pub record: String,
     pub error: FieldError,
 }
@@ -33,6 +33,7 @@ pub struct Records {
     pub members: Vec<VpcMember>,
     pub services: Vec<Service>,
     pub endpoints: Vec<Endpoint>,
+    pub pods: Vec<Pod>,
 }
 
 /// What the records are checked against: the mesh's address plan and its nodes.
@@ -57,6 +58,8 @@ pub struct VpcState {
     pub members: BTreeMap<NodeName, VpcMember>,
     /// Keyed by (namespace, name).
     pub services: BTreeMap<(Label, Label), ServiceState>,
+    /// Keyed by (namespace, name).
+    pub pods: BTreeMap<(Label, PodName), Pod>,
 }
 
 impl VpcState {
@@ -111,6 +114,7 @@ impl VpcSnapshot {
             mut members,
             mut services,
             mut endpoints,
+            mut pods,
         } = records;
 
         vpcs.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
@@ -124,6 +128,7 @@ impl VpcSnapshot {
                         vpc,
                         members: BTreeMap::new(),
                         services: BTreeMap::new(),
+                        pods: BTreeMap::new(),
                     };
                     snapshot.vpcs.insert(state.vpc.name.clone(), state);
                 }
@@ -138,6 +143,20 @@ impl VpcSnapshot {
                 Ok(()) => {
                     let state = snapshot.vpcs.get_mut(&member.vpc).expect("checked");
                     state.members.insert(member.node.clone(), member);
+                }
+                Err(e) => bads.push(bad(key.clone(), e.within(&key))),
+            }
+        }
+
+        pods.sort_by(|a, b| (&a.vpc, &a.namespace, &a.name).cmp(&(&b.vpc, &b.namespace, &b.name)));
+        for pod in pods {
+            let key = format!("pod {}/{}/{}", pod.vpc, pod.namespace, pod.name);
+            match check_pod(&snapshot, &pod) {
+                Ok(()) => {
+                    let state = snapshot.vpcs.get_mut(&pod.vpc).expect("checked");
+                    state
+                        .pods
+                        .insert((pod.namespace.clone(), pod.name.clone()), pod);
                 }
                 Err(e) => bads.push(bad(key.clone(), e.within(&key))),
             }
@@ -268,6 +287,49 @@ fn check_member(snapshot: &VpcSnapshot, member: &VpcMember) -> Result<(), FieldE
     Ok(())
 }
 
+fn check_pod(snapshot: &VpcSnapshot, pod: &Pod) -> Result<(), FieldError> {
+    let state = snapshot
+        .vpcs
+        .get(&pod.vpc)
+        .ok_or_else(|| FieldError::new("vpc", format!("no VPC {}", pod.vpc)))?;
+    if !snapshot.node_ids.contains_key(&pod.node) {
+        return Err(FieldError::new("node", format!("no node {}", pod.node)));
+    }
+    let member = state.members.get(&pod.node).ok_or_else(|| {
+        FieldError::new(
+            "node",
+            format!("{} is not a member of VPC {}", pod.node, pod.vpc),
+        )
+    })?;
+    // Another node's address would let a label admit (or back a service with) a pod
+    // the receiver never delivers from there.
+    if !member.pod_cidrs.iter().any(|c| c.contains(&pod.address)) {
+        return Err(FieldError::new(
+            "address",
+            format!(
+                "{} is outside node {}'s pod CIDRs in VPC {}",
+                pod.address, pod.node, pod.vpc
+            ),
+        ));
+    }
+    if state
+        .pods
+        .contains_key(&(pod.namespace.clone(), pod.name.clone()))
+    {
+        return Err(FieldError::new("name", "another pod has this name"));
+    }
+    if let Some(other) = state.pods.values().find(|p| p.address == pod.address) {
+        return Err(FieldError::new(
+            "address",
+            format!(
+                "{} is pod {}/{}'s",
+                pod.address, other.namespace, other.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_service(snapshot: &VpcSnapshot, service: &Service) -> Result<(), FieldError> {
     let state = snapshot
         .vpcs
@@ -389,7 +451,7 @@ pub fn allocate_cluster_ip(service_cidr: IpNet, used: &BTreeSet<IpAddr>) -> Opti
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::record::{EndpointRecord, ServiceRecord, VpcMemberRecord, VpcRecord};
+    use crate::record::{EndpointRecord, PodRecord, ServiceRecord, VpcMemberRecord, VpcRecord};
     use proptest::prelude::*;
 
     pub(crate) fn prefix() -> MeshPrefix {
@@ -468,7 +530,30 @@ pub(crate) mod tests {
                 endpoint("blue", "db", "10.10.2.5", "n2"),
                 endpoint("blue", "db", "10.10.1.5", "n1"),
             ],
+            pods: vec![pod("blue", "db-0", "10.10.1.5", "n1", &[("app", "db")])],
         }
+    }
+
+    pub(crate) fn pod(
+        vpc: &str,
+        name: &str,
+        addr: &str,
+        node: &str,
+        labels: &[(&str, &str)],
+    ) -> Pod {
+        PodRecord {
+            vpc: vpc.into(),
+            namespace: "web".into(),
+            name: name.into(),
+            address: addr.into(),
+            node: node.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+        .try_into()
+        .unwrap()
     }
 
     fn build(records: Records) -> (VpcSnapshot, Vec<BadRecord>) {
@@ -604,6 +689,31 @@ pub(crate) mod tests {
             "endpoint blue/web/db/10.10.1.5",
             "address",
         );
+        check(
+            &|r| r.pods.push(pod("blue", "db-1", "10.10.1.5", "n1", &[])),
+            "pod blue/web/db-1",
+            "address",
+        );
+        check(
+            &|r| r.pods.push(pod("blue", "db-1", "10.10.2.6", "n1", &[])),
+            "pod blue/web/db-1",
+            "address",
+        );
+        check(
+            &|r| r.pods.push(pod("blue", "db-1", "10.10.3.6", "n3", &[])),
+            "pod blue/web/db-1",
+            "node",
+        );
+        check(
+            &|r| r.pods.push(pod("blue", "db-0", "10.10.1.6", "n1", &[])),
+            "pod blue/web/db-0",
+            "name",
+        );
+        check(
+            &|r| r.pods.push(pod("pink", "db-1", "10.10.1.6", "n1", &[])),
+            "pod pink/web/db-1",
+            "vpc",
+        );
     }
 
     #[test]
@@ -674,11 +784,14 @@ pub(crate) mod tests {
             r.vpcs.push(vpc("green", 7, "10.20.0.0/16", "10.97.0.0/24"));
             r.members.push(member("blue", "n3", "10.10.2.128/25"));
             r.services.push(service("blue", "web", "cache", "10.96.0.11"));
+            r.pods.push(pod("blue", "db-1", "10.10.1.5", "n1", &[]));
+            r.pods.push(pod("blue", "db-2", "10.10.2.5", "n2", &[]));
             let (a, bad_a) = build(r.clone());
             shuffle(&mut r.vpcs, seed);
             shuffle(&mut r.members, seed);
             shuffle(&mut r.services, seed);
             shuffle(&mut r.endpoints, seed);
+            shuffle(&mut r.pods, seed);
             let (b, bad_b) = build(r);
             prop_assert_eq!(a, b);
             prop_assert_eq!(bad_a, bad_b);

@@ -266,6 +266,7 @@ fn plan_of(
                 e
             })
             .collect(),
+        pods: Vec::new(),
     };
     let nodes = BTreeMap::from([(node(), NodeId(1)), ("n2".parse().unwrap(), NodeId(2))]);
     let mesh = Mesh {

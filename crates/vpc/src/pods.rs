@@ -1,0 +1,217 @@
+//! What pods' labels decide: the endpoints of services with a selector, and the
+//! addresses an access policy's pod selectors admit.
+//!
+//! Kubernetes semantics: a service's selector picks the ready pods of its namespace
+//! whose labels include it; a service without a selector keeps the endpoints written
+//! by hand. Each node's agent publishes the selected pods on its own node (under its
+//! lease), so an endpoint leaves with its node. Access is the other way round: a
+//! policy's selector admits the VPC's pods in any namespace and on any node, and the
+//! client's node and the backend's node resolve it from the same snapshot, so both
+//! admit exactly the same pods.
+
+use std::net::IpAddr;
+
+use wiremesh_model::NodeName;
+
+use crate::snapshot::VpcState;
+use crate::{Endpoint, Label, LabelSelector};
+
+/// The endpoints `node`'s agent owns in this VPC: for every service with a selector,
+/// each pod on `node` in the service's namespace whose labels match it. Sorted by
+/// service, then address.
+pub fn selected_endpoints(state: &VpcState, node: &NodeName) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = state
+        .services
+        .values()
+        .map(|s| &s.service)
+        .filter(|s| !s.selector.0.is_empty())
+        .flat_map(|s| {
+            state
+                .pods
+                .values()
+                .filter(move |p| {
+                    p.node == *node && p.namespace == s.namespace && s.selector.matches(&p.labels)
+                })
+                .map(move |p| Endpoint {
+                    vpc: s.vpc.clone(),
+                    namespace: s.namespace.clone(),
+                    service: s.name.clone(),
+                    address: p.address,
+                    node: p.node.clone(),
+                    // A headless service's per-pod name, when the pod's name can be one.
+                    hostname: Label::parse("hostname", p.name.as_str()).ok(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                })
+        })
+        .collect();
+    endpoints.sort_by(|a, b| {
+        (&a.namespace, &a.service, a.address).cmp(&(&b.namespace, &b.service, b.address))
+    });
+    endpoints
+}
+
+/// The addresses of the VPC's pods (any node, any namespace) whose labels match
+/// `selector`, sorted: what an access policy's `allowed_pods` entry admits.
+pub fn matching_addresses(state: &VpcState, selector: &LabelSelector) -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = state
+        .pods
+        .values()
+        .filter(|p| selector.matches(&p.labels))
+        .map(|p| p.address)
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::{member, nodes, pod, prefix, vpc};
+    use crate::snapshot::{Mesh, Records};
+    use crate::{Service, ServiceRecord, VpcSnapshot};
+    use proptest::prelude::*;
+
+    fn service(name: &str, ns: &str, selector: serde_json::Value) -> Service {
+        serde_json::from_value::<ServiceRecord>(serde_json::json!({
+            "vpc": "blue", "namespace": ns, "name": name, "cluster_ip": "None",
+            "ports": [{"protocol": "TCP", "port": 80}], "selector": selector,
+        }))
+        .unwrap()
+        .try_into()
+        .unwrap()
+    }
+
+    fn state(services: Vec<Service>, pods: Vec<crate::Pod>) -> VpcState {
+        let records = Records {
+            vpcs: vec![vpc("blue", 7, "10.10.0.0/16", "10.96.0.0/24")],
+            members: vec![
+                member("blue", "n1", "10.10.1.0/24"),
+                member("blue", "n2", "10.10.2.0/24"),
+            ],
+            services,
+            pods,
+            ..Records::default()
+        };
+        let (mut snap, bads) = VpcSnapshot::build(
+            records,
+            Mesh {
+                prefix: prefix(),
+                nodes: &nodes(),
+            },
+        );
+        assert!(bads.is_empty(), "{bads:?}");
+        snap.vpcs.remove("blue").unwrap()
+    }
+
+    fn n(name: &str) -> NodeName {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn a_selector_picks_matching_pods_of_its_namespace_on_this_node() {
+        let s = state(
+            vec![
+                service("www", "web", serde_json::json!({"app": "web"})),
+                service("manual", "web", serde_json::json!({})),
+                service("other", "ops", serde_json::json!({"app": "web"})),
+            ],
+            vec![
+                pod(
+                    "blue",
+                    "web-0",
+                    "10.10.1.5",
+                    "n1",
+                    &[("app", "web"), ("v", "1")],
+                ),
+                pod("blue", "7f3a", "10.10.1.6", "n1", &[("app", "web")]),
+                pod("blue", "db-0", "10.10.1.7", "n1", &[("app", "db")]),
+                pod("blue", "web-1", "10.10.2.5", "n2", &[("app", "web")]),
+            ],
+        );
+        let got: Vec<(String, String, Option<String>)> = selected_endpoints(&s, &n("n1"))
+            .iter()
+            .map(|e| {
+                (
+                    e.service.to_string(),
+                    e.address.to_string(),
+                    e.hostname.as_ref().map(ToString::to_string),
+                )
+            })
+            .collect();
+        // The pods are in `web`: `ops/other` selects none; `manual` has no selector.
+        assert_eq!(
+            got,
+            [
+                ("www".into(), "10.10.1.5".into(), Some("web-0".into())),
+                ("www".into(), "10.10.1.6".into(), None),
+            ]
+        );
+        let e = &selected_endpoints(&s, &n("n2"))[0];
+        assert!(e.ready && e.serving && !e.terminating);
+        assert_eq!(e.node, n("n2"));
+    }
+
+    #[test]
+    fn access_selectors_match_pods_on_every_node() {
+        let s = state(
+            Vec::new(),
+            vec![
+                pod("blue", "api-0", "10.10.2.9", "n2", &[("role", "api")]),
+                pod(
+                    "blue",
+                    "api-1",
+                    "10.10.1.9",
+                    "n1",
+                    &[("role", "api"), ("x", "")],
+                ),
+                pod("blue", "web-0", "10.10.1.5", "n1", &[("role", "web")]),
+            ],
+        );
+        let sel = |k: &str, v: &str| LabelSelector([(k.to_owned(), v.to_owned())].into());
+        let addrs: Vec<String> = matching_addresses(&s, &sel("role", "api"))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addrs, ["10.10.1.9", "10.10.2.9"]);
+        assert!(matching_addresses(&s, &sel("role", "db")).is_empty());
+    }
+
+    proptest! {
+        /// Every selected endpoint is a pod on this node, of the service's namespace,
+        /// whose labels include the selector; and every such pod is selected.
+        #[test]
+        fn selection_is_exactly_the_matching_local_pods(
+            pods in proptest::collection::vec((0u8..2, 0u8..2, 0u8..3, 0u8..3), 0..12),
+        ) {
+            let labels = ["a", "b", "c"];
+            let pods: Vec<crate::Pod> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, (node, ns, app, tier))| {
+                    let mut p = pod(
+                        "blue",
+                        &format!("p{i}"),
+                        &format!("10.10.{}.{}", node + 1, i + 1),
+                        &format!("n{}", node + 1),
+                        &[("app", labels[usize::from(*app)]), ("tier", labels[usize::from(*tier)])],
+                    );
+                    p.namespace = Label::parse("namespace", ["web", "ops"][usize::from(*ns)]).unwrap();
+                    p
+                })
+                .collect();
+            let svc = service("s", "web", serde_json::json!({"app": "a", "tier": "b"}));
+            let s = state(vec![svc], pods.clone());
+            let got: Vec<IpAddr> = selected_endpoints(&s, &n("n1")).iter().map(|e| e.address).collect();
+            let mut want: Vec<IpAddr> = pods
+                .iter()
+                .filter(|p| p.node == n("n1") && p.namespace.as_str() == "web"
+                    && p.labels["app"] == "a" && p.labels["tier"] == "b")
+                .map(|p| p.address)
+                .collect();
+            want.sort();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
