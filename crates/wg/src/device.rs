@@ -74,6 +74,10 @@ struct Peer {
     /// wireguard-go so `wg show` transfer totals agree on both ends.
     rx_bytes: u64,
     tx_bytes: u64,
+    /// Persistent keepalive was turned on: one keepalive goes at the next tick even
+    /// if the same request turned it off again, as wireguard-go and the kernel send
+    /// it while applying the request (the agent's keepalive pulse relies on that).
+    keepalive_owed: bool,
 }
 
 type PeerRef = Arc<Mutex<Peer>>;
@@ -340,6 +344,7 @@ impl Device {
                 peer.endpoint = Some(e);
             }
             if let Some(k) = pc.persistent_keepalive_interval {
+                peer.keepalive_owed |= k > 0 && peer.tunn.persistent_keepalive().is_none();
                 peer.tunn.set_persistent_keepalive(Some(k));
             }
         }
@@ -402,6 +407,7 @@ impl Device {
             last_handshake: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            keepalive_owed: false,
         }))
     }
 
@@ -615,7 +621,15 @@ impl Device {
             let Some(dst) = peer.endpoint else {
                 continue;
             };
-            match peer.tunn.update_timers() {
+            let owed = std::mem::take(&mut peer.keepalive_owed);
+            let timers = match peer.tunn.update_timers() {
+                // An empty packet is a keepalive (or, with no session, a handshake).
+                Ok(None) if owed => Ok(peer
+                    .tunn
+                    .handle_outgoing_packet(Packet::from_bytes(BytesMut::new()), None)),
+                other => other,
+            };
+            match timers {
                 Ok(Some(p)) => {
                     self.register_index(&p, &entry.peer);
                     let p: Packet = p.into();
@@ -778,6 +792,54 @@ mod tests {
         let snap = a.dev.snapshot(SystemTime::now());
         assert!(snap.peers[0].last_handshake_time_sec > 0);
         assert!(snap.peers[0].rx_bytes > 0 && snap.peers[0].tx_bytes > 0);
+    }
+
+    #[test]
+    fn turning_keepalive_on_sends_one_at_once_even_if_turned_off_again() {
+        let (a, b) = pair();
+        handshake_via_first_packet(&a, &b, ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"x"));
+        let tick = |side: &Side| {
+            let mut out = Vec::new();
+            side.dev.tick(SystemTime::now(), &mut out);
+            network(out)
+        };
+        // A is quiet: nothing is due.
+        assert!(tick(&a).is_empty());
+        // On, then off, in one request (wireguard-go sends while applying the first).
+        let pulse = |k| {
+            let mut p = PeerConfig::new(b.key.public_key());
+            p.update_only = true;
+            p.persistent_keepalive_interval = Some(k);
+            p
+        };
+        a.dev.apply(&SetRequest {
+            peers: vec![pulse(1), pulse(0)],
+            ..Default::default()
+        });
+        let sent = tick(&a);
+        assert_eq!(sent.len(), 1, "one keepalive: {sent:?}");
+        assert_eq!(sent[0].0, B_ADDR.parse::<SocketAddr>().unwrap());
+        // B takes it as a keepalive from A (nothing for its TUN), and A owes no more.
+        let mut out = Vec::new();
+        b.dev
+            .handle_datagram(sent[0].1.clone(), A_ADDR.parse().unwrap(), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(
+            a.dev.snapshot(SystemTime::now()).peers[0].persistent_keepalive_interval,
+            0
+        );
+        assert!(tick(&a).is_empty());
+        // Setting an interval that is already on owes nothing extra.
+        a.dev.apply(&SetRequest {
+            peers: vec![pulse(25)],
+            ..Default::default()
+        });
+        assert_eq!(tick(&a).len(), 1);
+        a.dev.apply(&SetRequest {
+            peers: vec![pulse(25)],
+            ..Default::default()
+        });
+        assert!(tick(&a).is_empty());
     }
 
     #[test]
