@@ -163,6 +163,7 @@ pub fn run(
     };
     let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
     let prober = crate::prober::Prober::start().map_err(AgentError::Device)?;
+    let mut underlay = crate::underlay::UnderlayWatch::new(&config.interface);
     let mut dirty = true;
     let mut last_full = Instant::now();
     let mut last_status = Instant::now() - STATUS_EVERY;
@@ -201,6 +202,13 @@ pub fn run(
         }
         if let Err(e) = state.heartbeat(&me, config.lease_ttl) {
             tracing::warn!("heartbeat failed: {e}");
+        }
+        // This host's address moved: every peer hears from it at once (`underlay`).
+        if underlay.follow(&socket, &mut me) {
+            match state.membership.publish(&me) {
+                Ok(()) => dirty = true,
+                Err(e) => tracing::warn!("publishing the moved endpoint failed: {e}"),
+            }
         }
         let suspected = prober.suspected();
         if suspected != me.suspected_leaders {

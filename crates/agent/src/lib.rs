@@ -20,6 +20,7 @@ pub mod mtu;
 pub mod plan;
 pub mod prober;
 pub mod registry;
+pub mod underlay;
 pub mod vpc;
 
 pub use agent::{run, AgentConfig, AgentError};
