@@ -9,8 +9,9 @@
 //! - `vpcs/<vpc>/vpc`: a VPC; `vpcs/<vpc>/members/<node>`: a node's blocks of its pod
 //!   CIDRs, each claimed first at `vpcs/<vpc>/blocks/<cidr>` (compare-and-swap, like
 //!   `ipam/`); `vpcs/<vpc>/services/<ns>/<name>` and
-//!   `vpcs/<vpc>/endpoints/<ns>/<service>/<address>`. One prefix per VPC, so a VPC
-//!   is listed, watched and deleted as one.
+//!   `vpcs/<vpc>/endpoints/<ns>/<service>/<address>`; `vpcs/<vpc>/pods/<ns>/<name>`
+//!   (under the pod's node's lease, like the endpoints that node publishes). One
+//!   prefix per VPC, so a VPC is listed, watched and deleted as one.
 //!
 //! A record that fails to parse is reported with its key and the field, and left
 //! out of the snapshot: it never stops the rest of the mesh.
@@ -30,8 +31,8 @@ use wiremesh_topology::{ipam, Snapshot};
 use wiremesh_vpc::record::from_json;
 use wiremesh_vpc::snapshot::Records;
 use wiremesh_vpc::{
-    Endpoint, EndpointRecord, Label, Service, ServiceRecord, Vpc, VpcMember, VpcMemberRecord,
-    VpcRecord,
+    Endpoint, EndpointRecord, Label, Pod, PodName, PodRecord, Service, ServiceRecord, Vpc,
+    VpcMember, VpcMemberRecord, VpcRecord,
 };
 
 use crate::registry::{
@@ -282,6 +283,10 @@ impl Cluster {
         )
     }
 
+    fn pod_key(&self, vpc: &Label, namespace: &Label, name: &PodName) -> String {
+        self.vpc_key(vpc, &format!("pods/{namespace}/{name}"))
+    }
+
     /// Every VPC record under `vpcs/`; one whose key does not match its contents is bad
     /// (a record filed under another VPC's or service's key is not believed).
     pub fn vpc_records(&self) -> Result<(Records, Vec<BadRecord>), ClusterError> {
@@ -300,6 +305,7 @@ impl Cluster {
                         .map(VpcRecordKind::Service),
                     "endpoints" => from_json::<EndpointRecord, _>("endpoint", &kv.value)
                         .map(VpcRecordKind::Endpoint),
+                    "pods" => from_json::<PodRecord, _>("pod", &kv.value).map(VpcRecordKind::Pod),
                     "blocks" => continue,
                     other => Err(FieldError::new(
                         "key",
@@ -331,6 +337,7 @@ impl Cluster {
             VpcRecordKind::Member(m) => self.vpc_key(&m.vpc, &format!("members/{}", m.node)),
             VpcRecordKind::Service(s) => self.service_key(&ServiceId::from(s)),
             VpcRecordKind::Endpoint(e) => self.endpoint_key(&ServiceId::of(e), e.address),
+            VpcRecordKind::Pod(p) => self.pod_key(&p.vpc, &p.namespace, &p.name),
         }
     }
 
@@ -469,6 +476,26 @@ impl Cluster {
         Ok(self.store.delete(&self.endpoint_key(id, address))?)
     }
 
+    /// Under `lease` if given: the pod's node's.
+    pub fn put_pod(&self, pod: &Pod, lease: Option<LeaseId>) -> Result<(), ClusterError> {
+        let json = serde_json::to_vec_pretty(&PodRecord::from(pod)).expect("records serialize");
+        self.store.put(
+            &self.pod_key(&pod.vpc, &pod.namespace, &pod.name),
+            &json,
+            lease,
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_pod(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &PodName,
+    ) -> Result<bool, ClusterError> {
+        Ok(self.store.delete(&self.pod_key(vpc, namespace, name))?)
+    }
+
     /// What a write to `key` changed; `None` for keys no reader follows (`ipam/*`).
     fn change_of(&self, key: &str) -> Option<Change> {
         let rest = key.strip_prefix(&self.prefix())?;
@@ -576,6 +603,15 @@ impl Registry for Cluster {
     fn delete_endpoint(&self, id: &ServiceId, address: IpAddr) -> Result<bool, RegistryError> {
         Ok(Cluster::delete_endpoint(self, id, address)?)
     }
+
+    fn delete_pod(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &PodName,
+    ) -> Result<bool, RegistryError> {
+        Ok(Cluster::delete_pod(self, vpc, namespace, name)?)
+    }
 }
 
 /// One parsed record of `vpcs/`.
@@ -584,6 +620,7 @@ enum VpcRecordKind {
     Member(VpcMember),
     Service(Service),
     Endpoint(Endpoint),
+    Pod(Pod),
 }
 
 impl VpcRecordKind {
@@ -593,6 +630,7 @@ impl VpcRecordKind {
             VpcRecordKind::Member(m) => records.members.push(m),
             VpcRecordKind::Service(s) => records.services.push(s),
             VpcRecordKind::Endpoint(e) => records.endpoints.push(e),
+            VpcRecordKind::Pod(p) => records.pods.push(p),
         }
     }
 }
@@ -628,6 +666,10 @@ impl Membership for StoreMembership {
 
     fn publish_endpoint(&mut self, endpoint: &Endpoint) -> Result<(), RegistryError> {
         Ok(self.cluster.put_endpoint(endpoint, Some(self.lease))?)
+    }
+
+    fn publish_pod(&mut self, pod: &Pod) -> Result<(), RegistryError> {
+        Ok(self.cluster.put_pod(pod, Some(self.lease))?)
     }
 
     fn leave(self: Box<Self>) -> Result<(), RegistryError> {
@@ -723,6 +765,30 @@ mod tests {
         assert_eq!(records.members, [m2]);
         assert!(c.delete_vpc(&blue.name).unwrap());
         assert!(c.store.list(&c.key("vpcs/")).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn pods_are_filed_by_namespace_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(&dir);
+        let pod: Pod = serde_json::from_value::<PodRecord>(serde_json::json!({
+            "vpc": "blue", "namespace": "web", "name": "web-0", "address": "10.10.0.5",
+            "node": "n1", "labels": {"app": "web"},
+        }))
+        .unwrap()
+        .try_into()
+        .unwrap();
+        c.put_pod(&pod, None).unwrap();
+        assert!(c
+            .store
+            .get(&c.key("vpcs/blue/pods/web/web-0"))
+            .unwrap()
+            .is_some());
+        let (records, bad) = c.vpc_records().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(records.pods, std::slice::from_ref(&pod));
+        assert!(c.delete_pod(&pod.vpc, &pod.namespace, &pod.name).unwrap());
+        assert!(c.vpc_records().unwrap().0.pods.is_empty());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName, 
 use wiremesh_registry::StoreError;
 use wiremesh_topology::{ipam, Snapshot};
 use wiremesh_vpc::snapshot::Records;
-use wiremesh_vpc::{Endpoint, Label, Service, Vpc, VpcMember};
+use wiremesh_vpc::{Endpoint, Label, Pod, PodName, Service, Vpc, VpcMember};
 
 use crate::cluster::ClusterError;
 
@@ -66,7 +66,7 @@ pub trait Registry: Send + Sync {
     // VPCs and services. Backends without VPC records (Kubernetes, for now) keep
     // these defaults, which say so.
 
-    /// Every VPC, member, service and endpoint record that parses, and those that
+    /// Every VPC, member, service, endpoint and pod record that parses, and those that
     /// do not (checking them against each other is `VpcSnapshot::build`'s).
     fn vpc_records(&self) -> Result<(Records, Vec<BadRecord>), RegistryError> {
         Err(RegistryError::NoVpcs)
@@ -110,6 +110,17 @@ pub trait Registry: Send + Sync {
 
     /// Removes an endpoint; `false` if there was none.
     fn delete_endpoint(&self, _id: &ServiceId, _address: IpAddr) -> Result<bool, RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Removes a pod of `vpc` (its node's agent, once the pod is gone); `false` if
+    /// there was none.
+    fn delete_pod(
+        &self,
+        _vpc: &Label,
+        _namespace: &Label,
+        _name: &PodName,
+    ) -> Result<bool, RegistryError> {
         Err(RegistryError::NoVpcs)
     }
 }
@@ -184,6 +195,12 @@ pub trait Membership: Send {
     /// Publishes an endpoint on this node under the node's liveness, so it goes
     /// (and every VIP stops choosing it) when the node does.
     fn publish_endpoint(&mut self, _endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Err(RegistryError::NoVpcs)
+    }
+
+    /// Publishes a pod on this node (its address and labels) under the node's
+    /// liveness, so label selectors stop matching it when the node goes.
+    fn publish_pod(&mut self, _pod: &Pod) -> Result<(), RegistryError> {
         Err(RegistryError::NoVpcs)
     }
 

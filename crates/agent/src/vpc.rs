@@ -33,7 +33,9 @@ use wiremesh_uapi::{VpcPlane, VpcsRequest};
 use wiremesh_vpc::nft::{self, ServicesPlan};
 use wiremesh_vpc::snapshot::{Mesh, VpcState};
 use wiremesh_vpc::wire::MeshPrefix;
-use wiremesh_vpc::{dns_cluster_ip, Endpoint, Label, NodeId, VpcSnapshot};
+use wiremesh_vpc::{
+    dns_cluster_ip, pods, Endpoint, Label, LocalPodRecord, NodeId, Pod, PodName, VpcSnapshot,
+};
 
 use crate::registry::{Membership, Registry, RegistryError, ServiceId};
 use crate::{AgentConfig, AgentError};
@@ -42,6 +44,9 @@ use crate::{AgentConfig, AgentError};
 pub const VPCS_DIR: &str = "vpcs";
 /// Inside a VPC's directory: what the CNI plugin needs, written by the agent.
 pub const LOCAL_VPC_FILE: &str = "vpc.json";
+/// Inside a VPC's directory: one `<container id>.json` per pod, written by the
+/// plugin ([`LocalPodRecord`]): the pods this agent publishes, with their labels.
+pub const PODS_DIR: &str = "pods";
 /// The data plane's TUN device in every VPC namespace.
 pub const TUN: &str = "wm-vpc";
 /// The agent's default WireGuard interface: its VPC namespaces carry no suffix.
@@ -93,6 +98,10 @@ pub struct VpcHost {
     wanted: BTreeSet<Label>,
     /// Endpoints on this node as last published under its lease.
     adopted: BTreeMap<(ServiceId, IpAddr), Endpoint>,
+    /// The pod files the state directory held at the last reconcile.
+    pod_files: BTreeSet<PathBuf>,
+    /// Pods on this node as last published under its lease.
+    published_pods: BTreeMap<PodKey, Pod>,
 }
 
 impl VpcHost {
@@ -108,13 +117,16 @@ impl VpcHost {
             warned: false,
             wanted: BTreeSet::new(),
             adopted: BTreeMap::new(),
+            pod_files: BTreeSet::new(),
+            published_pods: BTreeMap::new(),
         }
     }
 
-    /// Whether the CNI plugin asked for a VPC, or gave one up, since the last
-    /// reconcile: one directory listing, cheap enough for every tick.
+    /// Whether the CNI plugin asked for a VPC, gave one up, added or deleted a pod
+    /// since the last reconcile: directory listings, cheap enough for every tick.
     pub fn local_pods_changed(&self) -> bool {
         wanted_vpcs(&self.state_dir) != self.wanted
+            || pod_files(&self.state_dir, &self.wanted) != self.pod_files
     }
 
     /// Brings this node's VPCs in line with the registry and the state directory.
@@ -181,7 +193,16 @@ impl VpcHost {
             .members
             .retain(|m| !(&m.node == me && stale.contains(&m.vpc)));
 
-        self.adopt_endpoints(&records.endpoints, membership)?;
+        let hosted: BTreeSet<Label> = records
+            .members
+            .iter()
+            .filter(|m| &m.node == me)
+            .map(|m| m.vpc.clone())
+            .collect();
+        self.pod_files = pod_files(state_dir, &wanted);
+        let local_pods = local_pods(&self.pod_files, &hosted, me);
+        self.publish_pods(local_pods, &mut records.pods, registry, membership)?;
+        let endpoints = records.endpoints.clone();
         let node_ids = node_ids(settings, snapshot);
         let (vpcs, bad) = VpcSnapshot::build(
             records,
@@ -193,6 +214,7 @@ impl VpcHost {
         for b in &bad {
             tracing::warn!(record = %b.record, "ignoring a VPC record: {}", b.error);
         }
+        self.publish_endpoints(&endpoints, &vpcs, registry, membership)?;
         let Some(&local_id) = node_ids.get(me) else {
             tracing::warn!("this node's pod CIDR gives it no node id: it hosts no VPC");
             return Ok(());
@@ -236,25 +258,85 @@ impl VpcHost {
         Ok(())
     }
 
-    /// Endpoints on this node live under its lease (whoever wrote them): when the
-    /// node dies they expire, and every VIP stops choosing them. Each is written
-    /// once per change, so its own write does not start another reconcile loop.
-    fn adopt_endpoints(
+    /// This node's pods, from the plugin's files, published under its lease (once
+    /// per change); its pods the registry still holds but the files no longer do are
+    /// deleted. `pods` (the registry's) then holds the files' version of this node's.
+    fn publish_pods(
         &mut self,
-        endpoints: &[Endpoint],
+        local: Vec<Pod>,
+        pods: &mut Vec<Pod>,
+        registry: &dyn Registry,
         membership: &mut dyn Membership,
     ) -> Result<(), AgentError> {
-        let mine: BTreeMap<(ServiceId, IpAddr), &Endpoint> = endpoints
+        let listed: BTreeMap<PodKey, &Pod> = pods
+            .iter()
+            .filter(|p| p.node == self.me)
+            .map(|p| (pod_key(p), p))
+            .collect();
+        self.published_pods
+            .retain(|k, p| listed.get(k).is_some_and(|l| *l == p));
+        let local: BTreeMap<PodKey, Pod> = local.into_iter().map(|p| (pod_key(&p), p)).collect();
+        for (key, pod) in &local {
+            if self.published_pods.get(key) != Some(pod) {
+                membership.publish_pod(pod)?;
+                self.published_pods.insert(key.clone(), pod.clone());
+            }
+        }
+        for (vpc, namespace, name) in listed.keys().filter(|k| !local.contains_key(*k)) {
+            registry.delete_pod(vpc, namespace, name)?;
+            tracing::info!(%vpc, %namespace, pod = %name, "a pod left this node");
+        }
+        pods.retain(|p| p.node != self.me);
+        pods.extend(local.into_values());
+        Ok(())
+    }
+
+    /// Endpoints on this node live under its lease: when the node dies they expire,
+    /// and every VIP stops choosing them. A service with a selector gets exactly its
+    /// matching pods here ([`pods::selected_endpoints`]), and loses the rest; one
+    /// without keeps the endpoints written by hand (whoever wrote them). Each is
+    /// written once per change, so its own write does not start another reconcile loop.
+    fn publish_endpoints(
+        &mut self,
+        endpoints: &[Endpoint],
+        vpcs: &VpcSnapshot,
+        registry: &dyn Registry,
+        membership: &mut dyn Membership,
+    ) -> Result<(), AgentError> {
+        let selecting = |id: &ServiceId| {
+            vpcs.vpcs.get(&id.vpc).is_some_and(|v| {
+                v.services
+                    .get(&(id.namespace.clone(), id.name.clone()))
+                    .is_some_and(|s| !s.service.selector.0.is_empty())
+            })
+        };
+        let listed: BTreeMap<(ServiceId, IpAddr), &Endpoint> = endpoints
             .iter()
             .filter(|e| e.node == self.me)
             .map(|e| ((ServiceId::of(e), e.address), e))
             .collect();
-        self.adopted.retain(|k, _| mine.contains_key(k));
-        for (key, endpoint) in mine {
-            if self.adopted.get(&key) != Some(endpoint) {
+        let mut wanted: BTreeMap<(ServiceId, IpAddr), Endpoint> = listed
+            .iter()
+            .filter(|((id, _), _)| !selecting(id))
+            .map(|(k, e)| (k.clone(), (*e).clone()))
+            .collect();
+        wanted.extend(
+            vpcs.vpcs
+                .values()
+                .flat_map(|state| pods::selected_endpoints(state, &self.me))
+                .map(|e| ((ServiceId::of(&e), e.address), e)),
+        );
+        self.adopted
+            .retain(|k, e| listed.get(k).is_some_and(|l| *l == e));
+        for (key, endpoint) in &wanted {
+            if self.adopted.get(key) != Some(endpoint) {
                 membership.publish_endpoint(endpoint)?;
-                self.adopted.insert(key, endpoint.clone());
+                self.adopted.insert(key.clone(), endpoint.clone());
             }
+        }
+        for (id, address) in listed.keys().filter(|k| !wanted.contains_key(*k)) {
+            registry.delete_endpoint(id, *address)?;
+            tracing::info!(service = %id, %address, "no pod here matches the service's selector now");
         }
         Ok(())
     }
@@ -292,9 +374,9 @@ impl VpcHost {
     /// One `nft -f` transaction when the plan changed; UDP flows of removed
     /// endpoints flushed after it.
     fn services(&mut self, state: &VpcState, me: &NodeName, ns: &str) -> Result<(), HostError> {
-        // Access by pod labels needs the pods' labels, which the agent does not have
-        // yet: such rules admit no pod (CIDR rules apply).
-        let plan = nft::plan(state, me, &|_| Vec::new());
+        let plan = nft::plan(state, me, &|selector| {
+            pods::matching_addresses(state, selector)
+        });
         let previous = self.rulesets.get(ns);
         if previous == Some(&plan) {
             return Ok(());
@@ -360,6 +442,51 @@ fn wanted_vpcs(state_dir: &Path) -> BTreeSet<Label> {
             Err(e) => {
                 tracing::debug!("state directory: vpcs/{name} is no VPC name: {e}");
                 None
+            }
+        })
+        .collect()
+}
+
+/// A pod's place in the registry: VPC, namespace, name.
+type PodKey = (Label, Label, PodName);
+
+fn pod_key(pod: &Pod) -> PodKey {
+    (pod.vpc.clone(), pod.namespace.clone(), pod.name.clone())
+}
+
+/// The plugin's pod files of the wanted VPCs: `vpcs/<vpc>/pods/*.json`.
+fn pod_files(state_dir: &Path, vpcs: &BTreeSet<Label>) -> BTreeSet<PathBuf> {
+    vpcs.iter()
+        .map(|vpc| state_dir.join(VPCS_DIR).join(vpc.as_str()).join(PODS_DIR))
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect()
+}
+
+/// The pods of `files` in the VPCs this node hosts; a file that does not parse is
+/// logged with its path and field, and left out.
+fn local_pods(files: &BTreeSet<PathBuf>, hosted: &BTreeSet<Label>, me: &NodeName) -> Vec<Pod> {
+    files
+        .iter()
+        .filter_map(|path| {
+            // `<state>/vpcs/<vpc>/pods/<file>`: the VPC is two levels up.
+            let vpc = path.parent()?.parent()?.file_name()?.to_str()?;
+            let vpc = hosted.get(vpc)?;
+            let parsed = std::fs::read(path)
+                .map_err(|e| wiremesh_model::FieldError::new("file", e))
+                .and_then(|bytes| {
+                    serde_json::from_slice::<LocalPodRecord>(&bytes).map_err(|e| {
+                        wiremesh_model::FieldError::new("pod", format!("malformed: {e}"))
+                    })
+                })
+                .and_then(|r| r.into_pod(vpc, me));
+            match parsed {
+                Ok(pod) => Some(pod),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "ignoring a pod file: {e}");
+                    None
+                }
             }
         })
         .collect()

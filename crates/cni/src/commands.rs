@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use wiremesh_host::{pod, run};
 use wiremesh_vpc::dns::search_path;
 use wiremesh_vpc::record::DnsZone;
-use wiremesh_vpc::Label;
+use wiremesh_vpc::{Label, LocalPodRecord, PodName};
 
 use crate::config::{self, Attachment, NetConf, FALLBACK_MTU};
 use crate::error::CniError;
@@ -49,7 +49,10 @@ pub fn run_command(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Option
         }
     };
     match req.command {
-        Command::Add => add(&conf, &req, pod_namespace(env)).map(Some),
+        Command::Add => {
+            let pod = pod_id(env, req.container_id()?);
+            add(&conf, &req, &pod).map(Some)
+        }
         Command::Del => del(&conf, &req).map(|()| None),
         Command::Check => {
             needs(Version::CHECK, "CHECK")?;
@@ -76,6 +79,9 @@ fn version_info() -> Value {
 /// `wiremesh_agent::vpc`).
 pub const VPCS_DIR: &str = "vpcs";
 pub const LOCAL_VPC_FILE: &str = "vpc.json";
+/// Inside a VPC's directory: one `<container id>.json` ([`LocalPodRecord`]) per pod
+/// this plugin added, which the agent publishes with the pod's labels.
+pub const PODS_DIR: &str = "pods";
 /// How long ADD waits for the agent to set up a VPC new to this node.
 const VPC_WAIT: Duration = Duration::from_secs(10);
 
@@ -88,15 +94,47 @@ struct Placement {
     dns: Option<(IpAddr, DnsZone)>,
 }
 
-/// The pod's Kubernetes namespace from `CNI_ARGS` (`K8S_POD_NAMESPACE=...`), for the
-/// DNS search path; `default` without one.
-fn pod_namespace(env: &HashMap<String, String>) -> Label {
-    env.get("CNI_ARGS")
-        .into_iter()
-        .flat_map(|a| a.split(';'))
-        .find_map(|kv| kv.strip_prefix("K8S_POD_NAMESPACE="))
+/// Who the pod is, for the DNS search path and the agent's pod record.
+struct PodId {
+    namespace: Label,
+    name: PodName,
+}
+
+/// One `KEY=value` of `CNI_ARGS`.
+fn cni_arg<'a>(env: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
+    env.get("CNI_ARGS")?
+        .split(';')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The pod's namespace and name from `CNI_ARGS` (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
+/// as Kubernetes runtimes pass them); without them, `default` and a name made from
+/// the container id.
+fn pod_id(env: &HashMap<String, String>, container_id: &str) -> PodId {
+    let namespace = cni_arg(env, "K8S_POD_NAMESPACE")
         .and_then(|ns| Label::parse("K8S_POD_NAMESPACE", ns).ok())
-        .unwrap_or_else(|| Label::parse("namespace", "default").expect("a label"))
+        .unwrap_or_else(|| Label::parse("namespace", "default").expect("a label"));
+    let name = cni_arg(env, "K8S_POD_NAME")
+        .and_then(|n| PodName::parse("K8S_POD_NAME", n).ok())
+        .unwrap_or_else(|| container_pod_name(container_id));
+    PodId { namespace, name }
+}
+
+/// A DNS label from a container id (letters, digits, `_`, `.`, `-`): `pod-` and the
+/// id, lowercased, other characters as `-`, cut to 63 characters.
+fn container_pod_name(container_id: &str) -> PodName {
+    let mut name: String = "pod-"
+        .chars()
+        .chain(container_id.chars().map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        }))
+        .take(63)
+        .collect();
+    while name.ends_with('-') {
+        name.pop();
+    }
+    PodName::parse("name", &name).expect("letters, digits and inner '-'")
 }
 
 fn placement(conf: &NetConf, wait: bool) -> Result<Placement, CniError> {
@@ -257,7 +295,7 @@ fn ip_on_node(node_netns: Option<&str>, args: &[&str]) -> Result<String, CniErro
     Ok(run(&full)?)
 }
 
-fn add(conf: &NetConf, req: &Request, namespace: Label) -> Result<Value, CniError> {
+fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
     let netns = existing_netns(req, |reason| CniError::InvalidEnv {
         var: "CNI_NETNS",
         reason,
@@ -293,12 +331,26 @@ fn add(conf: &NetConf, req: &Request, namespace: Label) -> Result<Value, CniErro
         pod_ip: address,
         mtu,
     };
-    if let Err(e) = pod::attach(&link) {
+    let plugged = pod::attach(&link).map_err(CniError::from).and_then(|()| {
+        let Some(vpc) = &conf.vpc else {
+            return Ok(());
+        };
+        let record = LocalPodRecord {
+            namespace: pod.namespace.to_string(),
+            name: pod.name.to_string(),
+            address: address.to_string(),
+            labels: conf.labels.clone(),
+        };
+        write_pod_file(&pod_file(conf, vpc, &who.container_id), &record).inspect_err(|_| {
+            let _ = pod::detach(node_ns, &host_if);
+        })
+    });
+    if let Err(e) = plugged {
         // Give the address back, so a failed ADD leaks nothing.
         if let Ok(store) = Store::open(&conf.data_dir, &conf.name) {
             let _ = store.release(address);
         }
-        return Err(e.into());
+        return Err(e);
     }
     // MACs are informational; a failed read must not fail a working ADD.
     let host_facts = ip_on_node(node_ns, &["-json", "link", "show", "dev", &host_if])
@@ -327,7 +379,7 @@ fn add(conf: &NetConf, req: &Request, namespace: Label) -> Result<Value, CniErro
         gateway: pod::POD_GATEWAY,
         dns: place.dns.map(|(nameserver, zone)| Dns {
             nameservers: vec![nameserver],
-            search: search_path(&namespace, &zone).to_vec(),
+            search: search_path(&pod.namespace, &zone).to_vec(),
             options: vec!["ndots:5".into()],
         }),
     };
@@ -336,6 +388,26 @@ fn add(conf: &NetConf, req: &Request, namespace: Label) -> Result<Value, CniErro
         conf.cni_version,
         conf.prev_result.as_ref(),
     ))
+}
+
+/// `<stateDir>/vpcs/<vpc>/pods/<container id>.json`: the agent's view of the pod.
+fn pod_file(conf: &NetConf, vpc: &Label, container_id: &str) -> std::path::PathBuf {
+    conf.state_dir
+        .join(VPCS_DIR)
+        .join(vpc.as_str())
+        .join(PODS_DIR)
+        .join(format!("{container_id}.json"))
+}
+
+/// Atomically: the agent may read it at any moment.
+fn write_pod_file(path: &Path, record: &LocalPodRecord) -> Result<(), CniError> {
+    let json = serde_json::to_vec_pretty(record).expect("serializes");
+    let tmp = path.with_extension("tmp");
+    path.parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, &json))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| CniError::io(format!("writing {}", path.display()), e))
 }
 
 /// Remove the link, then free the address; both steps tolerate "already gone".
@@ -358,6 +430,13 @@ fn del(conf: &NetConf, req: &Request) -> Result<(), CniError> {
     }
     // The VPC's last pod on this node: tell the agent, which removes the namespace.
     if let Some(vpc) = &conf.vpc {
+        let file = pod_file(conf, vpc, &who.container_id);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(CniError::io(format!("removing {}", file.display()), e))
+            }
+            _ => {}
+        }
         if store.allocations()?.is_empty() {
             let dir = conf.state_dir.join(VPCS_DIR).join(vpc.as_str());
             match std::fs::remove_dir_all(&dir) {
@@ -462,4 +541,33 @@ pub fn error_version(stdin: &[u8]) -> Version {
     config::peek_version(stdin)
         .filter(|v| Version::SUPPORTED.contains(v))
         .unwrap_or(Version::LATEST)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_is_named_from_cni_args_else_from_its_container() {
+        let env = |args: &str| HashMap::from([("CNI_ARGS".to_owned(), args.to_owned())]);
+        let k8s = pod_id(
+            &env("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-7f9c.a"),
+            "c1",
+        );
+        assert_eq!(
+            (k8s.namespace.as_str(), k8s.name.as_str()),
+            ("shop", "web-7f9c.a")
+        );
+        let bare = pod_id(&HashMap::new(), "0A1b_2.3-");
+        assert_eq!(
+            (bare.namespace.as_str(), bare.name.as_str()),
+            ("default", "pod-0a1b-2-3")
+        );
+        let bad = pod_id(&env("K8S_POD_NAMESPACE=Shop;K8S_POD_NAME=Web"), "c1");
+        assert_eq!(
+            (bad.namespace.as_str(), bad.name.as_str()),
+            ("default", "pod-c1")
+        );
+        assert_eq!(container_pod_name(&"f".repeat(64)).as_str().len(), 63);
+    }
 }

@@ -7,6 +7,7 @@
 //! own address management, and silently ignoring an IPAM section would hand out
 //! addresses the user did not ask for.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -57,6 +58,9 @@ pub struct NetConf {
     /// goes into the VPC's namespace on the node, its address comes from the node's
     /// block of the VPC, its DNS is the VPC's. `None`: the node's own pod network.
     pub vpc: Option<Label>,
+    /// The pod's labels (a VPC network publishes them for services' selectors and
+    /// access policies): `args.cni.labels`, then `runtimeConfig.labels` on top.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Only the version, for error replies when the rest does not parse.
@@ -149,6 +153,50 @@ fn parse_attachments(value: &Value) -> Result<Vec<Attachment>, CniError> {
         .collect()
 }
 
+/// Labels in the CNI conventions' form, `[{"key": .., "value": ..}]`, at `path`
+/// (absent: none); later entries win over earlier ones.
+fn parse_label_list(
+    value: Option<&Value>,
+    path: &str,
+    labels: &mut BTreeMap<String, String>,
+) -> Result<(), CniError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let list = value
+        .as_array()
+        .ok_or_else(|| CniError::config(path, "must be a list of {\"key\", \"value\"}"))?;
+    for (i, entry) in list.iter().enumerate() {
+        let text = |key: &str| {
+            entry
+                .get(key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| CniError::config(format!("{path}[{i}].{key}"), "must be a string"))
+        };
+        labels.insert(text("key")?.to_owned(), text("value")?.to_owned());
+    }
+    Ok(())
+}
+
+/// The pod's labels from `args.cni.labels` and `runtimeConfig.labels`, each checked
+/// as Kubernetes checks labels (the error names the key).
+fn parse_labels(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, CniError> {
+    let mut labels = BTreeMap::new();
+    let args = obj.get("args").and_then(|a| a.get("cni"));
+    parse_label_list(
+        args.and_then(|c| c.get("labels")),
+        "args.cni.labels",
+        &mut labels,
+    )?;
+    let runtime = obj.get("runtimeConfig");
+    parse_label_list(
+        runtime.and_then(|r| r.get("labels")),
+        "runtimeConfig.labels",
+        &mut labels,
+    )?;
+    wiremesh_vpc::parse_labels("labels", &labels).map_err(|e| CniError::config(e.field, e.reason))
+}
+
 pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
     let value: Value = serde_json::from_slice(stdin).map_err(|e| CniError::Decode {
         what: "network config",
@@ -230,6 +278,7 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
             "a VPC network takes its addresses from the node's block of the VPC; remove podCidr",
         ));
     }
+    let labels = parse_labels(&obj)?;
     let valid_attachments = obj
         .get(VALID_ATTACHMENTS)
         .map(parse_attachments)
@@ -245,6 +294,7 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         prev_result,
         valid_attachments,
         vpc,
+        labels,
     })
 }
 
@@ -282,6 +332,33 @@ mod tests {
         assert_eq!(c.interface, "wiremesh0");
         assert_eq!(c.prev_result, None);
         assert_eq!(c.valid_attachments, None);
+    }
+
+    #[test]
+    fn labels_come_from_args_then_runtime_config() {
+        let c = parse_str(
+            r#"{"cniVersion":"1.1.0","name":"blue","type":"wiremesh-cni","vpc":"blue",
+                "args":{"cni":{"labels":[{"key":"app","value":"web"},{"key":"tier","value":"a"}]}},
+                "runtimeConfig":{"labels":[{"key":"tier","value":"b"}]}}"#,
+        )
+        .unwrap();
+        let want: BTreeMap<String, String> = [("app", "web"), ("tier", "b")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
+        assert_eq!(c.labels, want);
+        assert!(parse_str(MINIMAL).unwrap().labels.is_empty());
+        let err = |labels: &str| {
+            let conf = format!(
+                r#"{{"cniVersion":"1.1.0","name":"b","type":"wiremesh-cni","args":{{"cni":{{"labels":{labels}}}}}}}"#
+            );
+            let e = parse_str(&conf).unwrap_err();
+            assert_eq!(e.code(), 7, "{e}");
+            e.to_string()
+        };
+        assert!(err(r#"[{"key":"app","value":"-web"}]"#).contains("`labels.app`"));
+        assert!(err(r#"[{"key":"a b","value":"x"}]"#).contains("`labels.a b`"));
+        assert!(err(r#"[{"key":"app"}]"#).contains("`args.cni.labels[0].value`"));
+        assert!(err(r#"{"app":"web"}"#).contains("`args.cni.labels`"));
     }
 
     #[test]
