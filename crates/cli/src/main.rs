@@ -10,6 +10,7 @@ mod peers;
 mod status;
 mod ui;
 mod vpc_cmd;
+mod vpc_pod;
 
 use std::path::PathBuf;
 

@@ -8,6 +8,7 @@
 //! and an audit of the underlay proving it carried nothing but WireGuard UDP.
 
 mod testbed;
+mod vpc_act;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -95,6 +96,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "checking every container reaches every other (ICMP echo and TCP)",
     );
     let failures = reachability(&bed)?;
+    let act2 = vpc_act::run(&args.workdir)?;
     println!();
     println!(
         "{}",
@@ -132,11 +134,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "\nconverged and checked in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    let ok = failures == 0 && audit.other == 0;
+    let ok = failures == 0 && audit.other == 0 && act2.failures.is_empty();
     if args.check {
         drop(bed);
         if !ok {
-            bail!("{failures} container pairs could not talk, {} non-WireGuard packets on the underlay", audit.other);
+            bail!("{failures} container pairs could not talk, {} non-WireGuard packets on the underlay, {} VPC checks failed", audit.other, act2.failures.len());
         }
         println!("demo check passed");
         return Ok(());

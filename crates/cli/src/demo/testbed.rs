@@ -138,7 +138,17 @@ impl Testbed {
                     &EDGE_GATEWAY.to_string(),
                 ])?;
             }
-            netns::enter(&ns, || route::sysctl("net/ipv6/conf/all/disable_ipv6", "1"))??;
+            // No IPv6 on the underlay links (the audit counts IPv4); the WireGuard
+            // interface keeps it, for the mesh ULA routes of act 2's VPCs.
+            let links: &[&str] = if node.wan_ip.is_some() {
+                &["lan0", "wan0"]
+            } else {
+                &["lan0"]
+            };
+            for link in links {
+                let key = format!("net/ipv6/conf/{link}/disable_ipv6");
+                netns::enter(&ns, move || route::sysctl(&key, "1"))??;
+            }
             // Count what the node puts on its underlay links, before any agent runs.
             netns::enter(&ns, || nft::apply(&audit_ruleset()))??;
         }
@@ -164,6 +174,8 @@ impl Testbed {
         let settings = ClusterSettings {
             granularity: Granularity::Location,
             port: PORT,
+            // As `wiremesh init` does: the VPCs of the demo's second act need one.
+            mesh_ula: Some(crate::vpc_cmd::random_mesh_ula()?),
             ..ClusterSettings::default()
         };
         cluster.init(&settings)?;
@@ -358,5 +370,6 @@ pub fn down(workdir: &Path) {
     for node in &NODES {
         let _ = fs::remove_file(wiremesh_host::uapi_client::socket_path(&node_ns(node.name)));
     }
+    crate::vpc_pod::forget_vpc_names(PREFIX);
     let _ = fs::remove_dir_all(workdir);
 }
