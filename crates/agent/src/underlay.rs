@@ -23,6 +23,9 @@ use wiremesh_uapi::{DeviceSnapshot, PeerConfig, SetRequest};
 
 /// How often the host's addresses are read.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// Keepalive pulses after a change, one a poll: a keepalive is one datagram, and
+/// one lost must not cost the peers a handshake timeout.
+const PULSES: u8 = 3;
 
 /// One address of the host, on its interface.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -121,11 +124,25 @@ fn read_addresses() -> Result<Vec<HostAddress>, HostError> {
         .collect())
 }
 
+/// Has the device at `socket` send every peer a keepalive.
+fn pulse(socket: &Path) {
+    match uapi_client::get(socket).map(|d| keepalive_pulse(&d)) {
+        Ok(Some(request)) => {
+            if let Err(e) = uapi_client::set(socket, &request) {
+                tracing::warn!("sending keepalives after an address change: {e}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("reading the device after an address change: {e}"),
+    }
+}
+
 /// The agent's watch on this host's underlay addresses.
 pub struct UnderlayWatch {
     wireguard_interface: String,
     addresses: Option<Vec<HostAddress>>,
     last_poll: Option<Instant>,
+    pulses_left: u8,
 }
 
 impl UnderlayWatch {
@@ -134,12 +151,14 @@ impl UnderlayWatch {
             wireguard_interface: wireguard_interface.to_owned(),
             addresses: None,
             last_poll: None,
+            pulses_left: 0,
         }
     }
 
     /// At most once a second: if the host's addresses changed since the last look,
-    /// sends every peer a keepalive through the device at `socket` and moves `me`'s
-    /// endpoints that followed an address. True when `me` changed (publish it).
+    /// sends every peer a keepalive through the device at `socket` (on this poll and
+    /// the next two) and moves `me`'s endpoints that followed an address. True when
+    /// `me` changed (publish it).
     pub fn follow(&mut self, socket: &Path, me: &mut Node) -> bool {
         if self.last_poll.is_some_and(|t| t.elapsed() < POLL_EVERY) {
             return false;
@@ -155,19 +174,16 @@ impl UnderlayWatch {
         let Some(before) = self.addresses.replace(now.clone()) else {
             return false;
         };
+        if before != now {
+            tracing::info!(?before, after = ?now, "the host's underlay addresses changed: telling every peer");
+            self.pulses_left = PULSES;
+        }
+        if self.pulses_left > 0 {
+            self.pulses_left -= 1;
+            pulse(socket);
+        }
         if before == now {
             return false;
-        }
-        tracing::info!(?before, after = ?now, "the host's underlay addresses changed: telling every peer");
-        let pulse = uapi_client::get(socket).map(|d| keepalive_pulse(&d));
-        match pulse {
-            Ok(Some(request)) => {
-                if let Err(e) = uapi_client::set(socket, &request) {
-                    tracing::warn!("sending keepalives after an address change: {e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("reading the device after an address change: {e}"),
         }
         let mut changed = false;
         for endpoint in [&mut me.public_endpoint, &mut me.private_endpoint]
