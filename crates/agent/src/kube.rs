@@ -8,19 +8,27 @@
 //! annotation on that Lease. Two Nodes given overlapping pod CIDRs are reported and
 //! one is left out, as two clashing store records are ([`set_aside_conflicts`]).
 //! Settings come from the `wiremesh-settings` ConfigMap that `deploy/` applies.
+//!
+//! VPCs are `Vpc` custom resources whose `status.members` hold the nodes' blocks
+//! (claimed under the object's `resourceVersion`), services are Services labelled
+//! with their VPC, endpoints are EndpointSlices that count only while their node's
+//! Lease is live (`wiremesh_kube::vpc`).
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use wiremesh_kube::node::node_preferences;
 pub use wiremesh_kube::node::NodePreferences;
-use wiremesh_kube::{BlockingKubeRegistry, WATCHED_KINDS};
+use wiremesh_kube::{BlockingKubeRegistry, Claim, WATCHED_KINDS};
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName, PeerName};
 use wiremesh_topology::{ipam, Snapshot};
+use wiremesh_vpc::snapshot::Records;
+use wiremesh_vpc::{Endpoint, Label, Service, Vpc, VpcMember};
 
 use crate::registry::{
     set_aside_conflicts, BadRecord, Change, Changes, Membership, NodeStatus, Registry,
-    RegistryError,
+    RegistryError, ServiceId,
 };
 
 /// How long [`Registry::changes`] waits for its watches to be established.
@@ -162,6 +170,63 @@ impl Registry for KubeCluster {
     fn delete_peer(&self, name: &PeerName) -> Result<bool, RegistryError> {
         Ok(self.registry.delete_peer(name.as_str())?)
     }
+
+    fn vpc_records(&self) -> Result<(Records, Vec<BadRecord>), RegistryError> {
+        let listing = self.registry.vpc_records(unix_now())?;
+        let bad = listing
+            .bad
+            .into_iter()
+            .map(|b| BadRecord {
+                key: b.object,
+                error: b.error,
+            })
+            .collect();
+        Ok((listing.records, bad))
+    }
+
+    fn create_vpc(&self, vpc: &Vpc) -> Result<bool, RegistryError> {
+        Ok(self.registry.create_vpc(vpc)?)
+    }
+
+    fn delete_vpc(&self, name: &Label) -> Result<bool, RegistryError> {
+        Ok(self.registry.delete_vpc(name)?)
+    }
+
+    fn claim_vpc_member(&self, vpc: &Vpc, node: &NodeName) -> Result<VpcMember, RegistryError> {
+        match self.registry.claim_vpc_member(vpc, node)? {
+            Claim::Member(member) => Ok(member),
+            Claim::Exhausted(cidr) => Err(RegistryError::VpcExhausted {
+                vpc: vpc.name.clone(),
+                cidr,
+                node: node.clone(),
+            }),
+        }
+    }
+
+    fn leave_vpc(&self, vpc: &Label, node: &NodeName) -> Result<(), RegistryError> {
+        Ok(self.registry.leave_vpc(vpc, node)?)
+    }
+
+    fn put_service(&self, service: &Service) -> Result<(), RegistryError> {
+        Ok(self.registry.put_service(service)?)
+    }
+
+    fn delete_service(&self, id: &ServiceId) -> Result<bool, RegistryError> {
+        Ok(self
+            .registry
+            .delete_service(&id.vpc, &id.namespace, &id.name)?)
+    }
+
+    /// An EndpointSlice counts only while its node's Lease is live, whoever wrote it.
+    fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Ok(self.registry.put_endpoint(endpoint)?)
+    }
+
+    fn delete_endpoint(&self, id: &ServiceId, address: IpAddr) -> Result<bool, RegistryError> {
+        Ok(self
+            .registry
+            .delete_endpoint(&id.vpc, &id.namespace, &id.name, address)?)
+    }
 }
 
 /// A node's annotations and Lease.
@@ -188,6 +253,13 @@ impl Membership for KubeMembership {
         Ok(self.registry.report_status(&self.name, &json)?)
     }
 
+    /// An EndpointSlice: it lives with this node's Lease because a reader leaves out
+    /// the endpoints of nodes whose Lease is not live (Kubernetes deletes nothing
+    /// when a Lease ends).
+    fn publish_endpoint(&mut self, endpoint: &Endpoint) -> Result<(), RegistryError> {
+        Ok(self.registry.put_endpoint(endpoint)?)
+    }
+
     fn leave(self: Box<Self>) -> Result<(), RegistryError> {
         Ok(self.registry.leave(&self.name)?)
     }
@@ -211,6 +283,7 @@ impl Changes for KubeChanges {
                         // A Lease is its node's liveness.
                         Kube::Node(name) | Kube::Lease(name) => Change::Node(name),
                         Kube::Peer(name) => Change::Peer(name),
+                        Kube::Vpc(name) => Change::Vpc(name),
                         Kube::Relisted => Change::Resync,
                     }));
                 }

@@ -14,8 +14,9 @@ use futures::StreamExt;
 use kube::Client;
 use tokio::runtime::Runtime;
 use wiremesh_model::{ClusterSettings, ExternalPeer, Node, NodeName};
+use wiremesh_vpc::{Endpoint, Label, Service, Vpc};
 
-use crate::{Change, KubeError, KubeRegistry, Listing};
+use crate::{Change, Claim, KubeError, KubeRegistry, Listing, VpcListing};
 
 /// A [`KubeRegistry`] whose calls block. Cheap to clone; clones share the runtime.
 #[derive(Clone, Debug)]
@@ -147,6 +148,56 @@ impl BlockingKubeRegistry {
 
     pub fn delete_peer(&self, name: &str) -> Result<bool, KubeError> {
         self.runtime.block_on(self.inner.delete_peer(name))
+    }
+
+    pub fn vpc_records(&self, now: u64) -> Result<VpcListing, KubeError> {
+        self.runtime.block_on(self.inner.vpc_records(now))
+    }
+
+    pub fn create_vpc(&self, vpc: &Vpc) -> Result<bool, KubeError> {
+        self.runtime.block_on(self.inner.create_vpc(vpc))
+    }
+
+    pub fn delete_vpc(&self, name: &Label) -> Result<bool, KubeError> {
+        self.runtime.block_on(self.inner.delete_vpc(name))
+    }
+
+    pub fn claim_vpc_member(&self, vpc: &Vpc, node: &NodeName) -> Result<Claim, KubeError> {
+        self.runtime
+            .block_on(self.inner.claim_vpc_member(vpc, node))
+    }
+
+    pub fn leave_vpc(&self, vpc: &Label, node: &NodeName) -> Result<(), KubeError> {
+        self.runtime.block_on(self.inner.leave_vpc(vpc, node))
+    }
+
+    pub fn put_service(&self, service: &Service) -> Result<(), KubeError> {
+        self.runtime.block_on(self.inner.put_service(service))
+    }
+
+    pub fn delete_service(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &Label,
+    ) -> Result<bool, KubeError> {
+        self.runtime
+            .block_on(self.inner.delete_service(vpc, namespace, name))
+    }
+
+    pub fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), KubeError> {
+        self.runtime.block_on(self.inner.put_endpoint(endpoint))
+    }
+
+    pub fn delete_endpoint(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        service: &Label,
+        address: std::net::IpAddr,
+    ) -> Result<bool, KubeError> {
+        self.runtime
+            .block_on(self.inner.delete_endpoint(vpc, namespace, service, address))
     }
 
     /// [`KubeRegistry::changes`] on a std channel.

@@ -11,6 +11,10 @@
 //! | `peers/<name>` | cluster-scoped custom resource `Peer` (`wiremesh.io/v1alpha1`) `<name>` ([`peer`]) |
 //! | `ipam/<cidr>` | none: Kubernetes allocates pod CIDRs (`kube-controller-manager --allocate-node-cidrs`) |
 //! | `status/<name>` | annotation `wiremesh.io/status` on the node's Lease (the same JSON), so it goes with the Lease |
+//! | `vpcs/<vpc>/vpc` | cluster-scoped custom resource `Vpc` (`wiremesh.io/v1alpha1`) `<vpc>`, its `spec` ([`vpc`]) |
+//! | `vpcs/<vpc>/members/<node>`, `blocks/*` | an entry of that Vpc's `status.members`, claimed under its `resourceVersion` |
+//! | `vpcs/<vpc>/services/<ns>/<name>` | Service `<ns>/<name>`, label `wiremesh.io/vpc`, headless to Kubernetes, the VPC's clusterIP in an annotation |
+//! | `vpcs/<vpc>/endpoints/<ns>/<svc>/<addr>` | EndpointSlice `<ns>/<svc>-<addr in hex>` of one endpoint; live while its node's Lease is |
 //!
 //! Annotations: `wiremesh.io/public-key`, `wiremesh.io/location` (else the label
 //! `topology.kubernetes.io/region`, else `default`), `wiremesh.io/public-endpoint`,
@@ -47,10 +51,11 @@ pub mod manifests;
 pub mod node;
 pub mod peer;
 mod registry;
+pub mod vpc;
 
 pub use blocking::{BlockingKubeRegistry, Changes};
 pub use peer::{Peer, PeerSpec};
 pub use registry::{
-    BadObject, Change, KubeError, KubeRegistry, Listing, FIELD_MANAGER, SETTINGS_CONFIG_MAP,
-    SETTINGS_KEY, STATUS_ANNOTATION, WATCHED_KINDS,
+    BadObject, Change, Claim, KubeError, KubeRegistry, Listing, VpcListing, FIELD_MANAGER,
+    SETTINGS_CONFIG_MAP, SETTINGS_KEY, STATUS_ANNOTATION, WATCHED_KINDS,
 };

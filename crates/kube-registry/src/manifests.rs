@@ -1,5 +1,6 @@
 //! The manifests in `deploy/`, generated from typed objects so they cannot drift
-//! from the code: the Peer CRD comes from [`PeerSpec`](crate::PeerSpec), the RBAC
+//! from the code: the Peer and Vpc CRDs come from [`PeerSpec`](crate::PeerSpec) and
+//! [`VpcSpec`](crate::vpc::VpcSpec), the RBAC
 //! rules list exactly the calls [`KubeRegistry`](crate::KubeRegistry) makes, and the
 //! settings are `ClusterSettings::default()`. `wiremesh-kube-manifests` writes them;
 //! a test checks that the committed files equal [`manifests`]' output.
@@ -24,6 +25,7 @@ use kube::{CustomResourceExt, Resource};
 use serde::Serialize;
 use wiremesh_model::ClusterSettings;
 
+use crate::vpc::Vpc;
 use crate::{Peer, SETTINGS_CONFIG_MAP, SETTINGS_KEY};
 
 /// The namespace wiremesh's objects live in.
@@ -65,7 +67,7 @@ pub fn manifests(options: &Options) -> Vec<(&'static str, String)> {
 fn documents(options: &Options) -> Vec<(&'static str, Vec<serde_json::Value>)> {
     vec![
         ("00-namespace.yaml", vec![json(&namespace())]),
-        ("10-crd.yaml", vec![json(&Peer::crd())]),
+        ("10-crd.yaml", vec![json(&Peer::crd()), json(&Vpc::crd())]),
         (
             "20-rbac.yaml",
             vec![
@@ -153,8 +155,28 @@ fn cluster_role() -> ClusterRole {
             },
             PolicyRule {
                 api_groups: Some(strings(&[&Peer::group(&())])),
-                resources: Some(strings(&[&Peer::plural(&())])),
+                resources: Some(strings(&[&Peer::plural(&()), &Vpc::plural(&())])),
                 verbs: strings(&["get", "list", "watch"]),
+                ..PolicyRule::default()
+            },
+            // A node claims its VPC blocks in the Vpc's status (read, then replace).
+            PolicyRule {
+                api_groups: Some(strings(&[&Vpc::group(&())])),
+                resources: Some(vec![format!("{}/status", Vpc::plural(&()))]),
+                verbs: strings(&["get", "update"]),
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(strings(&[""])),
+                resources: Some(strings(&["services"])),
+                verbs: strings(&["get", "list", "watch"]),
+                ..PolicyRule::default()
+            },
+            // A node publishes its endpoints (server-side apply: create the first time).
+            PolicyRule {
+                api_groups: Some(strings(&["discovery.k8s.io"])),
+                resources: Some(strings(&["endpointslices"])),
+                verbs: strings(&["get", "list", "watch", "create", "patch"]),
                 ..PolicyRule::default()
             },
         ]),

@@ -1,10 +1,12 @@
 //! [`KubeRegistry`]: the cluster read from and written to a Kubernetes API server.
 //!
 //! The I/O shell around the pure mappings ([`crate::node`], [`crate::peer`],
-//! [`crate::lease`]): it lists Nodes, Peers and Leases and hands back model types
-//! with the objects it could not use set aside, sends this node's annotations as a
-//! JSON merge patch, renews its Lease with server-side apply, and turns three
-//! `kube::runtime::watcher` streams into "something that matters changed" signals.
+//! [`crate::lease`], [`crate::vpc`]): it lists Nodes, Peers and Leases (and VPCs,
+//! Services and EndpointSlices) and hands back model types with the objects it could
+//! not use set aside, sends this node's annotations as a JSON merge patch, renews its
+//! Lease with server-side apply, claims VPC blocks under the Vpc object's
+//! `resourceVersion`, and turns six `kube::runtime::watcher` streams into
+//! "something that matters changed" signals.
 //! Async, on kube's client: a blocking caller (the agent's std-thread loop) drives it
 //! from a small runtime of its own, as the etcd backend does.
 
@@ -14,11 +16,16 @@ use std::time::Duration;
 use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1 as core;
-use kube::api::{ListParams, Patch, PatchParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName};
+use wiremesh_vpc::snapshot::Records;
+use wiremesh_vpc::{Endpoint, Label, Service, VpcMember};
 
+use crate::vpc::{self, Vpc, SERVICE_NAME_LABEL, VPC_LABEL};
 use crate::{lease, node, peer, Peer};
 
 /// The ConfigMap, in wiremesh's namespace, that holds the cluster settings.
@@ -43,6 +50,13 @@ pub enum KubeError {
         namespace: String,
         error: FieldError,
     },
+    #[error("service {namespace}/{name} exists and is not VPC {vpc}'s (label {VPC_LABEL}: {holder:?}): a Kubernetes namespace holds one service of a name")]
+    ServiceTaken {
+        namespace: String,
+        name: String,
+        vpc: String,
+        holder: Option<String>,
+    },
 }
 
 impl KubeError {
@@ -66,7 +80,8 @@ pub const STATUS_ANNOTATION: &str = "wiremesh.io/status";
 /// the annotation that is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadObject {
-    /// `node/<name>` or `peer/<name>`, as `kubectl get` names it.
+    /// `node/<name>`, `peer/<name>`, `vpc/<name>`, `service/<namespace>/<name>` or
+    /// `endpointslice/<namespace>/<name>`, as `kubectl get` names it (with the namespace).
     pub object: String,
     pub error: FieldError,
 }
@@ -92,9 +107,26 @@ pub struct Listing {
     pub without_agent: Vec<String>,
 }
 
-/// How many watches [`KubeRegistry::changes`] runs (Nodes, Peers, Leases): as many
-/// [`Change::Relisted`] say they are all established.
-pub const WATCHED_KINDS: usize = 3;
+/// Every VPC record, and the objects left out with the field that is wrong.
+#[derive(Debug, Clone, Default)]
+pub struct VpcListing {
+    /// Endpoints only of nodes whose Lease is live.
+    pub records: Records,
+    pub bad: Vec<BadObject>,
+}
+
+/// What [`KubeRegistry::claim_vpc_member`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Member(VpcMember),
+    /// This pod CIDR of the VPC has no free block left.
+    Exhausted(ipnet::IpNet),
+}
+
+/// How many watches [`KubeRegistry::changes`] runs (Nodes, Peers, Leases, Vpcs,
+/// Services, EndpointSlices): as many [`Change::Relisted`] say they are all
+/// established.
+pub const WATCHED_KINDS: usize = 6;
 
 /// What a watch saw change; each means "list again" to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +137,8 @@ pub enum Change {
     /// A node's Lease appeared, changed holder or duration, or was deleted. Renewals
     /// are not changes; an expiry is noticed by listing again (the agent's resync).
     Lease(String),
+    /// A VPC, its members, or one of its Services or EndpointSlices, by VPC name.
+    Vpc(String),
     /// A watch (re)started from a fresh listing: anything may have changed.
     Relisted,
 }
@@ -158,6 +192,21 @@ impl KubeRegistry {
 
     fn leases_api(&self) -> Api<Lease> {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn vpcs_api(&self) -> Api<Vpc> {
+        Api::all(self.client.clone())
+    }
+
+    /// In `namespace`, or in every namespace.
+    fn api<K>(&self, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
     }
 
     /// The cluster settings, from the `wiremesh-settings` ConfigMap.
@@ -315,10 +364,272 @@ impl KubeRegistry {
 
     /// Deletes an external peer's `Peer` object; `false` if there was none.
     pub async fn delete_peer(&self, name: &str) -> Result<bool, KubeError> {
-        match self.peers_api().delete(name, &Default::default()).await {
+        delete(&self.peers_api(), name).await
+    }
+
+    /// Every Vpc (with its members), VPC Service and EndpointSlice, mapped; an
+    /// endpoint whose node's Lease is not live at `now` (unix seconds) is left out,
+    /// as a store drops it with its node's lease.
+    pub async fn vpc_records(&self, now: u64) -> Result<VpcListing, KubeError> {
+        let (all, labelled) = (
+            ListParams::default(),
+            ListParams::default().labels(VPC_LABEL),
+        );
+        let (vpcs_api, services_api, slices_api, leases_api) = (
+            self.vpcs_api(),
+            self.api::<core::Service>(None),
+            self.api::<EndpointSlice>(None),
+            self.leases_api(),
+        );
+        let (vpcs, services, slices, leases) = futures::try_join!(
+            vpcs_api.list(&all),
+            services_api.list(&labelled),
+            slices_api.list(&labelled),
+            leases_api.list(&all),
+        )?;
+        let live: Vec<&str> = leases
+            .items
+            .iter()
+            .filter(|l| lease::is_live(l, now))
+            .filter_map(lease::holder)
+            .collect();
+        let mut listing = VpcListing::default();
+        let mut bad = |kind: &str, meta: &ObjectMeta, error: FieldError| {
+            let name = meta.name.as_deref().unwrap_or("");
+            let object = match &meta.namespace {
+                Some(ns) => format!("{kind}/{ns}/{name}"),
+                None => format!("{kind}/{name}"),
+            };
+            listing.bad.push(BadObject { object, error });
+        };
+        let records = &mut listing.records;
+        for object in &vpcs.items {
+            match vpc::vpc_from_kube(object) {
+                Ok(v) => records.vpcs.push(v),
+                Err(error) => bad("vpc", &object.metadata, error),
+            }
+            for member in vpc::members_from_kube(object) {
+                match member {
+                    Ok(m) => records.members.push(m),
+                    Err(error) => bad("vpc", &object.metadata, error),
+                }
+            }
+        }
+        for object in &services.items {
+            match vpc::service_from_kube(object) {
+                Ok(s) => records.services.push(s),
+                Err(error) => bad("service", &object.metadata, error),
+            }
+        }
+        for object in &slices.items {
+            for endpoint in vpc::endpoints_from_kube(object) {
+                match endpoint {
+                    Ok(e) if live.contains(&e.node.as_str()) => records.endpoints.push(e),
+                    Ok(_) => {}
+                    Err(error) => bad("endpointslice", &object.metadata, error),
+                }
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Creates the Vpc object; `false` if one of that name exists.
+    pub async fn create_vpc(&self, v: &wiremesh_vpc::Vpc) -> Result<bool, KubeError> {
+        let object = vpc::vpc_to_kube(v);
+        match self
+            .vpcs_api()
+            .create(&PostParams::default(), &object)
+            .await
+        {
             Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the Vpc object (its members with it), then its Services and
+    /// EndpointSlices; `false` if there was no Vpc.
+    pub async fn delete_vpc(&self, name: &Label) -> Result<bool, KubeError> {
+        let existed = delete(&self.vpcs_api(), name.as_str()).await?;
+        let of_vpc = ListParams::default().labels(&format!("{VPC_LABEL}={name}"));
+        for s in self.api::<core::Service>(None).list(&of_vpc).await?.items {
+            let ns = s.metadata.namespace.as_deref();
+            let name = s.metadata.name.as_deref().unwrap_or_default();
+            delete(&self.api::<core::Service>(ns), name).await?;
+        }
+        self.delete_slices(None, &of_vpc).await?;
+        Ok(existed)
+    }
+
+    async fn delete_slices(
+        &self,
+        namespace: Option<&str>,
+        selector: &ListParams,
+    ) -> Result<(), KubeError> {
+        for s in self
+            .api::<EndpointSlice>(namespace)
+            .list(selector)
+            .await?
+            .items
+        {
+            let ns = s.metadata.namespace.as_deref();
+            let name = s.metadata.name.as_deref().unwrap_or_default();
+            delete(&self.api::<EndpointSlice>(ns), name).await?;
+        }
+        Ok(())
+    }
+
+    /// `node`'s blocks of `v`: those it holds, else the lowest free
+    /// ([`vpc::claim_blocks`]), written into the Vpc's `status.members` under the
+    /// `resourceVersion` just read. A write that lost to another (409 Conflict)
+    /// reads again, so two nodes never hold one block.
+    pub async fn claim_vpc_member(
+        &self,
+        v: &wiremesh_vpc::Vpc,
+        node: &NodeName,
+    ) -> Result<Claim, KubeError> {
+        loop {
+            let object = self.vpcs_api().get(v.name.as_str()).await?;
+            let members: Vec<VpcMember> = vpc::members_from_kube(&object)
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            let pod_cidrs = match vpc::claim_blocks(v, node, &members) {
+                Ok(blocks) => blocks,
+                Err(cidr) => return Ok(Claim::Exhausted(cidr)),
+            };
+            let member = VpcMember {
+                vpc: v.name.clone(),
+                node: node.clone(),
+                pod_cidrs,
+            };
+            if members.contains(&member) {
+                return Ok(Claim::Member(member));
+            }
+            let status = vpc::with_member(&object, node, Some(&member));
+            if self.replace_vpc_status(object, status).await? {
+                return Ok(Claim::Member(member));
+            }
+        }
+    }
+
+    /// Gives `node`'s blocks of `vpc` back, under the `resourceVersion` as a claim.
+    pub async fn leave_vpc(&self, name: &Label, node: &NodeName) -> Result<(), KubeError> {
+        loop {
+            let object = match self.vpcs_api().get(name.as_str()).await {
+                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+                object => object?,
+            };
+            let status = vpc::with_member(&object, node, None);
+            if object.status.clone().unwrap_or_default() == status
+                || self.replace_vpc_status(object, status).await?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replaces `object`'s status if nobody wrote it since it was read; `false` if
+    /// somebody did (409 Conflict).
+    async fn replace_vpc_status(
+        &self,
+        mut object: Vpc,
+        status: vpc::VpcStatus,
+    ) -> Result<bool, KubeError> {
+        let name = object.metadata.name.clone().unwrap_or_default();
+        object.status = Some(status);
+        match self
+            .vpcs_api()
+            .replace_status(&name, &PostParams::default(), &object)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates or replaces the VPC service's Service object; one of that namespace
+    /// and name that is not this VPC's is left alone ([`KubeError::ServiceTaken`]).
+    /// Written under the `resourceVersion` read, so a concurrent writer is noticed.
+    pub async fn put_service(&self, service: &Service) -> Result<(), KubeError> {
+        let api = self.api::<core::Service>(Some(service.namespace.as_str()));
+        let mut object = vpc::service_to_kube(service);
+        loop {
+            let written = match api.get_opt(service.name.as_str()).await? {
+                None => api.create(&PostParams::default(), &object).await,
+                Some(existing) => {
+                    let holder = vpc_of(&existing.metadata);
+                    if holder != Some(service.vpc.as_str()) {
+                        return Err(KubeError::ServiceTaken {
+                            namespace: service.namespace.to_string(),
+                            name: service.name.to_string(),
+                            vpc: service.vpc.to_string(),
+                            holder: holder.map(Into::into),
+                        });
+                    }
+                    object.metadata.resource_version = existing.metadata.resource_version;
+                    let name = service.name.as_str();
+                    api.replace(name, &PostParams::default(), &object).await
+                }
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Deletes the VPC service's Service and its EndpointSlices; `false` if there
+    /// was no such service in that VPC.
+    pub async fn delete_service(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &Label,
+    ) -> Result<bool, KubeError> {
+        let api = self.api::<core::Service>(Some(namespace.as_str()));
+        let existed = match api.get_opt(name.as_str()).await? {
+            Some(s) if vpc_of(&s.metadata) == Some(vpc.as_str()) => {
+                delete(&api, name.as_str()).await?
+            }
+            _ => false,
+        };
+        let selector = format!("{VPC_LABEL}={vpc},{SERVICE_NAME_LABEL}={name}");
+        self.delete_slices(
+            Some(namespace.as_str()),
+            &ListParams::default().labels(&selector),
+        )
+        .await?;
+        Ok(existed)
+    }
+
+    /// Creates or replaces the endpoint's EndpointSlice (server-side apply).
+    pub async fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), KubeError> {
+        let object = vpc::endpoint_to_kube(endpoint);
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.api::<EndpointSlice>(Some(endpoint.namespace.as_str()))
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the EndpointSlice of the endpoint at `address`; `false` if there was
+    /// none in that VPC.
+    pub async fn delete_endpoint(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        service: &Label,
+        address: std::net::IpAddr,
+    ) -> Result<bool, KubeError> {
+        let api = self.api::<EndpointSlice>(Some(namespace.as_str()));
+        let name = vpc::slice_name(service, address);
+        match api.get_opt(&name).await? {
+            Some(s) if vpc_of(&s.metadata) == Some(vpc.as_str()) => delete(&api, &name).await,
+            _ => Ok(false),
         }
     }
 
@@ -348,14 +659,57 @@ impl KubeRegistry {
         let leases = watcher::watcher(self.leases_api(), config())
             .default_backoff()
             .map(move |e| e.map(|e| leases.handle(e)));
-        stream::select_all([nodes.boxed(), peers.boxed(), leases.boxed()])
-            .filter_map(|item| async move {
-                match item {
-                    Ok(change) => change.map(Ok),
-                    Err(e) => Some(Err(KubeError::Watch(e))),
-                }
-            })
-            .boxed()
+        let vpcs = watcher::watcher(self.vpcs_api(), config())
+            .default_backoff()
+            .map(|e| e.map(|e| vpc_change(e, |v| v.metadata.name.clone())));
+        let labelled = || config().labels(VPC_LABEL);
+        let services = watcher::watcher(self.api::<core::Service>(None), labelled())
+            .default_backoff()
+            .map(|e| e.map(|e| vpc_change(e, |s| vpc_of(&s.metadata).map(Into::into))));
+        let slices = watcher::watcher(self.api::<EndpointSlice>(None), labelled())
+            .default_backoff()
+            .map(|e| e.map(|e| vpc_change(e, |s| vpc_of(&s.metadata).map(Into::into))));
+        stream::select_all([
+            nodes.boxed(),
+            peers.boxed(),
+            leases.boxed(),
+            vpcs.boxed(),
+            services.boxed(),
+            slices.boxed(),
+        ])
+        .filter_map(|item| async move {
+            match item {
+                Ok(change) => change.map(Ok),
+                Err(e) => Some(Err(KubeError::Watch(e))),
+            }
+        })
+        .boxed()
+    }
+}
+
+/// Deletes `name`; `false` if there was none.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<bool, KubeError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The VPC a Service or EndpointSlice is labelled with.
+fn vpc_of(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels.as_ref()?.get(VPC_LABEL).map(String::as_str)
+}
+
+/// A watch event on a VPC's object as a [`Change::Vpc`] of the VPC `vpc` names.
+fn vpc_change<K>(event: watcher::Event<K>, vpc: impl Fn(&K) -> Option<String>) -> Option<Change> {
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) => vpc(&o).map(Change::Vpc),
+        watcher::Event::InitDone => Some(Change::Relisted),
+        watcher::Event::Init | watcher::Event::InitApply(_) => None,
     }
 }
 

@@ -415,11 +415,7 @@ async fn changes_report_what_the_mesh_reads_and_nothing_else() {
     let (client, server) = serve_text(move |method, path, query| {
         assert_eq!(method, Method::GET);
         if !query.contains("watch=true") {
-            let (kind, version) = match path {
-                "/api/v1/nodes" => ("NodeList", "v1"),
-                "/apis/wiremesh.io/v1alpha1/peers" => ("PeerList", "wiremesh.io/v1alpha1"),
-                _ => ("LeaseList", "coordination.k8s.io/v1"),
-            };
+            let (kind, version) = empty_list_kind(path);
             let items = match path {
                 "/api/v1/nodes" => vec![node_object("a1", "10.42.1.0/24", &a1)],
                 _ => vec![],
@@ -437,10 +433,10 @@ async fn changes_report_what_the_mesh_reads_and_nothing_else() {
         }
     });
     let mut changes = KubeRegistry::new(client, "wiremesh").changes();
-    // Bounded waits: five changes are expected, then quiet.
+    // Bounded waits: eight changes are expected (a relisting per watch), then quiet.
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while seen.len() < 5 {
+    while seen.len() < 8 {
         match tokio::time::timeout_at(deadline, changes.next()).await {
             Ok(Some(change)) => seen.push(change.unwrap()),
             _ => panic!("only {seen:?} within 15 s"),
@@ -453,10 +449,22 @@ async fn changes_report_what_the_mesh_reads_and_nothing_else() {
     drop(changes);
     server.abort();
     let count = |c: &Change| seen.iter().filter(|s| *s == c).count();
-    assert_eq!(count(&Change::Relisted), 3, "{seen:?}");
+    assert_eq!(count(&Change::Relisted), 6, "{seen:?}");
     assert_eq!(count(&Change::Node("a1".into())), 1, "{seen:?}");
     assert_eq!(count(&Change::Peer("laptop".into())), 1, "{seen:?}");
-    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen.len(), 8, "{seen:?}");
+}
+
+/// The kind and version of a list at `path`, as the watches ask for it.
+fn empty_list_kind(path: &str) -> (&'static str, &'static str) {
+    match path {
+        "/api/v1/nodes" => ("NodeList", "v1"),
+        "/api/v1/services" => ("ServiceList", "v1"),
+        "/apis/wiremesh.io/v1alpha1/peers" => ("PeerList", "wiremesh.io/v1alpha1"),
+        "/apis/wiremesh.io/v1alpha1/vpcs" => ("VpcList", "wiremesh.io/v1alpha1"),
+        "/apis/discovery.k8s.io/v1/endpointslices" => ("EndpointSliceList", "discovery.k8s.io/v1"),
+        _ => ("LeaseList", "coordination.k8s.io/v1"),
+    }
 }
 
 /// The agent's loop is a plain thread: the blocking face runs the client on a
@@ -483,8 +491,14 @@ fn the_blocking_face_works_from_a_plain_thread() {
                 "coordination.k8s.io/v1",
                 vec![lease_object("a1", NOW)],
             ),
-            ("GET", "/apis/wiremesh.io/v1alpha1/peers") => {
-                list("PeerList", "wiremesh.io/v1alpha1", vec![])
+            ("GET", p)
+                if p.ends_with("/peers")
+                    || p.ends_with("/vpcs")
+                    || p.ends_with("/services")
+                    || p.ends_with("/endpointslices") =>
+            {
+                let (kind, version) = empty_list_kind(p);
+                list(kind, version, vec![])
             }
             other => panic!("unexpected {other:?}"),
         };

@@ -1,10 +1,16 @@
 //! A FAKE Kubernetes API server, in memory, answering kube's mock service
 //! (`tower_test::mock`) or real HTTP with a kubeconfig. It is not
 //! Kubernetes: no API server can run on this machine, so this stands in for one,
-//! with just what wiremesh's adapter uses, for Nodes, Leases, Peers and ConfigMaps
-//! alike:
+//! with just what wiremesh's adapter uses, for Nodes, Leases, Peers, ConfigMaps,
+//! Services, EndpointSlices and Vpcs alike:
 //!
 //! - GET of an object or a collection (with a `resourceVersion`), POST, PUT, DELETE;
+//!   a namespaced resource's collection without a namespace (`/api/v1/services`)
+//!   spans every namespace; `labelSelector` of `key` and `key=value` terms;
+//! - PUT with `metadata.resourceVersion` only over that version (else 409
+//!   Conflict), as optimistic concurrency on a real server; PUT to `<object>/status`
+//!   replaces only `status` (a real server also ignores `status` in other writes to
+//!   a resource with that subresource: not modelled);
 //! - PATCH as a JSON merge patch (RFC 7396), and server-side apply approximated:
 //!   create or merge into what is there, and remove the fields this field manager
 //!   applied last time but leaves out now (lists count as one field). Real field
@@ -34,11 +40,14 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
 type EventSender = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
 
 /// The resources the fake serves: the last segment of a collection's path.
-const RESOURCES: [(&str, &str, &str); 4] = [
+const RESOURCES: [(&str, &str, &str); 7] = [
     ("nodes", "v1", "Node"),
     ("configmaps", "v1", "ConfigMap"),
+    ("services", "v1", "Service"),
     ("leases", "coordination.k8s.io/v1", "Lease"),
+    ("endpointslices", "discovery.k8s.io/v1", "EndpointSlice"),
     ("peers", "wiremesh.io/v1alpha1", "Peer"),
+    ("vpcs", "wiremesh.io/v1alpha1", "Vpc"),
 ];
 
 /// The fake server's state; clients made by [`FakeApiServer::client`] share it.
@@ -54,7 +63,8 @@ struct State {
     objects: BTreeMap<String, BTreeMap<String, Value>>,
     /// Every write, for watches that start in the past.
     log: Vec<(u64, String, Value)>,
-    watchers: Vec<(String, EventSender)>,
+    /// By the collection asked for and its label selector.
+    watchers: Vec<(String, Selector, EventSender)>,
     /// What each field manager last applied, by collection, name and manager.
     applied: BTreeMap<(String, String, String), Value>,
 }
@@ -211,6 +221,75 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// `%XX` escapes decoded (selectors arrive as `wiremesh.io%2Fvpc%3Dblue`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A label selector of `key` (present) and `key=value` terms, all of which must hold.
+#[derive(Clone, Default)]
+struct Selector(Vec<(String, Option<String>)>);
+
+impl Selector {
+    fn parse(query: &str) -> Self {
+        let Some(text) = query_param(query, "labelSelector") else {
+            return Selector::default();
+        };
+        let text = percent_decode(text);
+        Selector(
+            text.split(',')
+                .filter(|t| !t.is_empty())
+                .map(|t| match t.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+                    None => (t.to_owned(), None),
+                })
+                .collect(),
+        )
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        self.0.iter().all(|(key, want)| match (&labels[key], want) {
+            (Value::String(_), None) => true,
+            (Value::String(have), Some(want)) => have == want,
+            _ => false,
+        })
+    }
+}
+
+/// Whether a request for `asked` sees the objects of `stored`: the same collection,
+/// or every namespace's of a namespaced resource (`/api/v1/services` sees
+/// `/api/v1/namespaces/web/services`).
+fn covers(asked: &str, stored: &str) -> bool {
+    if asked == stored {
+        return true;
+    }
+    let (Some((prefix, resource)), Some((ns_prefix, _))) =
+        (asked.rsplit_once('/'), stored.split_once("/namespaces/"))
+    else {
+        return false;
+    };
+    prefix == ns_prefix && stored.ends_with(&format!("/{resource}"))
+}
+
 impl State {
     fn handle(
         &mut self,
@@ -220,6 +299,11 @@ impl State {
         content_type: &str,
         body: Value,
     ) -> Response<ResponseBody> {
+        // `<object>/status` is the status subresource.
+        let (path, status_only) = match path.strip_suffix("/status") {
+            Some(object) if kind_of(object).is_none() => (object, true),
+            _ => (path, false),
+        };
         // `/api/v1/nodes` is a collection, `/api/v1/nodes/a1` an object in it.
         let (collection, name) = match kind_of(path) {
             Some(_) => (path.to_owned(), None),
@@ -249,13 +333,17 @@ impl State {
                 let since: u64 = query_param(query, "resourceVersion")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
+                let selector = Selector::parse(query);
                 let (tx, rx) = mpsc::unbounded();
                 for (revision, c, event) in &self.log {
-                    if *revision > since && *c == collection {
+                    if *revision > since
+                        && covers(&collection, c)
+                        && selector.matches(&event["object"])
+                    {
                         let _ = tx.unbounded_send(Ok(Frame::data(line(event))));
                     }
                 }
-                self.watchers.push((collection, tx));
+                self.watchers.push((collection, selector, tx));
                 Response::builder()
                     .status(StatusCode::OK)
                     .header(http::header::CONTENT_TYPE, "application/json")
@@ -264,11 +352,15 @@ impl State {
             }
             ("GET", None) => {
                 let (version, kind) = kind_of(&collection).expect("a known collection");
+                let selector = Selector::parse(query);
                 let items: Vec<Value> = self
                     .objects
-                    .get(&collection)
-                    .map(|o| o.values().cloned().collect())
-                    .unwrap_or_default();
+                    .iter()
+                    .filter(|(c, _)| covers(&collection, c))
+                    .flat_map(|(_, o)| o.values())
+                    .filter(|o| selector.matches(o))
+                    .cloned()
+                    .collect();
                 let list = json!({"apiVersion": version, "kind": format!("{kind}List"),
                     "metadata": {"resourceVersion": self.revision.to_string()}, "items": items});
                 json_response(StatusCode::OK, &list)
@@ -294,7 +386,26 @@ impl State {
                 json_response(StatusCode::CREATED, &object)
             }
             ("PUT", Some(name)) => {
-                let object = self.write(&collection, &name, body);
+                let expected = body["metadata"]["resourceVersion"].as_str();
+                let current = existing
+                    .as_ref()
+                    .and_then(|o| o["metadata"]["resourceVersion"].as_str());
+                if expected.is_some() && expected != current {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!("{path}: the object has been modified; apply your changes to the latest version and try again"),
+                    );
+                }
+                let object = match (status_only, existing) {
+                    (true, Some(mut object)) => {
+                        object["status"] = body["status"].clone();
+                        object
+                    }
+                    (true, None) => return not_found(),
+                    (false, _) => body,
+                };
+                let object = self.write(&collection, &name, object);
                 json_response(StatusCode::OK, &object)
             }
             ("PATCH", Some(name)) => {
@@ -372,8 +483,10 @@ impl State {
     }
 
     fn publish(&mut self, collection: &str, event: Value) {
-        self.watchers.retain(|(c, tx)| {
-            c != collection || tx.unbounded_send(Ok(Frame::data(line(&event)))).is_ok()
+        self.watchers.retain(|(c, selector, tx)| {
+            !covers(c, collection)
+                || !selector.matches(&event["object"])
+                || tx.unbounded_send(Ok(Frame::data(line(&event)))).is_ok()
         });
         self.log.push((self.revision, collection.to_owned(), event));
     }

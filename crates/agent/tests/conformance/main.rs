@@ -1,4 +1,4 @@
-//! The registry conformance suite ([`cases`]) against every backend the agent runs
+//! The registry conformance suite ([`cases`], and [`vpc_cases`] for VPC records) against every backend the agent runs
 //! on: the embedded store (a directory per case), a real etcd (Debian's etcd-server,
 //! one member on a loopback address, started here; `skipped: ...` without it), and
 //! Kubernetes, where no API server can run on this machine: there the registry talks
@@ -7,6 +7,7 @@
 //! adapter against that fake, not against a real API server.
 
 mod cases;
+mod vpc_cases;
 // Shared with the CLI's test bed (crates/cli/tests/support), which uses other parts.
 #[allow(dead_code)]
 mod fake_kube;
@@ -18,11 +19,12 @@ use ipnet::IpNet;
 use serde_json::json;
 use wiremesh_agent::{Cluster, KubeCluster, Registry};
 use wiremesh_kube::node::{annotation_field, node_annotations, PUBLIC_KEY};
-use wiremesh_kube::{lease, peer, BlockingKubeRegistry, SETTINGS_CONFIG_MAP, SETTINGS_KEY};
+use wiremesh_kube::{lease, peer, vpc, BlockingKubeRegistry, SETTINGS_CONFIG_MAP, SETTINGS_KEY};
 use wiremesh_model::{ClusterSettings, ExternalPeer, Node, NodeName};
 use wiremesh_registry::Store;
 
 use cases::Bed;
+use vpc_cases::VpcBed;
 
 /// A cluster in a key-value store, under a name of its own, settings written.
 struct StoreBed {
@@ -86,6 +88,33 @@ impl Bed for StoreBed {
     }
 }
 
+impl VpcBed for StoreBed {
+    fn write_malformed_vpc(&self) -> (String, String) {
+        let cluster = self.cluster();
+        let mut record =
+            serde_json::to_value(wiremesh_vpc::VpcRecord::from(&vpc_cases::vpc("red", 9))).unwrap();
+        record["service_cidr"] = "10.10.1.0/24".into();
+        let key = format!("{}vpcs/red/vpc", cluster.prefix());
+        cluster
+            .store
+            .put(&key, record.to_string().as_bytes(), None)
+            .unwrap();
+        (key, "vpc red.service_cidr".into())
+    }
+
+    fn write_malformed_service(&self) -> (String, String) {
+        let cluster = self.cluster();
+        let record = json!({"vpc": "blue", "namespace": "web", "name": "bad",
+            "cluster_ip": "10.96.0.30", "ports": [{"protocol": "TCP", "port": 0}]});
+        let key = format!("{}vpcs/blue/services/web/bad", cluster.prefix());
+        cluster
+            .store
+            .put(&key, record.to_string().as_bytes(), None)
+            .unwrap();
+        (key, "service blue/web/bad.ports[0].port".into())
+    }
+}
+
 mod embedded {
     use super::*;
     use wiremesh_registry::EmbeddedStore;
@@ -98,6 +127,7 @@ mod embedded {
     }
 
     crate::conformance_tests!(bed());
+    crate::vpc_conformance_tests!(bed());
 }
 
 #[path = "../../../registry/tests/etcd_cluster/mod.rs"]
@@ -112,6 +142,13 @@ fn conformance_on_etcd() {
     };
     let etcd = Arc::new(etcd);
     for (name, case) in cases::CASES {
+        eprintln!("conformance on etcd: {name}");
+        let etcd = etcd.clone();
+        case(&StoreBed::new(move || {
+            Arc::new(etcd.connect()) as Arc<dyn Store>
+        }));
+    }
+    for (name, case) in vpc_cases::CASES {
         eprintln!("conformance on etcd: {name}");
         let etcd = etcd.clone();
         case(&StoreBed::new(move || {
@@ -255,10 +292,34 @@ impl Bed for KubeBed {
     }
 }
 
+impl VpcBed for KubeBed {
+    fn write_malformed_vpc(&self) -> (String, String) {
+        let mut object = serde_json::to_value(vpc::vpc_to_kube(&vpc_cases::vpc("red", 9))).unwrap();
+        object["spec"]["serviceCIDR"] = "10.10.1.0/24".into();
+        self.server.put("/apis/wiremesh.io/v1alpha1/vpcs", object);
+        ("vpc/red".into(), "spec.serviceCIDR".into())
+    }
+
+    fn write_malformed_service(&self) -> (String, String) {
+        let good: wiremesh_vpc::Service = serde_json::from_value::<wiremesh_vpc::ServiceRecord>(
+            json!({"vpc": "blue", "namespace": "web", "name": "bad",
+                   "cluster_ip": "10.96.0.30", "ports": [{"protocol": "TCP", "port": 80}]}),
+        )
+        .unwrap()
+        .try_into()
+        .unwrap();
+        let mut object = serde_json::to_value(vpc::service_to_kube(&good)).unwrap();
+        object["spec"]["ports"][0]["port"] = 0.into();
+        self.server.put("/api/v1/namespaces/web/services", object);
+        ("service/web/bad".into(), "spec.ports[0].port".into())
+    }
+}
+
 mod kubernetes {
     use super::*;
 
     crate::conformance_tests!(KubeBed::mock());
+    crate::vpc_conformance_tests!(KubeBed::mock());
 }
 
 /// The same fake over real HTTP: kube's own client stack (hyper, chunked watch
@@ -267,4 +328,5 @@ mod kubernetes_http {
     use super::*;
 
     crate::conformance_tests!(KubeBed::http());
+    crate::vpc_conformance_tests!(KubeBed::http());
 }
