@@ -12,7 +12,8 @@
 //! VPCs are `Vpc` custom resources whose `status.members` hold the nodes' blocks
 //! (claimed under the object's `resourceVersion`), services are Services labelled
 //! with their VPC, endpoints are EndpointSlices that count only while their node's
-//! Lease is live (`wiremesh_kube::vpc`).
+//! Lease is live, and a node's VPC pods are an annotation on its Lease
+//! (`wiremesh_kube::vpc`).
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,7 +25,7 @@ use wiremesh_kube::{BlockingKubeRegistry, Claim, WATCHED_KINDS};
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName, PeerName};
 use wiremesh_topology::{ipam, Snapshot};
 use wiremesh_vpc::snapshot::Records;
-use wiremesh_vpc::{Endpoint, Label, Service, Vpc, VpcMember};
+use wiremesh_vpc::{Endpoint, Label, Pod, PodName, Service, Vpc, VpcMember};
 
 use crate::registry::{
     set_aside_conflicts, BadRecord, Change, Changes, Membership, NodeStatus, Registry,
@@ -227,6 +228,15 @@ impl Registry for KubeCluster {
             .registry
             .delete_endpoint(&id.vpc, &id.namespace, &id.name, address)?)
     }
+
+    fn delete_pod(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &PodName,
+    ) -> Result<bool, RegistryError> {
+        Ok(self.registry.delete_pod(vpc, namespace, name)?)
+    }
 }
 
 /// A node's annotations and Lease.
@@ -258,6 +268,11 @@ impl Membership for KubeMembership {
     /// when a Lease ends).
     fn publish_endpoint(&mut self, endpoint: &Endpoint) -> Result<(), RegistryError> {
         Ok(self.registry.put_endpoint(endpoint)?)
+    }
+
+    /// On the node's Lease, so it goes with the Lease.
+    fn publish_pod(&mut self, pod: &Pod) -> Result<(), RegistryError> {
+        Ok(self.registry.publish_pod(&self.name, pod)?)
     }
 
     fn leave(self: Box<Self>) -> Result<(), RegistryError> {

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use kube::Client;
 use tokio::runtime::Runtime;
 use wiremesh_model::{ClusterSettings, ExternalPeer, Node, NodeName};
-use wiremesh_vpc::{Endpoint, Label, Service, Vpc};
+use wiremesh_vpc::{Endpoint, Label, Pod, PodName, Service, Vpc};
 
 use crate::{Change, Claim, KubeError, KubeRegistry, Listing, VpcListing};
 
@@ -198,6 +198,20 @@ impl BlockingKubeRegistry {
     ) -> Result<bool, KubeError> {
         self.runtime
             .block_on(self.inner.delete_endpoint(vpc, namespace, service, address))
+    }
+
+    pub fn publish_pod(&self, node: &NodeName, pod: &Pod) -> Result<(), KubeError> {
+        self.runtime.block_on(self.inner.publish_pod(node, pod))
+    }
+
+    pub fn delete_pod(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &PodName,
+    ) -> Result<bool, KubeError> {
+        self.runtime
+            .block_on(self.inner.delete_pod(vpc, namespace, name))
     }
 
     /// [`KubeRegistry::changes`] on a std channel.

@@ -23,7 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use wiremesh_model::{ClusterSettings, ExternalPeer, FieldError, Node, NodeName};
 use wiremesh_vpc::snapshot::Records;
-use wiremesh_vpc::{Endpoint, Label, Service, VpcMember};
+use wiremesh_vpc::{Endpoint, Label, Pod, PodName, Service, VpcMember};
 
 use crate::vpc::{self, Vpc, SERVICE_NAME_LABEL, VPC_LABEL};
 use crate::{lease, node, peer, Peer};
@@ -387,11 +387,14 @@ impl KubeRegistry {
             slices_api.list(&labelled),
             leases_api.list(&all),
         )?;
-        let live: Vec<&str> = leases
+        let live_leases: Vec<&Lease> = leases
             .items
             .iter()
             .filter(|l| lease::is_live(l, now))
-            .filter_map(lease::holder)
+            .collect();
+        let live: Vec<&str> = live_leases
+            .iter()
+            .filter_map(|l| lease::holder(l))
             .collect();
         let mut listing = VpcListing::default();
         let mut bad = |kind: &str, meta: &ObjectMeta, error: FieldError| {
@@ -427,6 +430,14 @@ impl KubeRegistry {
                     Ok(e) if live.contains(&e.node.as_str()) => records.endpoints.push(e),
                     Ok(_) => {}
                     Err(error) => bad("endpointslice", &object.metadata, error),
+                }
+            }
+        }
+        for object in live_leases {
+            for pod in vpc::pods_from_lease(object) {
+                match pod {
+                    Ok(p) => records.pods.push(p),
+                    Err(error) => bad("lease", &object.metadata, error),
                 }
             }
         }
@@ -614,6 +625,42 @@ impl KubeRegistry {
             .patch(&name, &params, &Patch::Apply(&object))
             .await?;
         Ok(())
+    }
+
+    /// Publishes a VPC pod of `node` on the node's Lease ([`vpc::PODS`]).
+    pub async fn publish_pod(&self, node: &NodeName, pod: &Pod) -> Result<(), KubeError> {
+        let object = self.leases_api().get(node.as_str()).await?;
+        let key = (pod.vpc.as_str(), pod.namespace.as_str(), pod.name.as_str());
+        if let Some(patch) = vpc::pods_patch(&object, key, Some(pod)) {
+            self.leases_api()
+                .patch(node.as_str(), &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a VPC pod from whichever Lease holds it; `false` if none does.
+    pub async fn delete_pod(
+        &self,
+        vpc: &Label,
+        namespace: &Label,
+        name: &PodName,
+    ) -> Result<bool, KubeError> {
+        let key = (vpc.as_str(), namespace.as_str(), name.as_str());
+        for object in self.leases_api().list(&ListParams::default()).await?.items {
+            let held = vpc::pods_from_lease(&object)
+                .iter()
+                .flatten()
+                .any(|p| (p.vpc.as_str(), p.namespace.as_str(), p.name.as_str()) == key);
+            if let (true, Some(patch)) = (held, vpc::pods_patch(&object, key, None)) {
+                let name = object.metadata.name.clone().unwrap_or_default();
+                self.leases_api()
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Deletes the EndpointSlice of the endpoint at `address`; `false` if there was

@@ -17,6 +17,11 @@
 //!   by its node's agent; its liveness is the node's Lease (the registry leaves out
 //!   endpoints of nodes whose Lease ended).
 //!
+//! - A pod of a VPC (its address and labels, for services' selectors and access
+//!   rules) is an entry of the [`PODS`] annotation on its node's Lease, written by
+//!   that node's agent: it goes with the Lease, as a store's pod record goes with
+//!   the node's lease. (Kubernetes' own Pod objects lack the VPC address.)
+//!
 //! Every mapping goes through the `*Record` wire forms of `wiremesh-vpc`, so the
 //! checks are the store's; errors are renamed to the object's fields.
 
@@ -24,6 +29,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -35,7 +41,7 @@ use wiremesh_model::{FieldError, NodeName};
 use wiremesh_topology::ipam;
 use wiremesh_vpc as model;
 use wiremesh_vpc::record::{AccessRecord, ServicePortRecord};
-use wiremesh_vpc::{EndpointRecord, ServiceRecord, VpcRecord};
+use wiremesh_vpc::{EndpointRecord, PodRecord, ServiceRecord, VpcRecord};
 
 /// Which VPC a Service or EndpointSlice belongs to.
 pub const VPC_LABEL: &str = "wiremesh.io/vpc";
@@ -50,6 +56,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Who writes an EndpointSlice (Kubernetes' own label); ours say [`MANAGED_BY`].
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "wiremesh.io";
+/// A node's VPC pods, on its Lease: a JSON list of pod records.
+pub const PODS: &str = "wiremesh.io/pods";
 
 /// A layer-3 network of one tenant, spanning nodes.
 #[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -510,6 +518,59 @@ pub fn endpoints_from_kube(
         .collect()
 }
 
+fn pod_records(lease: &Lease) -> Result<Vec<PodRecord>, FieldError> {
+    json_annotation(&lease.metadata, PODS).map(Option::unwrap_or_default)
+}
+
+/// The pods on a node's Lease: each parsed, or the field that is wrong. A pod of
+/// another node than the Lease's holder is not believed.
+pub fn pods_from_lease(lease: &Lease) -> Vec<Result<model::Pod, FieldError>> {
+    let records = match pod_records(lease) {
+        Ok(records) => records,
+        Err(e) => return vec![Err(e)],
+    };
+    let holder = crate::lease::holder(lease).unwrap_or_default();
+    records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let at = format!("{}[{i}]", meta_field("annotations", PODS));
+            let context = format!("pod {}/{}/{}", r.vpc, r.namespace, r.name);
+            if r.node != holder {
+                return Err(FieldError::new(
+                    format!("{at}.node"),
+                    format!("{:?} is not the Lease's holder {holder:?}", r.node),
+                ));
+            }
+            model::Pod::try_from(r).map_err(|e| {
+                let field = e.field.strip_prefix(&context).unwrap_or(&e.field);
+                FieldError::new(format!("{at}{field}"), e.reason)
+            })
+        })
+        .collect()
+}
+
+/// The merge patch that sets the Lease's pods to its own without the pod
+/// `(vpc, namespace, name)`, plus `add`; `None` if that changes nothing.
+pub fn pods_patch(
+    lease: &Lease,
+    remove: (&str, &str, &str),
+    add: Option<&model::Pod>,
+) -> Option<serde_json::Value> {
+    let before = pod_records(lease).unwrap_or_default();
+    let mut pods: Vec<PodRecord> = before
+        .iter()
+        .filter(|p| (p.vpc.as_str(), p.namespace.as_str(), p.name.as_str()) != remove)
+        .cloned()
+        .collect();
+    pods.extend(add.map(PodRecord::from));
+    pods.sort_by(|a, b| (&a.vpc, &a.namespace, &a.name).cmp(&(&b.vpc, &b.namespace, &b.name)));
+    (pods != before || annotation(&lease.metadata, PODS).is_none()).then(|| {
+        let json = serde_json::to_string(&pods).expect("records serialize");
+        serde_json::json!({ "metadata": { "annotations": { PODS: json } } })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +766,45 @@ mod tests {
             members[0].as_ref().unwrap_err().field,
             "status.members[0].podCIDRs[0]"
         );
+    }
+
+    #[test]
+    fn pods_live_on_their_nodes_lease() {
+        let n1 = node("n1");
+        let pod = model::Pod {
+            vpc: model::Label::parse("vpc", "blue").unwrap(),
+            namespace: model::Label::parse("namespace", "web").unwrap(),
+            name: model::PodName::parse("name", "db-0").unwrap(),
+            address: "10.10.0.5".parse().unwrap(),
+            node: n1.clone(),
+            labels: BTreeMap::from([("app".into(), "db".into())]),
+        };
+        let mut lease = crate::lease::lease_for(&n1, 1, std::time::Duration::from_secs(9));
+        assert!(pods_from_lease(&lease).is_empty());
+        let key = ("blue", "web", "db-0");
+        let patch = pods_patch(&lease, key, Some(&pod)).unwrap();
+        let json = patch["metadata"]["annotations"][PODS]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        lease.metadata.annotations = Some(BTreeMap::from([(PODS.to_owned(), json)]));
+        assert_eq!(pods_from_lease(&lease), vec![Ok(pod.clone())]);
+        assert_eq!(
+            pods_patch(&lease, key, Some(&pod)),
+            None,
+            "nothing to write"
+        );
+        let emptied = pods_patch(&lease, key, None).unwrap();
+        assert_eq!(emptied["metadata"]["annotations"][PODS], "[]");
+
+        let stolen = model::Pod {
+            node: node("n2"),
+            ..pod
+        };
+        let json = serde_json::to_string(&[PodRecord::from(&stolen)]).unwrap();
+        lease.metadata.annotations = Some(BTreeMap::from([(PODS.to_owned(), json)]));
+        let err = pods_from_lease(&lease).remove(0).unwrap_err();
+        assert_eq!(err.field, "metadata.annotations[wiremesh.io/pods][0].node");
     }
 
     #[test]

@@ -12,7 +12,9 @@ use wiremesh_agent::{Change, Membership, ServiceId};
 use wiremesh_model::{Node, NodeName, PublicKey};
 use wiremesh_vpc::snapshot::Mesh;
 use wiremesh_vpc::wire::MeshPrefix;
-use wiremesh_vpc::{Endpoint, Label, Service, ServiceRecord, Vpc, VpcRecord, VpcSnapshot};
+use wiremesh_vpc::{
+    Endpoint, Label, Pod, PodName, Service, ServiceRecord, Vpc, VpcRecord, VpcSnapshot,
+};
 
 use crate::cases::Bed;
 
@@ -288,8 +290,20 @@ pub fn services_put_list_delete(bed: &dyn VpcBed) {
     assert!(records.endpoints.is_empty(), "{:?}", records.endpoints);
 }
 
-/// An endpoint published under a node's liveness is gone once the node stops
-/// renewing it (a crash: no leave), within the 10 s.
+fn pod(name: &str, address: &str, node: &NodeName) -> Pod {
+    Pod {
+        vpc: label("blue"),
+        namespace: label("web"),
+        name: PodName::parse("name", name).expect("a pod name"),
+        address: address.parse().expect("an address"),
+        node: node.clone(),
+        labels: BTreeMap::from([("app".into(), "db".into())]),
+    }
+}
+
+/// An endpoint or pod published under a node's liveness is gone once the node
+/// stops renewing it (a crash: no leave), within the 10 s; a pod is
+/// deleted by name.
 pub fn endpoints_expire_with_their_node(bed: &dyn VpcBed) {
     let registry = bed.open();
     assert!(registry.create_vpc(&vpc("blue", 7)).unwrap());
@@ -304,18 +318,35 @@ pub fn endpoints_expire_with_their_node(bed: &dyn VpcBed) {
     staying
         .publish_endpoint(&endpoint("db", "10.10.1.5", &n2))
         .unwrap();
-    let (records, _) = registry.vpc_records().unwrap();
+    dying.publish_pod(&pod("db-0", "10.10.0.5", &n1)).unwrap();
+    staying.publish_pod(&pod("db-1", "10.10.1.5", &n2)).unwrap();
+    staying.publish_pod(&pod("db-2", "10.10.1.6", &n2)).unwrap();
+    let (records, bad) = registry.vpc_records().unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
     assert_eq!(records.endpoints.len(), 2, "{:?}", records.endpoints);
+    assert_eq!(records.pods.len(), 3, "{:?}", records.pods);
+    let db2 = PodName::parse("name", "db-2").unwrap();
+    assert!(registry
+        .delete_pod(&label("blue"), &label("web"), &db2)
+        .unwrap());
+    assert!(!registry
+        .delete_pod(&label("blue"), &label("web"), &db2)
+        .unwrap());
 
     drop(dying);
     let died = Instant::now();
     let gone = eventually(ENDPOINT_EXPIRY + Duration::from_secs(1), || {
         let (records, _) = registry.vpc_records().unwrap();
-        records.endpoints.iter().all(|e| e.node != n1)
+        records.endpoints.iter().all(|e| e.node != n1) && records.pods.iter().all(|p| p.node != n1)
     });
-    assert!(gone, "n1's endpoint outlived it by {:?}", died.elapsed());
+    assert!(
+        gone,
+        "n1's endpoint or pod outlived it by {:?}",
+        died.elapsed()
+    );
     let (records, _) = registry.vpc_records().unwrap();
     assert_eq!(records.endpoints, [endpoint("db", "10.10.1.5", &n2)]);
+    assert_eq!(records.pods, [pod("db-1", "10.10.1.5", &n2)]);
 }
 
 /// A record that does not parse is reported with its key and field; the rest stays.
