@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod device;
+pub mod dns;
 pub mod firewall;
 pub mod keys;
 pub mod kube;

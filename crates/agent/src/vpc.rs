@@ -14,13 +14,15 @@
 //! when it changed; each namespace routes its VPC's pod CIDRs to the device's `wm-vpc`
 //! TUN; and the services ruleset ([`wiremesh_vpc::nft`]) is applied in one `nft -f`
 //! transaction when it changed, with UDP conntrack entries of removed endpoints
-//! deleted. Everything is idempotent, so a restarted agent converges to the same state
-//! without touching what is right.
+//! deleted. Each namespace also runs the VPC's DNS server ([`crate::dns`]) on the
+//! nameserver address, given a new [`DnsView`] on every change. Everything is
+//! idempotent, so a restarted agent converges to the same state without touching
+//! what is right.
 //!
 //! A bad VPC record is logged and left out (`VpcSnapshot::build`); the rest goes on.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use wiremesh_host::{netns, run, uapi_client, HostError};
 use wiremesh_model::{ClusterSettings, NodeName};
 use wiremesh_topology::{ipam, Snapshot};
 use wiremesh_uapi::{VpcPlane, VpcsRequest};
+use wiremesh_vpc::dns::DnsView;
 use wiremesh_vpc::nft::{self, ServicesPlan};
 use wiremesh_vpc::snapshot::{Mesh, VpcState};
 use wiremesh_vpc::wire::MeshPrefix;
@@ -37,6 +40,7 @@ use wiremesh_vpc::{
     dns_cluster_ip, pods, Endpoint, Label, LocalPodRecord, NodeId, Pod, PodName, VpcSnapshot,
 };
 
+use crate::dns::{self, DnsServer};
 use crate::registry::{Membership, Registry, RegistryError, ServiceId};
 use crate::{AgentConfig, AgentError};
 
@@ -53,6 +57,8 @@ pub const TUN: &str = "wm-vpc";
 const DEFAULT_INTERFACE: &str = "wiremesh0";
 /// How long the device may take to open a new VPC's TUN device.
 const TUN_WAIT: Duration = Duration::from_secs(5);
+/// Where the node's upstream resolvers are, for names a VPC does not answer.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// What the CNI plugin reads from `vpcs/<name>/vpc.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +104,10 @@ pub struct VpcHost {
     wanted: BTreeSet<Label>,
     /// Endpoints on this node as last published under its lease.
     adopted: BTreeMap<(ServiceId, IpAddr), Endpoint>,
+    /// The node's resolvers, read at start: VPC DNS servers forward to them.
+    upstreams: Vec<SocketAddr>,
+    /// Per namespace: its DNS server.
+    dns: BTreeMap<String, DnsServer>,
     /// The pod files the state directory held at the last reconcile.
     pod_files: BTreeSet<PathBuf>,
     /// Pods on this node as last published under its lease.
@@ -106,6 +116,10 @@ pub struct VpcHost {
 
 impl VpcHost {
     pub fn new(config: &AgentConfig, socket: &Path) -> VpcHost {
+        let upstreams = dns::upstreams(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
+        if upstreams.is_empty() {
+            tracing::warn!("no nameserver in {RESOLV_CONF}: VPC DNS answers only its own names");
+        }
         VpcHost {
             me: config.name.clone(),
             interface: config.interface.clone(),
@@ -117,6 +131,8 @@ impl VpcHost {
             warned: false,
             wanted: BTreeSet::new(),
             adopted: BTreeMap::new(),
+            upstreams,
+            dns: BTreeMap::new(),
             pod_files: BTreeSet::new(),
             published_pods: BTreeMap::new(),
         }
@@ -227,6 +243,7 @@ impl VpcHost {
                 // A new namespace has none of what was applied to an old one.
                 self.routed.remove(&l.netns);
                 self.rulesets.remove(&l.netns);
+                self.dns.remove(&l.netns);
             }
             write_local_vpc(state_dir, &state.vpc.name, l)?;
         }
@@ -243,6 +260,7 @@ impl VpcHost {
         for (state, l) in &local {
             self.route(&l.netns, &state.vpc.pod_cidrs)?;
             self.services(state, me, &l.netns)?;
+            self.serve_dns(state, l)?;
         }
 
         // Namespaces of VPCs that are no longer local: the device closed their TUN.
@@ -250,6 +268,8 @@ impl VpcHost {
         for ns in netns::list("wm-vpc-") {
             if !keep.contains(ns.as_str()) && netns_name(interface, id_of(&ns)) == ns {
                 tracing::info!(netns = %ns, "removing a VPC namespace");
+                // Its sockets would keep the namespace alive.
+                self.dns.remove(&ns);
                 netns::delete(&ns)?;
                 self.rulesets.remove(&ns);
                 self.routed.remove(&ns);
@@ -402,6 +422,34 @@ impl VpcHost {
             }
         }
         self.rulesets.insert(ns.into(), plan);
+        Ok(())
+    }
+
+    /// The VPC's DNS server on its nameserver address (on the namespace's `lo`, so
+    /// the pods' queries are delivered locally; no service DNATs it): started once,
+    /// then given the view of each new state.
+    fn serve_dns(&mut self, state: &VpcState, local: &LocalVpc) -> Result<(), HostError> {
+        let view = DnsView::new(state);
+        let ip = local.nameserver;
+        if let Some(server) = self.dns.get(&local.netns) {
+            if server.addr.ip() == ip {
+                server.set_view(view);
+                return Ok(());
+            }
+        }
+        // The old server goes first: its sockets hold the port.
+        self.dns.remove(&local.netns);
+        let ns = local.netns.as_str();
+        let host = IpNet::from(ip).to_string();
+        let mut add = vec!["ip", "-n", ns, "address", "replace", &host, "dev", "lo"];
+        if ip.is_ipv6() {
+            // Bound at once: no duplicate address detection to wait for.
+            add.push("nodad");
+        }
+        run(&add)?;
+        let server = DnsServer::start(ns, ip, self.upstreams.clone(), view)?;
+        tracing::info!(netns = %ns, %ip, "serving the VPC's DNS");
+        self.dns.insert(local.netns.clone(), server);
         Ok(())
     }
 }
