@@ -1,0 +1,109 @@
+//! VPCs on the test bed: asking a node's agent for a VPC as the CNI plugin does,
+//! reaching the agent's VPC namespaces from the test, and plugging pods into them.
+//!
+//! Included by a test crate that also has `mod support;` (as `#[path] mod`), so it
+//! does not touch `support/mod.rs`.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wiremesh_agent::vpc::{LocalVpc, LOCAL_VPC_FILE, VPCS_DIR};
+use wiremesh_host::{netns, pod};
+use wiremesh_testkit::{random_suffix, wait_until, Netns};
+
+use crate::support::Mesh;
+
+/// `wiremesh <line>` (words split at spaces) against the mesh's registry, which must
+/// succeed: its stdout.
+pub fn cli(mesh: &Mesh, line: &str) -> String {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let out = mesh.wiremesh(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "wiremesh {args:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The clusterIP `wiremesh service create` printed last on its line.
+pub fn cluster_ip(created: &str) -> String {
+    created
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Node `i`'s agent's answer for `vpc`, asked for through the state directory (a
+/// `vpcs/<vpc>/` directory, as the CNI plugin makes).
+pub fn join_vpc(mesh: &Mesh, i: usize, vpc: &str) -> LocalVpc {
+    let dir: PathBuf = mesh.state_dir(i).join(VPCS_DIR).join(vpc);
+    std::fs::create_dir_all(&dir).unwrap();
+    let answer = dir.join(LOCAL_VPC_FILE);
+    let hosted = wait_until(Duration::from_secs(20), || answer.exists());
+    assert!(hosted, "node {i} did not host {vpc}:\n{}", mesh.log(i));
+    serde_json::from_slice(&std::fs::read(&answer).unwrap()).unwrap()
+}
+
+/// Agents' VPC namespaces under names of this test's own, unmounted on Drop.
+///
+/// An agent makes its namespaces in a mount namespace of its own, so their names
+/// mean nothing here: the test binds `/proc/<agent>/root/run/netns/<name>` to a
+/// fresh name. The agent's names stay behind here as empty files: they go too.
+#[derive(Default)]
+pub struct VpcNamespaces(Vec<String>);
+
+impl VpcNamespaces {
+    /// A name here for namespace `name` of the agent with pid `agent`.
+    pub fn bind(&mut self, agent: u32, name: &str) -> String {
+        let here = format!("t{}", random_suffix(8));
+        let target = netns::path_of(&here);
+        std::fs::File::create(&target).unwrap();
+        self.0.push(here.clone());
+        self.0.push(name.to_owned());
+        // `/run`, not the `/var/run` symlink, which would resolve in this root.
+        let source = format!("/proc/{agent}/root/run/netns/{name}");
+        let out = std::process::Command::new("mount")
+            .args(["--bind", "--no-canonicalize", &source])
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bind {source}: {out:?}");
+        here
+    }
+}
+
+impl Drop for VpcNamespaces {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = netns::delete(name);
+            let _ = std::fs::remove_file(netns::path_of(name));
+        }
+    }
+}
+
+/// A pod namespace wired into VPC namespace `node_ns` (this test's name for it) as
+/// the CNI plugin wires one, at host `n` of the node's IPv4 block.
+pub fn attach_pod(local: &LocalVpc, node_ns: &str, n: usize) -> (Netns, Ipv4Addr) {
+    let ns = Netns::new("vpod").unwrap();
+    let block = local
+        .pod_cidrs
+        .iter()
+        .find_map(|c| match c {
+            ipnet::IpNet::V4(b) => Some(*b),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .expect("an IPv4 block");
+    let ip = block.hosts().nth(n).unwrap();
+    pod::attach(&pod::PodLink {
+        node_netns: Some(node_ns),
+        pod_netns: &netns::path_of(ns.name()),
+        host_if: &format!("p{}", random_suffix(8)),
+        pod_if: "eth0",
+        pod_ip: ip,
+        mtu: local.mtu,
+    })
+    .expect("pod link");
+    (ns, ip)
+}
