@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use wiremesh_host::{nft, route, uapi_client, HostError};
 use wiremesh_model::{FieldError, Location, Node, NodeName, PrivateKey};
-use wiremesh_topology::{compute, forwarding_probe, Topology};
+use wiremesh_topology::relay::{self, DirectAttempt, DirectWatch};
+use wiremesh_topology::{compute, forwarding_probe, Snapshot, Topology};
 use wiremesh_uapi::SetRequest;
 
 use crate::device::DeviceBackend;
@@ -151,6 +152,8 @@ pub fn run(
         leader_preference: config.leader_preference,
         observed_endpoints: Default::default(),
         suspected_leaders: Default::default(),
+        unreachable_direct: Default::default(),
+        relay_ports: Default::default(),
         last_seen: unix_now(),
     };
     let mut state = LoopState {
@@ -160,6 +163,9 @@ pub fn run(
         })?,
         last_keepalive: Instant::now(),
         vpcs: crate::vpc::VpcHost::new(&config, &socket),
+        snapshot: None,
+        direct: DirectWatch::default(),
+        relays: crate::relay::Relays::new(config.public_endpoint.map(|e| e.ip())),
     };
     let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
     let prober = crate::prober::Prober::start().map_err(AgentError::Device)?;
@@ -218,6 +224,11 @@ pub fn run(
                 Err(e) => tracing::warn!("publishing suspected leaders failed: {e}"),
             }
         }
+        match watch_direct_paths(&socket, &mut me, &mut state) {
+            Ok(true) => dirty = true,
+            Ok(false) => {}
+            Err(e) => tracing::warn!("publishing unreachable peers failed: {e}"),
+        }
         match rotate_key(&config, &socket, &mut me, &mut state) {
             Ok(Some(key)) => {
                 private_key = key;
@@ -251,6 +262,9 @@ pub fn run(
                     dirty = false;
                     device_changed = changed;
                     m.reconciles += 1;
+                    if let Some(snapshot) = &state.snapshot {
+                        m.paths = peer_paths(snapshot, &me.name);
+                    }
                 }
                 Err(e) => {
                     m.reconcile_errors += 1;
@@ -272,9 +286,11 @@ pub fn run(
                 Err(e) => tracing::debug!("status not published: {e}"),
             }
             // Only wiremesh-wg answers; other devices leave the drop counters out.
+            let mut m = metrics.lock().unwrap_or_else(PoisonError::into_inner);
             if let Ok(stats) = uapi_client::stats(&socket) {
-                metrics.lock().unwrap_or_else(PoisonError::into_inner).drops = stats.dropped;
+                m.drops = stats.dropped;
             }
+            m.relayed = state.relays.counts();
         }
     }
     if config.leave_on_exit {
@@ -347,6 +363,12 @@ struct LoopState {
     firewall: Option<String>,
     last_keepalive: Instant,
     vpcs: crate::vpc::VpcHost,
+    /// The snapshot of the last reconcile, for the checks between reconciles.
+    snapshot: Option<Snapshot>,
+    /// The direct paths to NATed peers being tried (see `wiremesh_topology::relay`).
+    direct: DirectWatch,
+    /// The pairs of NATed nodes this node relays.
+    relays: crate::relay::Relays,
 }
 
 impl LoopState {
@@ -431,10 +453,66 @@ fn reconcile(
         me.observed_endpoints = observed;
         state.membership.publish(me)?;
     }
+    let relay_ports = state.relays.serve(&relay::served_by(&snapshot, &me.name));
+    if relay_ports != me.relay_ports {
+        me.relay_ports = relay_ports;
+        state.membership.publish(me)?;
+    }
     state
         .vpcs
         .reconcile(registry, &snapshot, &mut *state.membership)?;
+    state.snapshot = Some(snapshot);
     Ok(request.is_some() || !plan.is_empty())
+}
+
+/// Check the direct paths to NATed peers against the device's handshakes, and
+/// publish the peers found unreachable (their pairs then go through a relay).
+/// Whether the record changed.
+fn watch_direct_paths(
+    socket: &std::path::Path,
+    me: &mut Node,
+    state: &mut LoopState,
+) -> Result<bool, AgentError> {
+    let Some(snapshot) = &state.snapshot else {
+        return Ok(false);
+    };
+    if !me.behind_nat() {
+        return Ok(false);
+    }
+    let device = uapi_client::get(socket)?;
+    let attempts = snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let peer = device.peers.iter().find(|p| p.public_key == n.public_key)?;
+            let attempt = DirectAttempt {
+                endpoint: peer.endpoint,
+                last_handshake: peer.last_handshake_time_sec,
+            };
+            Some((n.name.clone(), attempt))
+        })
+        .collect();
+    let unreachable = state.direct.update(snapshot, me, &attempts, unix_now());
+    if unreachable == me.unreachable_direct {
+        return Ok(false);
+    }
+    tracing::info!(?unreachable, "NATed peers unreachable directly; relaying");
+    me.unreachable_direct = unreachable;
+    state.membership.publish(me)?;
+    Ok(true)
+}
+
+/// The path to each node this node peers with, by peer name.
+fn peer_paths(
+    snapshot: &Snapshot,
+    me: &NodeName,
+) -> std::collections::BTreeMap<String, relay::Path> {
+    snapshot
+        .nodes
+        .iter()
+        .filter(|n| &n.name != me)
+        .map(|n| (n.name.to_string(), relay::path(snapshot, me, &n.name)))
+        .collect()
 }
 
 fn publish_status(

@@ -21,6 +21,7 @@ pub mod mtu;
 pub mod plan;
 pub mod prober;
 pub mod registry;
+pub mod relay;
 pub mod underlay;
 pub mod vpc;
 

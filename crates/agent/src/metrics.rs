@@ -1,5 +1,6 @@
-//! Prometheus metrics of the agent: reconcile counts and timing, and per-peer
-//! traffic and handshake age as the device reports them. The loop writes a
+//! Prometheus metrics of the agent: reconcile counts and timing, per-peer
+//! traffic and handshake age as the device reports them, the path to each peer
+//! (direct or through a relay), and what this node relays. The loop writes a
 //! [`Metrics`] value; a small HTTP thread serves its text rendering on `/metrics`.
 
 use std::collections::BTreeMap;
@@ -8,6 +9,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use wiremesh_model::NodePair;
+use wiremesh_topology::relay::Path;
 
 use crate::registry::PeerStatus;
 
@@ -23,6 +27,10 @@ pub struct Metrics {
     pub now: u64,
     /// Packets the device dropped, by reason (empty for devices that do not say).
     pub drops: BTreeMap<String, u64>,
+    /// The path to each node, by name; a peer not listed (an external one) is direct.
+    pub paths: BTreeMap<String, Path>,
+    /// Datagrams forwarded and dropped per pair this node relays.
+    pub relayed: BTreeMap<NodePair, (u64, u64)>,
 }
 
 fn escape(label: &str) -> String {
@@ -103,6 +111,44 @@ pub fn render(m: &Metrics) -> String {
             .collect::<Vec<_>>(),
     );
     family(
+        "wiremesh_peer_path",
+        "gauge",
+        "1 for the path traffic to the peer takes: direct, or relayed via a node.",
+        &m.peers
+            .iter()
+            .map(|p| {
+                let labels = match m.paths.get(&p.name) {
+                    Some(Path::Relayed { via }) => {
+                        format!("path=\"relayed\",via=\"{}\"", escape(via.as_str()))
+                    }
+                    _ => "path=\"direct\",via=\"\"".to_owned(),
+                };
+                (
+                    format!(",peer=\"{}\",{labels}", escape(&p.name)),
+                    "1".into(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let per_pair = |count: fn(&(u64, u64)) -> u64| -> Vec<(String, String)> {
+        m.relayed
+            .iter()
+            .map(|(pair, c)| (format!(",pair=\"{pair}\""), count(c).to_string()))
+            .collect()
+    };
+    family(
+        "wiremesh_relay_forwarded_packets_total",
+        "counter",
+        "Datagrams this node relayed between a pair of NATed nodes.",
+        &per_pair(|c| c.0),
+    );
+    family(
+        "wiremesh_relay_dropped_packets_total",
+        "counter",
+        "Datagrams this node's relay dropped (not WireGuard, or the far end unknown yet).",
+        &per_pair(|c| c.1),
+    );
+    family(
         "wiremesh_dropped_packets_total",
         "counter",
         "Packets the WireGuard device dropped, by reason (wiremesh-wg only).",
@@ -162,6 +208,16 @@ mod tests {
             }],
             now: 100,
             drops: BTreeMap::from([("disallowed_source".to_owned(), 7)]),
+            paths: BTreeMap::from([(
+                "b\"1".to_owned(),
+                Path::Relayed {
+                    via: "p1".parse().unwrap(),
+                },
+            )]),
+            relayed: BTreeMap::from([(
+                NodePair::new("x".parse().unwrap(), "y".parse().unwrap()).unwrap(),
+                (12, 1),
+            )]),
             ..Default::default()
         };
         let text = render(&m);
@@ -186,6 +242,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE wiremesh_peer_transmit_bytes_total counter"));
+        assert!(
+            text.contains(
+                "wiremesh_peer_path{node=\"a1\",peer=\"b\\\"1\",path=\"relayed\",via=\"p1\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_relay_forwarded_packets_total{node=\"a1\",pair=\"x/y\"} 12\n"),
+            "{text}"
+        );
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use wiremesh_agent::{NodeStatus, Registry};
-use wiremesh_topology::{leaders, render_dot, Snapshot};
+use wiremesh_model::NodeName;
+use wiremesh_topology::{leaders, relay, render_dot, Snapshot};
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -98,7 +99,7 @@ pub fn render(
     );
     let _ = writeln!(
         out,
-        "{:<12} {:<12} {:<22} {:<16} {:>10} {:>10}",
+        "{:<12} {:<12} {:<22} {:<16} {:>10} {:>10}  PATH",
         "NODE", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"
     );
     let mut statuses: Vec<_> = statuses.iter().collect();
@@ -110,13 +111,14 @@ pub fn render(
             let endpoint = p.endpoint.map_or("-".into(), |e| e.to_string());
             let _ = writeln!(
                 out,
-                "{:<12} {:<12} {:<22} {:<16} {:>10} {:>10}",
+                "{:<12} {:<12} {:<22} {:<16} {:>10} {:>10}  {}",
                 st.node,
                 p.name,
                 endpoint,
                 age(p.last_handshake, now),
                 bytes(p.rx_bytes),
-                bytes(p.tx_bytes)
+                bytes(p.tx_bytes),
+                path(snapshot, &st.node, &p.name)
             );
         }
     }
@@ -130,6 +132,15 @@ pub fn render(
         }
     }
     out
+}
+
+/// How traffic between node `node` and its peer `peer` travels; an external peer,
+/// or a name the snapshot no longer has, is reached directly.
+fn path(snapshot: &Snapshot, node: &str, peer: &str) -> relay::Path {
+    match (node.parse::<NodeName>(), peer.parse::<NodeName>()) {
+        (Ok(node), Ok(peer)) => relay::path(snapshot, &node, &peer),
+        _ => relay::Path::Direct,
+    }
 }
 
 pub fn print(registry: &dyn Registry, json: bool) -> Result<()> {

@@ -113,6 +113,20 @@ fn nodes_behind_two_cone_nats_reach_each_other_directly() {
         endpoints.contains("\t10.99.0.253:"),
         "x has no tunnel ending at y's NAT router (10.99.0.253):\n{endpoints}"
     );
+    // And status says so, for both ends.
+    for (from, to) in [(x, y), (y, x)] {
+        let mut path = None;
+        wait_until(Duration::from_secs(15), || {
+            path = mesh.path_in_status(from, to);
+            path.is_some()
+        });
+        assert_eq!(
+            path.as_deref(),
+            Some("direct"),
+            "{}",
+            String::from_utf8_lossy(&mesh.wiremesh(&["status"]).stdout)
+        );
+    }
 }
 
 #[test]

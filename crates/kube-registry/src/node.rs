@@ -34,9 +34,13 @@ pub const PERSISTENT_KEEPALIVE: &str = "wiremesh.io/persistent-keepalive";
 pub const OBSERVED_ENDPOINTS: &str = "wiremesh.io/observed-endpoints";
 /// Comma-separated node names: leaders this node's probes failed through.
 pub const SUSPECTED_LEADERS: &str = "wiremesh.io/suspected-leaders";
+/// Comma-separated node names: NATed nodes this node reaches only through a relay.
+pub const UNREACHABLE_DIRECT: &str = "wiremesh.io/unreachable-direct";
+/// JSON object `{"a/b": [port facing a, port facing b]}`: the pairs this node relays.
+pub const RELAY_PORTS: &str = "wiremesh.io/relay-ports";
 
 /// Every annotation wiremesh reads or writes on a Node, in the order they are documented.
-pub const ANNOTATIONS: [&str; 8] = [
+pub const ANNOTATIONS: [&str; 10] = [
     PUBLIC_KEY,
     LOCATION,
     PUBLIC_ENDPOINT,
@@ -45,6 +49,8 @@ pub const ANNOTATIONS: [&str; 8] = [
     PERSISTENT_KEEPALIVE,
     OBSERVED_ENDPOINTS,
     SUSPECTED_LEADERS,
+    UNREACHABLE_DIRECT,
+    RELAY_PORTS,
 ];
 
 /// The well-known label a node's location falls back to.
@@ -126,6 +132,30 @@ pub fn node_from_kube(
         })
         .transpose()?
         .unwrap_or_default();
+    let relay_ports: BTreeMap<String, [u16; 2]> = annotations
+        .get(RELAY_PORTS)
+        .map(|s| {
+            serde_json::from_str(s).map_err(|e| {
+                FieldError::new(
+                    annotation_field(RELAY_PORTS),
+                    format!("not a JSON object of \"a/b\" to [port, port]: {e}"),
+                )
+            })
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let names = |annotation: &str| -> Vec<String> {
+        annotations
+            .get(annotation)
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let record = NodeRecord {
         name: name.clone(),
         location,
@@ -138,16 +168,9 @@ pub fn node_from_kube(
         persistent_keepalive,
         leader_preference,
         observed_endpoints,
-        suspected_leaders: annotations
-            .get(SUSPECTED_LEADERS)
-            .map(|s| {
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        suspected_leaders: names(SUSPECTED_LEADERS),
+        unreachable_direct: names(UNREACHABLE_DIRECT),
+        relay_ports,
         last_seen,
     };
     let mut node = Node::try_from(record).map_err(|e| {
@@ -174,6 +197,8 @@ fn kube_field(model_field: &str, location_field: &str) -> String {
         "persistent_keepalive" => annotation_field(PERSISTENT_KEEPALIVE),
         f if f.starts_with("observed_endpoints") => annotation_field(OBSERVED_ENDPOINTS),
         f if f.starts_with("suspected_leaders") => annotation_field(SUSPECTED_LEADERS),
+        f if f.starts_with("unreachable_direct") => annotation_field(UNREACHABLE_DIRECT),
+        f if f.starts_with("relay_ports") => annotation_field(RELAY_PORTS),
         other => other.into(),
     }
 }
@@ -190,6 +215,20 @@ pub fn node_annotations(node: &Node) -> BTreeMap<&'static str, Option<String>> {
             .collect();
         serde_json::to_string(&map).expect("a map of strings always serializes")
     });
+    let relay_ports = (!node.relay_ports.is_empty()).then(|| {
+        let map: BTreeMap<String, [u16; 2]> = node
+            .relay_ports
+            .iter()
+            .map(|(pair, ports)| (pair.to_string(), *ports))
+            .collect();
+        serde_json::to_string(&map).expect("a map of ports always serializes")
+    });
+    let names = |set: &std::collections::BTreeSet<wiremesh_model::NodeName>| {
+        (!set.is_empty()).then(|| {
+            let names: Vec<String> = set.iter().map(|n| n.to_string()).collect();
+            names.join(",")
+        })
+    };
     BTreeMap::from([
         (PUBLIC_KEY, Some(node.public_key.to_string())),
         (LOCATION, Some(node.location.to_string())),
@@ -207,17 +246,9 @@ pub fn node_annotations(node: &Node) -> BTreeMap<&'static str, Option<String>> {
             node.persistent_keepalive.map(|k| k.to_string()),
         ),
         (OBSERVED_ENDPOINTS, observed),
-        (
-            SUSPECTED_LEADERS,
-            (!node.suspected_leaders.is_empty()).then(|| {
-                let names: Vec<String> = node
-                    .suspected_leaders
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect();
-                names.join(",")
-            }),
-        ),
+        (SUSPECTED_LEADERS, names(&node.suspected_leaders)),
+        (UNREACHABLE_DIRECT, names(&node.unreachable_direct)),
+        (RELAY_PORTS, relay_ports),
     ])
 }
 
@@ -228,14 +259,20 @@ pub fn node_patch(node: &Node) -> serde_json::Value {
 }
 
 /// The merge patch that takes a node out of the mesh: the annotations its agent
-/// learned (public key, observed endpoints, suspected leaders) removed; those an administrator sets
+/// learned (public key, observed endpoints, suspected leaders, relay state) removed; those an administrator sets
 /// (location, endpoints, leader preference, keepalive) stay for the next agent to
 /// read. A Node without a public key is not in the mesh.
 pub fn leave_patch() -> serde_json::Value {
-    let none: BTreeMap<&str, Option<String>> = [PUBLIC_KEY, OBSERVED_ENDPOINTS, SUSPECTED_LEADERS]
-        .into_iter()
-        .map(|a| (a, None))
-        .collect();
+    let none: BTreeMap<&str, Option<String>> = [
+        PUBLIC_KEY,
+        OBSERVED_ENDPOINTS,
+        SUSPECTED_LEADERS,
+        UNREACHABLE_DIRECT,
+        RELAY_PORTS,
+    ]
+    .into_iter()
+    .map(|a| (a, None))
+    .collect();
     serde_json::json!({ "metadata": { "annotations": none } })
 }
 
@@ -361,6 +398,8 @@ mod tests {
                 "198.51.100.7:40000".parse().unwrap(),
             )]),
             suspected_leaders: ["a2".parse().unwrap()].into(),
+            unreachable_direct: ["c1".parse().unwrap()].into(),
+            relay_ports: BTreeMap::from([("b1/c1".parse().unwrap(), [51900, 51901])]),
             last_seen: 1_700_000_000,
         }
     }
@@ -413,6 +452,8 @@ mod tests {
         node.leader_preference = 0;
         node.observed_endpoints.clear();
         node.suspected_leaders.clear();
+        node.unreachable_direct.clear();
+        node.relay_ports.clear();
         let o = annotated(&node);
         assert_eq!(
             o.metadata.annotations.as_ref().unwrap().len(),
@@ -516,6 +557,16 @@ mod tests {
             (OBSERVED_ENDPOINTS, bad_endpoint),
             &a(OBSERVED_ENDPOINTS),
         );
+        check(
+            "a1",
+            cidr,
+            (UNREACHABLE_DIRECT, "b1,C1"),
+            &a(UNREACHABLE_DIRECT),
+        );
+        check("a1", cidr, (RELAY_PORTS, "[1]"), &a(RELAY_PORTS));
+        for bad_ports in [r#"{"c1/b1": [1, 2]}"#, r#"{"b1/c1": [0, 2]}"#] {
+            check("a1", cidr, (RELAY_PORTS, bad_ports), &a(RELAY_PORTS));
+        }
         // Not annotations, but named the same way.
         check("a1", None, (LOCATION, "x"), "spec.podCIDR");
         check("a1", Some("10.42.3.1/24"), (LOCATION, "x"), "spec.podCIDR");
@@ -540,6 +591,7 @@ mod tests {
         node.observed_endpoints.clear();
         node.leader_preference = 0;
         node.suspected_leaders.clear();
+        node.relay_ports.clear();
         let expected = serde_json::json!({"metadata": {"annotations": {
             "wiremesh.io/public-key": KEY,
             "wiremesh.io/location": "cloud-a",
@@ -549,12 +601,23 @@ mod tests {
             "wiremesh.io/persistent-keepalive": "25",
             "wiremesh.io/observed-endpoints": null,
             "wiremesh.io/suspected-leaders": null,
+            "wiremesh.io/unreachable-direct": "c1",
+            "wiremesh.io/relay-ports": null,
         }}});
         assert_eq!(node_patch(&node), expected);
         let leave = leave_patch();
         let removed = leave["metadata"]["annotations"].as_object().unwrap();
         let keys: Vec<&str> = removed.keys().map(String::as_str).collect();
-        assert_eq!(keys, [OBSERVED_ENDPOINTS, PUBLIC_KEY, SUSPECTED_LEADERS]);
+        assert_eq!(
+            keys,
+            [
+                OBSERVED_ENDPOINTS,
+                PUBLIC_KEY,
+                RELAY_PORTS,
+                SUSPECTED_LEADERS,
+                UNREACHABLE_DIRECT
+            ]
+        );
         assert!(removed.values().all(|v| v.is_null()));
     }
 

@@ -264,6 +264,8 @@ async fn publish_sends_one_merge_patch_of_the_annotations() {
             "198.51.100.7:40000".parse().unwrap(),
         )]),
         suspected_leaders: Default::default(),
+        unreachable_direct: Default::default(),
+        relay_ports: Default::default(),
         last_seen: NOW,
     };
     let (client, server) = serve(|_, _| (200, node_object("a1", "10.42.1.0/24", &[])));

@@ -14,7 +14,7 @@ mod settings;
 
 pub use error::FieldError;
 pub use name::{Location, NodeName, PeerName};
-pub use node::{Node, NodeRecord};
+pub use node::{Node, NodePair, NodeRecord};
 pub use peer::{ExternalPeer, ExternalPeerRecord};
 pub use settings::{mesh_ula_from, ClusterSettings, ClusterSettingsRecord, Granularity};
 pub use wiremesh_uapi::{PrivateKey, PublicKey};

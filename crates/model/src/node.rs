@@ -34,6 +34,13 @@ pub struct Node {
     /// nodes suspecting its leader takes the leadership away (see
     /// `wiremesh_topology::leaders`).
     pub suspected_leaders: BTreeSet<NodeName>,
+    /// Nodes behind NAT in other locations this node never completed a handshake
+    /// with on the direct path: the pair is carried through a relay (see
+    /// `wiremesh_topology::relay`). Sticky: a pair does not go back to direct.
+    pub unreachable_direct: BTreeSet<NodeName>,
+    /// The UDP ports this node relays on, per pair it serves: the first port faces
+    /// the pair's first node, the second port its second.
+    pub relay_ports: BTreeMap<NodePair, [u16; 2]>,
     /// Unix seconds of the node's last heartbeat.
     pub last_seen: u64,
 }
@@ -59,6 +66,11 @@ pub struct NodeRecord {
     pub observed_endpoints: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub suspected_leaders: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable_direct: Vec<String>,
+    /// `"<a>/<b>"` (names in sorted order) → `[port facing a, port facing b]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub relay_ports: BTreeMap<String, [u16; 2]>,
     #[serde(default)]
     pub last_seen: u64,
 }
@@ -138,6 +150,27 @@ impl TryFrom<NodeRecord> for Node {
                 NodeName::try_from(n.clone()).map_err(|e| within(e.within("suspected_leaders")))
             })
             .collect::<Result<_, _>>()?;
+        let unreachable_direct = r
+            .unreachable_direct
+            .iter()
+            .map(|n| {
+                NodeName::try_from(n.clone()).map_err(|e| within(e.within("unreachable_direct")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut relay_ports = BTreeMap::new();
+        for (pair, ports) in &r.relay_ports {
+            let field = format!("relay_ports.{pair}");
+            let key: NodePair = pair
+                .parse()
+                .map_err(|e: FieldError| within(e.within("relay_ports")))?;
+            if ports.contains(&0) || ports[0] == ports[1] {
+                return Err(within(FieldError::new(
+                    field,
+                    format!("{ports:?} needs two different ports, neither 0"),
+                )));
+            }
+            relay_ports.insert(key, *ports);
+        }
         Ok(Node {
             name,
             location,
@@ -150,6 +183,8 @@ impl TryFrom<NodeRecord> for Node {
             leader_preference: r.leader_preference,
             observed_endpoints,
             suspected_leaders,
+            unreachable_direct,
+            relay_ports,
             last_seen: r.last_seen,
         })
     }
@@ -173,6 +208,12 @@ impl From<&Node> for NodeRecord {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             suspected_leaders: n.suspected_leaders.iter().map(|n| n.to_string()).collect(),
+            unreachable_direct: n.unreachable_direct.iter().map(|n| n.to_string()).collect(),
+            relay_ports: n
+                .relay_ports
+                .iter()
+                .map(|(pair, ports)| (pair.to_string(), *ports))
+                .collect(),
             last_seen: n.last_seen,
         }
     }
@@ -196,6 +237,82 @@ impl Node {
     }
 }
 
+/// Two different nodes, in name order: the key of a relayed pair, written `a/b`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodePair {
+    first: NodeName,
+    second: NodeName,
+}
+
+impl NodePair {
+    /// The pair of `a` and `b` in either order; `None` if they are the same node.
+    pub fn new(a: NodeName, b: NodeName) -> Option<NodePair> {
+        match a.cmp(&b) {
+            std::cmp::Ordering::Less => Some(NodePair {
+                first: a,
+                second: b,
+            }),
+            std::cmp::Ordering::Greater => Some(NodePair {
+                first: b,
+                second: a,
+            }),
+            std::cmp::Ordering::Equal => None,
+        }
+    }
+
+    pub fn first(&self) -> &NodeName {
+        &self.first
+    }
+
+    pub fn second(&self) -> &NodeName {
+        &self.second
+    }
+
+    /// 0 if `node` is the first of the pair, 1 if the second: its index in `[u16; 2]`
+    /// port arrays.
+    pub fn side_of(&self, node: &NodeName) -> Option<usize> {
+        [&self.first, &self.second].iter().position(|n| *n == node)
+    }
+
+    /// The other node of the pair.
+    pub fn other(&self, node: &NodeName) -> Option<&NodeName> {
+        match self.side_of(node)? {
+            0 => Some(&self.second),
+            _ => Some(&self.first),
+        }
+    }
+}
+
+impl std::fmt::Display for NodePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.first, self.second)
+    }
+}
+
+impl std::str::FromStr for NodePair {
+    type Err = FieldError;
+
+    /// `a/b` with `a` before `b`: one spelling per pair, so two records cannot name
+    /// the same pair twice.
+    fn from_str(s: &str) -> Result<Self, FieldError> {
+        let (a, b) = s
+            .split_once('/')
+            .ok_or_else(|| FieldError::new(s, "is not a node pair \"a/b\""))?;
+        let a: NodeName = a.parse().map_err(|e: FieldError| e.within(s))?;
+        let b: NodeName = b.parse().map_err(|e: FieldError| e.within(s))?;
+        if a >= b {
+            return Err(FieldError::new(
+                s,
+                "names a pair out of order or twice the same node (write \"a/b\" with a < b)",
+            ));
+        }
+        Ok(NodePair {
+            first: a,
+            second: b,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +332,8 @@ mod tests {
             leader_preference: 0,
             observed_endpoints: BTreeMap::new(),
             suspected_leaders: vec!["a2".into()],
+            unreachable_direct: vec!["b1".into()],
+            relay_ports: BTreeMap::from([("b1/c1".into(), [51900, 51901])]),
             last_seen: 1,
         }
     }
@@ -251,6 +370,44 @@ mod tests {
             |r| r.suspected_leaders = vec!["Not A Name".into()],
             "node a1.suspected_leaders.name",
         );
+        check(
+            |r| r.unreachable_direct = vec!["B1".into()],
+            "node a1.unreachable_direct.name",
+        );
+        fn ports(key: &str, ports: [u16; 2]) -> BTreeMap<String, [u16; 2]> {
+            BTreeMap::from([(key.to_owned(), ports)])
+        }
+        check(
+            |r| r.relay_ports = ports("c1/b1", [1, 2]),
+            "node a1.relay_ports.c1/b1",
+        );
+        check(
+            |r| r.relay_ports = ports("b1", [1, 2]),
+            "node a1.relay_ports.b1",
+        );
+        check(
+            |r| r.relay_ports = ports("b1/B2", [1, 2]),
+            "node a1.relay_ports.b1/B2.name",
+        );
+        check(
+            |r| r.relay_ports = ports("b1/c1", [0, 2]),
+            "node a1.relay_ports.b1/c1",
+        );
+        check(
+            |r| r.relay_ports = ports("b1/c1", [7, 7]),
+            "node a1.relay_ports.b1/c1",
+        );
+    }
+
+    #[test]
+    fn a_pair_has_one_spelling_and_two_sides() {
+        let (b, c): (NodeName, NodeName) = ("b1".parse().unwrap(), "c1".parse().unwrap());
+        let pair = NodePair::new(c.clone(), b.clone()).unwrap();
+        assert_eq!(pair.to_string(), "b1/c1");
+        assert_eq!(pair, "b1/c1".parse().unwrap());
+        assert_eq!((pair.side_of(&b), pair.side_of(&c)), (Some(0), Some(1)));
+        assert_eq!(pair.other(&b), Some(&c));
+        assert_eq!(NodePair::new(b.clone(), b), None);
     }
 
     #[test]

@@ -48,6 +48,8 @@ fn node(i: usize, locations: usize) -> Node {
         leader_preference: 0,
         observed_endpoints: BTreeMap::new(),
         suspected_leaders: Default::default(),
+        unreachable_direct: Default::default(),
+        relay_ports: Default::default(),
         last_seen: 0,
     }
 }

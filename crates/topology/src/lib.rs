@@ -17,6 +17,7 @@ mod dot;
 mod external;
 pub mod ipam;
 mod leader;
+pub mod relay;
 mod topology;
 
 use wiremesh_model::{ClusterSettings, ExternalPeer, Node};

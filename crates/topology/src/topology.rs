@@ -17,6 +17,7 @@ use wiremesh_model::{
 };
 use wiremesh_vpc::wire::MeshPrefix;
 
+use crate::relay::{relay_endpoint, relayed_pairs};
 use crate::{leaders, Snapshot};
 
 /// Everything one node should have configured, sorted so that equal topologies
@@ -139,6 +140,7 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
     let mut plan = Plan {
         me,
         nodes: &nodes,
+        relays: relayed_pairs(snapshot),
         peers: BTreeMap::new(),
         gateways: Vec::new(),
     };
@@ -266,6 +268,8 @@ fn node_named<'a>(nodes: &[&'a Node], name: &NodeName) -> &'a Node {
 struct Plan<'a> {
     me: &'a Node,
     nodes: &'a [&'a Node],
+    /// Pairs of nodes carried by a relay, and the relay ([`crate::relay`]).
+    relays: BTreeMap<wiremesh_model::NodePair, NodeName>,
     peers: BTreeMap<PublicKey, Peer>,
     gateways: Vec<Route>,
 }
@@ -275,16 +279,18 @@ impl Plan<'_> {
     /// follower's leader gets its own prefixes, then the rest of the world's).
     fn node_peer(&mut self, m: &Node, prefixes: impl IntoIterator<Item = IpNet>) {
         let (me, nodes) = (self.me, self.nodes);
+        // Through a relay, keepalive also holds the relay's view of our NAT mapping.
+        let relayed = relay_endpoint(&self.relays, nodes, &me.name, &m.name);
         let peer = self.peers.entry(m.public_key).or_insert_with(|| Peer {
             name: m.name.to_string(),
             kind: PeerKind::Node,
             public_key: m.public_key,
-            endpoint: endpoint_of(me, m, nodes),
+            endpoint: relayed.or_else(|| endpoint_of(me, m, nodes)),
             allowed_ips: Vec::new(),
-            persistent_keepalive: if m.location != me.location {
-                nat_keepalive(me)
-            } else {
-                None
+            persistent_keepalive: match (relayed, m.location != me.location) {
+                (Some(_), _) => nat_keepalive(me).or(Some(DEFAULT_NAT_KEEPALIVE_SECS)),
+                (None, true) => nat_keepalive(me),
+                (None, false) => None,
             },
         });
         peer.allowed_ips.extend(prefixes);

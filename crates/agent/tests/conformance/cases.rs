@@ -122,6 +122,8 @@ fn node(node: &NodeName, block: &ipam::NodeBlock, n: u8) -> Node {
         leader_preference: 0,
         observed_endpoints: Default::default(),
         suspected_leaders: Default::default(),
+        unreachable_direct: Default::default(),
+        relay_ports: Default::default(),
         last_seen: 0,
     }
 }

@@ -341,6 +341,8 @@ impl Bed {
             leader_preference: 0,
             observed_endpoints: Default::default(),
             suspected_leaders: Default::default(),
+            unreachable_direct: Default::default(),
+            relay_ports: Default::default(),
             last_seen: 0,
         };
         let lease = self.cluster.store.grant_lease(Duration::from_secs(3600))?;

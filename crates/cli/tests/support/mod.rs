@@ -68,6 +68,18 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// How a test NAT router maps a node's flows to its own ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// The flow's source port is kept where it can be, so one mapping serves every
+    /// destination (as most home routers do): two such NATs let a simultaneous
+    /// open through.
+    Cone,
+    /// Every flow gets a random port, so the mapping a public node observed is of
+    /// no use to another peer (as carrier-grade and many corporate NATs do).
+    Symmetric,
+}
+
 /// The fake Kubernetes API server of a mesh, and how agents find it.
 pub struct KubeFake {
     pub server: fake_kube::FakeApiServer,
@@ -391,13 +403,17 @@ impl Mesh {
         ip(&["-n", ns.name(), "link", "set", ifname, "up"]);
     }
 
-    /// Adds a NAT router (number `n`, from 0): `lan` address 10.99.0.(254 - n), and a
-    /// bridge of its own with 192.168.(77 + n).0/24 behind it. Its masquerade keeps
-    /// a flow's source port where it can, so one mapping serves every destination
-    /// (a "cone" NAT, as most home routers are), and like them it drops unsolicited
-    /// packets to itself: dropped before conntrack confirms them, they leave no entry
-    /// that would later push an outgoing flow onto another port. Returns `n`.
+    /// Adds a cone NAT router (see [`Mesh::add_nat_of`]). Returns its number.
     pub fn add_nat(&mut self) -> usize {
+        self.add_nat_of(Nat::Cone)
+    }
+
+    /// Adds a NAT router (number `n`, from 0): `lan` address 10.99.0.(254 - n), and a
+    /// bridge of its own with 192.168.(77 + n).0/24 behind it. Like home routers it
+    /// drops unsolicited packets to itself: dropped before conntrack confirms them,
+    /// they leave no entry that would later push an outgoing flow onto another port.
+    /// How it maps ports is `kind`'s. Returns `n`.
+    pub fn add_nat_of(&mut self, kind: Nat) -> usize {
         let n = self.nats.len();
         let bridge = Self::nat_bridge(n);
         ip(&[
@@ -415,8 +431,12 @@ impl Mesh {
         self.wire(&nat, "lan0", &bridge, &format!("192.168.{}.1/24", 77 + n));
         nat.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             .expect("forwarding");
-        let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" masquerade\n }\n chain in {\n  type filter hook input priority filter;\n  iifname \"wan0\" ct state new drop\n }\n}\n";
-        netns::enter(nat.name(), || wiremesh_host::nft::apply(rules))
+        let masquerade = match kind {
+            Nat::Cone => "masquerade",
+            Nat::Symmetric => "masquerade fully-random",
+        };
+        let rules = format!("table ip nat {{\n chain post {{\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" {masquerade}\n }}\n chain in {{\n  type filter hook input priority filter;\n  iifname \"wan0\" ct state new drop\n }}\n}}\n");
+        netns::enter(nat.name(), move || wiremesh_host::nft::apply(&rules))
             .unwrap()
             .expect("nat rules");
         self.nats.push(nat);
@@ -647,6 +667,24 @@ impl Mesh {
             .ns
             .exec_ok(&["ip", "route", "show", "proto", "52"])
             .unwrap_or_default()
+    }
+
+    /// The PATH `wiremesh status` shows for node `i`'s tunnel to node `peer`
+    /// (`direct`, `relayed via <node>`), once node `i` has reported that tunnel.
+    pub fn path_in_status(&self, i: usize, peer: usize) -> Option<String> {
+        let out = self.wiremesh(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (node, peer) = (&self.nodes[i].name, &self.nodes[peer].name);
+        text.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(node) && words.next() == Some(peer)).then(|| {
+                line.rsplit("  ")
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+        })
     }
 
     pub fn log(&self, i: usize) -> String {

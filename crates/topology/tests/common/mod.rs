@@ -32,6 +32,8 @@ pub fn node(
         leader_preference: 0,
         observed_endpoints: BTreeMap::new(),
         suspected_leaders: Default::default(),
+        unreachable_direct: Default::default(),
+        relay_ports: Default::default(),
         last_seen: 0,
     }
 }
