@@ -159,16 +159,27 @@ pub fn run(
         progress.set_message(format!("{} ({}): bringing up", run.vpn, run.shape));
         let mut bed_view = bed.bed.clone();
         bed_view.work_dir = work.0.join(format!("{}-{}", run.vpn, run.shape));
-        let outcome = match driver.up(&bed_view, shape) {
+        // Where a VPN's time goes, printed with its verdict (what `--quick` spends).
+        let started = Instant::now();
+        let up = driver.up(&bed_view, shape);
+        let up_took = started.elapsed();
+        let outcome = match up {
             Ok(()) => run.measure(&**driver, &mut report),
             Err(e) => Err(e.into()),
         };
+        let measured = Instant::now();
         let stopped = driver.down();
         progress.inc(SETUP_ESTIMATE.as_secs());
         match outcome {
             Ok(mut honesty) => {
                 honesty.stopped_when_down = stopped.is_ok() && run.pods_unreachable()?;
                 honesty.passed &= honesty.stopped_when_down;
+                let timing = format!(
+                    "up {:.1} s, check and points {:.1} s, down and check {:.1} s",
+                    up_took.as_secs_f64(),
+                    (measured - started - up_took).as_secs_f64(),
+                    measured.elapsed().as_secs_f64()
+                );
                 let verdict = if honesty.passed {
                     "passed".to_string()
                 } else {
@@ -177,8 +188,12 @@ pub fn run(
                         honesty.reached_pods, honesty.plaintext_packets, honesty.stopped_when_down
                     )
                 };
-                progress
-                    .suspend(|| println!("{} ({}): honesty check {verdict}", run.vpn, run.shape));
+                progress.suspend(|| {
+                    println!(
+                        "{} ({}): honesty check {verdict} ({timing})",
+                        run.vpn, run.shape
+                    )
+                });
                 report.honesty.push(honesty);
             }
             Err(RunError::Bench(e)) => {
@@ -349,10 +364,12 @@ impl VpnRun<'_> {
     }
 
     fn pods_unreachable(&self) -> Result<bool, BenchError> {
+        // A VPN that still carried traffic answers within milliseconds; waiting
+        // longer proves nothing more.
         let probes = self.first_success(
             self.bed.direct_pods(),
-            Duration::from_millis(300),
-            Duration::from_secs(2),
+            Duration::from_millis(250),
+            Duration::from_secs(1),
         )?;
         Ok(probes.iter().all(Option::is_none))
     }

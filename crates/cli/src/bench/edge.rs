@@ -16,7 +16,8 @@ use wiremesh_edge_bench::{harness, vpn};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A subset for CI, about 15 s a VPN (2 workers, one short point per axis, no address change).
+    /// A subset for CI, about 8 s a VPN (2 workers, one short point per axis repeated
+    /// twice, a 0.5 s flap, no address change).
     #[arg(long)]
     quick: bool,
     /// Results folder: report.json, raw/ (per VPN), results.md and the SVG plots.
