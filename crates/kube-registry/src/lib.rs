@@ -15,6 +15,7 @@
 //! | `vpcs/<vpc>/members/<node>`, `blocks/*` | an entry of that Vpc's `status.members`, claimed under its `resourceVersion` |
 //! | `vpcs/<vpc>/services/<ns>/<name>` | Service `<ns>/<name>`, label `wiremesh.io/vpc`, headless to Kubernetes, the VPC's clusterIP in an annotation |
 //! | `vpcs/<vpc>/endpoints/<ns>/<svc>/<addr>` | EndpointSlice `<ns>/<svc>-<addr in hex>` of one endpoint; live while its node's Lease is |
+//! | `vpcs/<vpc>/pods/<ns>/<name>` | an entry of the annotation `wiremesh.io/pods` on the node's Lease, so it goes with the Lease |
 //!
 //! Annotations: `wiremesh.io/public-key`, `wiremesh.io/location` (else the label
 //! `topology.kubernetes.io/region`, else `default`), `wiremesh.io/public-endpoint`,
@@ -35,14 +36,16 @@
 //! with the annotation or field that is wrong), [`KubeRegistry::publish`] (this
 //! node's annotations, one JSON merge patch), [`KubeRegistry::heartbeat`] (its Lease,
 //! server-side apply), [`KubeRegistry::leave`], and [`KubeRegistry::changes`]
-//! (`kube::runtime::watcher` on Nodes, Peers and Leases, filtered to what the mesh
-//! reads), plus device reports on the Lease and external peers put and deleted.
+//! (`kube::runtime::watcher` on Nodes, Peers and Leases, and on Vpcs and the VPCs'
+//! Services and EndpointSlices, filtered to what the mesh reads), plus device
+//! reports on the Lease, external peers put and deleted, and the VPC records
+//! ([`KubeRegistry::vpc_records`], claims under a `resourceVersion`).
 //! The mapping itself is pure functions, tested both ways. The agent's `KubeCluster`
 //! (crate `wiremesh-agent`) is the adapter from these to its `Registry` trait.
 //! [`BlockingKubeRegistry`] is the same for a std-thread caller such as the agent's
 //! loop: a private one-worker runtime, and changes on a std channel.
 //!
-//! [`manifests`] generates `deploy/` (CRD, RBAC, settings, DaemonSet) from the same
+//! [`manifests`] generates `deploy/` (CRDs, RBAC, settings, DaemonSet) from the same
 //! types; the `wiremesh-kube-manifests` binary writes them.
 
 mod blocking;
