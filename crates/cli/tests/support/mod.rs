@@ -40,6 +40,9 @@ pub struct TestNode {
     pub public: bool,
     pub location: String,
     pub agent: Option<Child>,
+    /// Holds the node's mount namespace (see [`Mesh::spawn_agent`]), from its first
+    /// agent on.
+    pub mounts: Option<Child>,
     pub pod_ip: Option<Ipv4Addr>,
 }
 
@@ -503,6 +506,7 @@ impl Mesh {
             public,
             location: location.into(),
             agent: None,
+            mounts: None,
             pod_ip: None,
         });
         self.nodes.len() - 1
@@ -519,6 +523,13 @@ impl Mesh {
     }
 
     /// Starts node `i`'s agent without waiting for it.
+    ///
+    /// Agents run in their node's network namespace *and* a mount namespace of the
+    /// node's own, as on a host of its own: an agent's VPC namespaces are bind mounts
+    /// under `/run/netns`, which two nodes on this one host would otherwise share (and
+    /// its `/sys` shows the node's interfaces). A `sleep` started by `ip netns exec`
+    /// holds that mount namespace for the node's lifetime, so an agent started again
+    /// finds what the one before it made, as after a restart on a real host.
     pub fn spawn_agent(&mut self, i: usize) {
         let (flags, env) = self.registry_flags();
         let state_dir = self.state_dir(i);
@@ -528,9 +539,15 @@ impl Mesh {
             .open(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
             .expect("log");
         let n = &mut self.nodes[i];
+        let holder = n
+            .mounts
+            .get_or_insert_with(|| mount_holder(n.ns.name()))
+            .id();
         let endpoint = SocketAddr::from((n.lan_ip, PORT)).to_string();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", n.ns.name()])
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--mount=/proc/{holder}/ns/mnt"))
+            .arg(format!("--net=/proc/{holder}/ns/net"))
+            .arg("--")
             .arg(env!("CARGO_BIN_EXE_wiremesh"))
             .arg("agent")
             .args(&flags)
@@ -712,12 +729,29 @@ impl Drop for Mesh {
             }
         }
         for n in &mut self.nodes {
-            if let Some(mut c) = n.agent.take() {
+            for mut c in [n.agent.take(), n.mounts.take()].into_iter().flatten() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
     }
+}
+
+/// A process holding a mount namespace of its own, made by `ip netns exec` for
+/// network namespace `ns` (its `/sys` shows that namespace's interfaces); returned
+/// once `ip` has handed over to it.
+fn mount_holder(ns: &str) -> Child {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("ip netns exec sleep");
+    let comm = format!("/proc/{}/comm", child.id());
+    let ready = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep")
+    });
+    assert!(ready, "ip netns exec {ns} sleep did not start");
+    child
 }
 
 /// Pings from one node's pod to another's, back to back (20 ms apart, 500 ms
