@@ -4,6 +4,7 @@ mod convergence;
 mod edge;
 mod etcd;
 mod fanout;
+mod vip;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -20,6 +21,10 @@ pub enum BenchCommand {
     /// workers in namespaces over an emulated WAN, every installed VPN under load,
     /// loss, latency, NAT, an address change and a link flap; tables and SVG plots.
     Edge(Box<edge::Args>),
+    /// What a service VIP costs over the pod's own address (connections/s, connect
+    /// and request-response latency), two nodes over wiremesh-wg, with 1, 10 and 100
+    /// VPCs on the nodes.
+    Vip(vip::Args),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -27,5 +32,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Convergence(args) => convergence::run(args),
         BenchCommand::Fanout(args) => fanout::run(args),
         BenchCommand::Edge(args) => edge::run(*args),
+        BenchCommand::Vip(args) => vip::run(args),
     }
 }
