@@ -510,7 +510,7 @@ impl VpnRun<'_> {
             let started = Instant::now();
             match scenario {
                 Scenario::AddressChange => {
-                    record.recovery_seconds.push(self.address_change()?);
+                    record.recovery_seconds.extend(self.address_change()?);
                 }
                 Scenario::Flap { down_ms } => {
                     record
@@ -545,9 +545,10 @@ impl VpnRun<'_> {
         Ok(record)
     }
 
-    /// Moves the worker to a new address; seconds until its pod answers. Then moves
-    /// it back and waits for the pod again, so the next point starts healthy.
-    fn address_change(&self) -> Result<Option<f64>, BenchError> {
+    /// Moves the worker to a new address and back: seconds until its pod answers
+    /// after each move. Both count: a move back that is never followed would leave
+    /// the master aiming at the new address, and the next move would look instant.
+    fn address_change(&self) -> Result<[Option<f64>; 2], BenchError> {
         let pod = vec![self.bed.pods[MOVING_WORKER - 1]];
         let original = self.bed.bed.hosts[MOVING_WORKER].underlay;
         let set = |addr: std::net::Ipv4Addr| {
@@ -565,8 +566,8 @@ impl VpnRun<'_> {
             unreachable!("the testbed's underlay is IPv4")
         };
         set(original)?;
-        self.first_success(pod, attempt, limit)?;
-        Ok(recovered.map(|d| d.as_secs_f64()))
+        let back = self.first_success(pod, attempt, limit)?[0];
+        Ok([recovered, back].map(|d| d.map(|d| d.as_secs_f64())))
     }
 
     /// Takes the underlay down for `down`; seconds from its return until every
