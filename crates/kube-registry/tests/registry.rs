@@ -287,6 +287,8 @@ async fn publish_sends_one_merge_patch_of_the_annotations() {
         "wiremesh.io/persistent-keepalive": null,
         "wiremesh.io/observed-endpoints": "{\"b1\":\"198.51.100.7:40000\"}",
         "wiremesh.io/suspected-leaders": null,
+        "wiremesh.io/unreachable-direct": null,
+        "wiremesh.io/relay-ports": null,
     }}});
     assert_eq!(sent[0].body, expected);
     assert_eq!(sent[0].body, node_patch(&node));
@@ -346,7 +348,7 @@ async fn leave_deletes_the_lease_and_removes_the_annotations() {
         ]
     );
     let annotations = sent[1].body["metadata"]["annotations"].as_object().unwrap();
-    assert_eq!(annotations.len(), 3, "the administrator's annotations stay");
+    assert_eq!(annotations.len(), 5, "the administrator's annotations stay");
     assert!(annotations.values().all(Value::is_null));
 }
 
