@@ -18,7 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use wiremesh_testkit::{
-    cargo_bin, random_suffix, require_root, require_tool, unique_ifname, veth_pair, wait_until,
+    cargo_bin, random_suffix, require_root, require_tool, skip, unique_ifname, veth_pair, wait_until,
     Netns,
 };
 
@@ -123,13 +123,13 @@ fn skip_unless_ready() -> Option<(PathBuf, PathBuf)> {
         "/usr/lib/cni/portmap",
     ] {
         if !require_tool(tool) {
-            println!("skipped: install the packages in crates/cni/APT-PACKAGES");
+            println!("install the packages in crates/cni/APT-PACKAGES");
             return None;
         }
     }
     let (wiremesh, wg) = (cargo_bin("wiremesh"), cargo_bin("wiremesh-wg"));
     if !wiremesh.exists() || !wg.exists() {
-        println!("skipped: build the agent first: cargo build -p wiremesh -p wiremesh-wg");
+        skip("build the agent first: cargo build -p wiremesh -p wiremesh-wg");
         return None;
     }
     Some((wiremesh, wg))
@@ -275,10 +275,10 @@ fn containers_on_two_nodes_reach_each_other() {
     // podman itself may not run on every host: say so instead of failing.
     let info = n1.podman(&["info", "--format", "{{.Host.NetworkBackend}}"]);
     if !info.status.success() {
-        println!(
-            "skipped: podman cannot run here: {}",
+        skip(&format!(
+            "podman cannot run here: {}",
             String::from_utf8_lossy(&info.stderr).trim()
-        );
+        ));
         return;
     }
 

@@ -70,8 +70,7 @@ fn watch_survives_member_restarts() {
 /// `Compacted`, while one from after it works.
 #[test]
 fn compaction_ends_a_watch_from_before_it() {
-    if !etcd_cluster::on_path("etcdctl") {
-        println!("skipped: etcdctl not installed");
+    if !etcd_cluster::require_tool("etcdctl") {
         return;
     }
     let Some(cluster) = EtcdCluster::start(1) else {
@@ -176,8 +175,7 @@ fn tls_with_client_certificates() {
 /// and none are `Refused`.
 #[test]
 fn user_and_password() {
-    if !etcd_cluster::on_path("etcdctl") {
-        println!("skipped: etcdctl not installed");
+    if !etcd_cluster::require_tool("etcdctl") {
         return;
     }
     let Some(cluster) = EtcdCluster::start(1) else {

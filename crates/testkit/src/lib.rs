@@ -7,7 +7,8 @@
 //! - [`veth_pair`]: connect two namespaces.
 //! - [`wait_until`]: bounded polling instead of fixed sleeps.
 //! - [`require_root`], [`require_tool`]: print `skipped: <why>` and return false when a
-//!   test cannot run here, so it never passes silently.
+//!   test cannot run here, so it never passes silently; with `WIREMESH_NO_SKIP` set
+//!   (CI sets it) a missing prerequisite fails the test instead.
 //! - [`cargo_bin`]: the path of a binary built by this workspace.
 //! - [`unique_ifname`]: interface names for devices; `/var/run/wireguard/` is shared by
 //!   every namespace, so two `wg0`s in two namespaces would fight over `wg0.sock`.
@@ -68,11 +69,18 @@ fn on_path(tool: &str) -> bool {
 
 /// True if `tool` is on `PATH`; otherwise prints `skipped: <tool> not installed`.
 pub fn require_tool(tool: &str) -> bool {
-    let ok = on_path(tool);
-    if !ok {
-        println!("skipped: {tool} not installed");
-    }
-    ok
+    on_path(tool) || skip(&format!("{tool} not installed"))
+}
+
+/// Says why a test does not run, and returns false; panics under `WIREMESH_NO_SKIP`,
+/// where a skip would hide a broken CI machine behind a green run.
+pub fn skip(why: &str) -> bool {
+    assert!(
+        std::env::var_os("WIREMESH_NO_SKIP").is_none(),
+        "cannot run: {why} (WIREMESH_NO_SKIP is set)"
+    );
+    println!("skipped: {why}");
+    false
 }
 
 /// True if this process may create network namespaces and TUN devices (root, `ip`
@@ -80,12 +88,10 @@ pub fn require_tool(tool: &str) -> bool {
 pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: needs root for network namespaces");
-        return false;
+        return skip("needs root for network namespaces");
     }
     if !Path::new("/dev/net/tun").exists() {
-        println!("skipped: /dev/net/tun missing");
-        return false;
+        return skip("/dev/net/tun missing");
     }
     require_tool("ip")
 }

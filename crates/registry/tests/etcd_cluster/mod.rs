@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use wiremesh_testkit::require_tool;
+
 use wiremesh_registry::{EtcdOptions, EtcdStore, EtcdTls, Store};
 
 pub struct EtcdCluster {
@@ -40,16 +42,15 @@ impl EtcdCluster {
     /// Like [`EtcdCluster::start`], with TLS and client certificates on the client
     /// port; also `None` (having said why) without the `openssl` command.
     pub fn start_tls(size: usize) -> Option<EtcdCluster> {
-        if !on_path("openssl") {
-            println!("skipped: openssl not installed");
+        if !require_tool("openssl") {
             return None;
         }
         Self::start_with(size, true)
     }
 
     fn start_with(size: usize, tls: bool) -> Option<EtcdCluster> {
-        if !on_path("etcd") {
-            println!("skipped: etcd not installed (apt-get install etcd-server etcd-client)");
+        if !require_tool("etcd") {
+            println!("apt-get install etcd-server etcd-client");
             return None;
         }
         static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -316,9 +317,4 @@ fn client_url(ip: &str, tls: bool) -> String {
 
 fn peer_url(ip: &str) -> String {
     format!("http://{ip}:2380")
-}
-
-pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
