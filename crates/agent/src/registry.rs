@@ -63,8 +63,8 @@ pub trait Registry: Send + Sync {
     /// Removes an external peer; `false` if there was none of that name.
     fn delete_peer(&self, name: &PeerName) -> Result<bool, RegistryError>;
 
-    // VPCs and services. Backends without VPC records (Kubernetes, for now) keep
-    // these defaults, which say so.
+    // VPCs and services. A backend without VPC records keeps these defaults, which
+    // say so.
 
     /// Every VPC, member, service, endpoint and pod record that parses, and those that
     /// do not (checking them against each other is `VpcSnapshot::build`'s).
@@ -261,7 +261,7 @@ pub enum RegistryError {
         "this registry holds no VPC records yet (VPCs need a store registry: dir: or etcd://)"
     )]
     NoVpcs,
-    #[error("the cluster settings have no mesh_ula (written before VPCs existed): VPCs are unavailable; a new cluster gets one from `wiremesh init`")]
+    #[error("the cluster settings have no mesh_ula (written before VPCs existed): VPCs are unavailable; `wiremesh init` gives a new cluster one, on Kubernetes set it in the wiremesh-settings ConfigMap (deploy/30-settings.yaml)")]
     NoMeshUla,
     #[error("VPC {vpc} has no free block of {cidr} left for node {node}")]
     VpcExhausted {

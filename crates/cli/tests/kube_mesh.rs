@@ -71,3 +71,45 @@ fn agents_on_kubernetes_reach_each_other() {
         "no n2.example → n1 tunnel:\n{status}"
     );
 }
+
+/// `wiremesh vpc` and `service` write and read VPCs and services on Kubernetes
+/// (a `Vpc` object, a labelled headless `Service`) as on the other registries.
+#[test]
+fn vpcs_and_services_from_the_cli_on_kubernetes() {
+    if !require_root() {
+        return;
+    }
+    let mesh = Mesh::with_kubernetes("full");
+    let run = |args: &[&str]| {
+        let out = mesh.wiremesh(args);
+        assert!(
+            out.status.success(),
+            "wiremesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&[
+        "vpc",
+        "create",
+        "blue",
+        "--id",
+        "7",
+        "--pod-cidr",
+        "10.10.0.0/16",
+    ]);
+    assert!(run(&["vpc", "list"]).contains("blue"));
+    let created = run(&["service", "create", "blue/web/db", "--port", "http:80/tcp"]);
+    let vip = created.trim().rsplit(' ').next().expect("a VIP").to_owned();
+    let kube = mesh.kube.as_ref().expect("kubernetes");
+    let service = kube
+        .server
+        .get("/api/v1/namespaces/web/services", "db")
+        .expect("a Service object");
+    assert_eq!(service["metadata"]["labels"]["wiremesh.io/vpc"], "blue");
+    assert_eq!(
+        service["metadata"]["annotations"]["wiremesh.io/cluster-ip"],
+        vip.as_str()
+    );
+    assert!(run(&["service", "list"]).contains(&vip));
+}

@@ -18,8 +18,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use wiremesh_testkit::{
-    cargo_bin, random_suffix, require_root, require_tool, skip, unique_ifname, veth_pair, wait_until,
-    Netns,
+    cargo_bin, random_suffix, require_root, require_tool, skip, unique_ifname, veth_pair,
+    wait_until, Netns,
 };
 
 const NETWORK: &str = "wiremesh";

@@ -2,7 +2,8 @@
 //! from the code: the Peer and Vpc CRDs come from [`PeerSpec`](crate::PeerSpec) and
 //! [`VpcSpec`](crate::vpc::VpcSpec), the RBAC
 //! rules list exactly the calls [`KubeRegistry`](crate::KubeRegistry) makes, and the
-//! settings are `ClusterSettings::default()`. `wiremesh-kube-manifests` writes them;
+//! settings are `ClusterSettings::default()` with [`MESH_ULA`] (VPCs need one).
+//! `wiremesh-kube-manifests` writes them;
 //! a test checks that the committed files equal [`manifests`]' output.
 //!
 //! File names carry an order prefix, so `kubectl apply -f deploy/` creates the
@@ -32,6 +33,9 @@ use crate::{Peer, SETTINGS_CONFIG_MAP, SETTINGS_KEY};
 pub const NAMESPACE: &str = "wiremesh";
 /// Name of the DaemonSet, its service account and its roles.
 const NAME: &str = "wiremesh";
+/// The VPCs' /48 in the shipped settings: a random RFC 4193 prefix drawn once for
+/// `deploy/`. Clusters that will ever be linked need their own (docs/kubernetes.md).
+pub const MESH_ULA: &str = "fd5b:93c2:e07a::/48";
 /// Where the agent keeps its private key (0600) on the host.
 pub const STATE_DIR: &str = "/var/lib/wiremesh";
 
@@ -242,8 +246,11 @@ fn role_binding() -> RoleBinding {
 }
 
 fn settings() -> ConfigMap {
-    let json =
-        String::from_utf8(ClusterSettings::default().to_json()).expect("settings JSON is UTF-8");
+    let settings = ClusterSettings {
+        mesh_ula: Some(MESH_ULA.parse().expect("a /48")),
+        ..ClusterSettings::default()
+    };
+    let json = String::from_utf8(settings.to_json()).expect("settings JSON is UTF-8");
     ConfigMap {
         metadata: meta(SETTINGS_CONFIG_MAP, Some(NAMESPACE)),
         data: Some(BTreeMap::from([(SETTINGS_KEY.into(), json + "\n")])),
@@ -416,12 +423,17 @@ mod tests {
     }
 
     #[test]
-    fn the_settings_parse() {
+    fn the_settings_parse_and_allow_vpcs() {
         let map = settings();
         let json = &map.data.unwrap()[SETTINGS_KEY];
+        let settings = ClusterSettings::from_json(json.as_bytes()).unwrap();
+        assert_eq!(settings.mesh_ula.unwrap().to_string(), MESH_ULA);
         assert_eq!(
-            ClusterSettings::from_json(json.as_bytes()).unwrap(),
-            ClusterSettings::default()
+            settings,
+            ClusterSettings {
+                mesh_ula: settings.mesh_ula,
+                ..ClusterSettings::default()
+            }
         );
     }
 }

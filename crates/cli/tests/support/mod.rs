@@ -314,8 +314,10 @@ impl Mesh {
             server.serve_http(&runtime, listener, KUBE_NAMESPACE),
         )
         .expect("write the kubeconfig");
+        // What deploy/30-settings.yaml ships.
         let settings = wiremesh_model::ClusterSettings {
             granularity: granularity.parse().expect("a granularity"),
+            mesh_ula: Some(wiremesh_kube::manifests::MESH_ULA.parse().expect("a /48")),
             ..wiremesh_model::ClusterSettings::default()
         };
         server.put(
