@@ -82,6 +82,8 @@ fn unix_now() -> u64 {
 }
 
 const BLOCK_FILE: &str = "pod-cidr";
+/// The node's IPv6 pod CIDR, for the CNI plugin; absent with IPv4-only pods.
+const BLOCK_FILE_V6: &str = "pod-cidr-v6";
 const TICK: Duration = Duration::from_millis(500);
 /// Device reports are published after every change and at least this often.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -110,7 +112,19 @@ pub fn run(
         registry.claim_block(&config.name, &settings, previous)
     })?;
     std::fs::write(&block_file, format!("{}\n", block.pod_cidr)).map_err(state_err)?;
-    tracing::info!(node = %config.name, pod_cidr = %block.pod_cidr, mesh_ip = %block.mesh_ip, public_key = %private_key.public_key(), "joining the mesh");
+    let pod_cidr_v6 = wiremesh_topology::ipam::pod_cidr_v6(&settings, block.pod_cidr)
+        .map_err(|e| AgentError::Record(FieldError::new("pod_cidr_v6", e)))?;
+    // The CNI plugin gives pods IPv6 addresses only while this file exists.
+    let block_file_v6 = config.state_dir.join(BLOCK_FILE_V6);
+    match pod_cidr_v6 {
+        Some(cidr) => std::fs::write(&block_file_v6, format!("{cidr}\n")),
+        None => std::fs::remove_file(&block_file_v6).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        }),
+    }
+    .map_err(state_err)?;
+    tracing::info!(node = %config.name, pod_cidr = %block.pod_cidr, pod_cidr_v6 = ?pod_cidr_v6, mesh_ip = %block.mesh_ip, public_key = %private_key.public_key(), "joining the mesh");
 
     let socket =
         crate::device::ensure(&config.interface, &config.device).map_err(AgentError::Device)?;
@@ -147,6 +161,7 @@ pub fn run(
         public_endpoint: config.public_endpoint,
         private_endpoint: config.private_endpoint,
         pod_cidr: block.pod_cidr,
+        pod_cidr_v6,
         mesh_ip: block.mesh_ip,
         persistent_keepalive: config.persistent_keepalive,
         leader_preference: config.leader_preference,
@@ -426,14 +441,7 @@ fn reconcile(
         tracing::info!(dst = %r.dst, dev = %r.dev, "installing route");
         route::replace(r)?;
     }
-    let s = &snapshot.settings;
-    let ruleset = firewall::ruleset(
-        &config.interface,
-        s.cluster_cidr,
-        me.pod_cidr,
-        s.mesh_cidr,
-        s.trust_location_network,
-    );
+    let ruleset = firewall::ruleset(&config.interface, &snapshot.settings, me);
     if state.firewall.as_ref() != Some(&ruleset) {
         nft::apply(&ruleset)?;
         state.firewall = Some(ruleset);

@@ -331,7 +331,8 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Two nodes may not claim one public key or overlapping pod CIDRs, and an external
+/// A node's IPv6 pod CIDR must be the block its IPv4 one implies. Two nodes may not
+/// claim one public key or overlapping pod CIDRs, and an external
 /// peer may not claim a node's prefixes, another peer's addresses, or a key in use:
 /// the later record (by name) is set aside as bad, so a forged or stale record cannot
 /// hijack traffic, and the rest stays. `node_key`/`peer_key` say where a record lives.
@@ -344,23 +345,26 @@ pub fn set_aside_conflicts(
     snapshot.nodes.sort_by(|a, b| a.name.cmp(&b.name));
     let mut nodes: Vec<Node> = Vec::new();
     for node in std::mem::take(&mut snapshot.nodes) {
-        let clash = nodes.iter().find_map(|k| {
-            if k.public_key == node.public_key {
-                Some(FieldError::new(
-                    "public_key",
-                    format!("already used by node {}", k.name),
-                ))
-            } else if overlaps(&k.pod_cidr, &node.pod_cidr) {
-                Some(FieldError::new(
-                    "pod_cidr",
-                    format!(
-                        "{} overlaps node {}'s {}",
-                        node.pod_cidr, k.name, k.pod_cidr
-                    ),
-                ))
-            } else {
-                None
-            }
+        let misplaced = wiremesh_topology::ipam::check_pod_cidr_v6(&snapshot.settings, &node).err();
+        let clash = misplaced.or_else(|| {
+            nodes.iter().find_map(|k| {
+                if k.public_key == node.public_key {
+                    Some(FieldError::new(
+                        "public_key",
+                        format!("already used by node {}", k.name),
+                    ))
+                } else if overlaps(&k.pod_cidr, &node.pod_cidr) {
+                    Some(FieldError::new(
+                        "pod_cidr",
+                        format!(
+                            "{} overlaps node {}'s {}",
+                            node.pod_cidr, k.name, k.pod_cidr
+                        ),
+                    ))
+                } else {
+                    None
+                }
+            })
         });
         match clash {
             Some(error) => bad.push(BadRecord {
@@ -377,10 +381,10 @@ pub fn set_aside_conflicts(
         .nodes
         .iter()
         .flat_map(|n| {
-            [
-                (n.name.to_string(), n.pod_cidr),
-                (n.name.to_string(), IpNet::from(n.mesh_ip)),
-            ]
+            [n.pod_cidr, IpNet::from(n.mesh_ip)]
+                .into_iter()
+                .chain(n.pod_cidr_v6.map(IpNet::V6))
+                .map(|p| (n.name.to_string(), p))
         })
         .collect();
     let mut peers: Vec<ExternalPeer> = Vec::new();

@@ -206,6 +206,13 @@ struct InitArgs {
     /// Do not encrypt between nodes of one location (as Kilo does). Off by default: every cable is hostile.
     #[arg(long)]
     trust_location_network: bool,
+    /// Dual-stack pods: the cluster's IPv6 pod CIDR (e.g. fd42::/48). Each node's IPv6
+    /// block has the index of its IPv4 block. Default: IPv4-only pods.
+    #[arg(long)]
+    cluster_cidr_v6: Option<String>,
+    /// Prefix length of each node's IPv6 block of --cluster-cidr-v6.
+    #[arg(long, default_value_t = 64, requires = "cluster_cidr_v6")]
+    node_prefix_len_v6: u8,
 }
 
 fn main() {
@@ -241,6 +248,8 @@ fn run(cli: Cli) -> Result<()> {
                 granularity: a.granularity,
                 trust_location_network: a.trust_location_network,
                 mesh_ula: Some(vpc_cmd::random_mesh_ula()?.to_string()),
+                node_prefix_len_v6: a.cluster_cidr_v6.as_ref().map(|_| a.node_prefix_len_v6),
+                cluster_cidr_v6: a.cluster_cidr_v6,
             };
             if a.registry.is_kubernetes() {
                 bail!("on Kubernetes the settings are the ConfigMap wiremesh-settings (deploy/30-settings.yaml): edit it and `kubectl apply` it; `wiremesh init` is for dir: and etcd:// registries");

@@ -68,6 +68,7 @@ pub fn plug(
         host_if: &format!("p{host}"),
         pod_if: "eth0",
         pod_ip: ip,
+        pod_ip_v6: None,
         mtu: local.mtu,
     })?;
     Ok(ip)

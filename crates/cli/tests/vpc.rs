@@ -103,6 +103,7 @@ fn plug(local: &LocalVpc, node_ns: &str, n: usize, tag: &'static str) -> Pod {
         host_if: &format!("p{}", wiremesh_testkit::random_suffix(8)),
         pod_if: "eth0",
         pod_ip: ip,
+        pod_ip_v6: None,
         mtu: local.mtu,
     })
     .expect("pod link");

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 use wiremesh_host::{pod, run};
 use wiremesh_vpc::dns::search_path;
@@ -30,6 +30,8 @@ use crate::veth;
 
 /// The agent's pod CIDR file inside its state dir.
 pub const POD_CIDR_FILE: &str = "pod-cidr";
+/// The agent's IPv6 pod CIDR, present when the cluster has dual-stack pods.
+pub const POD_CIDR_V6_FILE: &str = "pod-cidr-v6";
 
 /// Run one invocation; `Ok(Some(json))` is printed to stdout.
 pub fn run_command(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
@@ -90,6 +92,8 @@ struct Placement {
     /// `None`: the node's own namespace (where the plugin runs).
     node_netns: Option<String>,
     pool: Ipv4Net,
+    /// Dual-stack pods: the node's IPv6 pod CIDR.
+    pool_v6: Option<Ipv6Net>,
     mtu: u16,
     dns: Option<(IpAddr, DnsZone)>,
 }
@@ -142,6 +146,12 @@ fn placement(conf: &NetConf, wait: bool) -> Result<Placement, CniError> {
         None => Ok(Placement {
             node_netns: None,
             pool: pod_cidr(conf)?,
+            // A podCidr of the network's own is IPv4-only; the agent's is dual-stack
+            // when the cluster is.
+            pool_v6: match conf.pod_cidr {
+                Some(_) => None,
+                None => pod_cidr_v6(conf)?,
+            },
             mtu: mtu(conf),
             dns: None,
         }),
@@ -211,6 +221,7 @@ fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, String> {
     Ok(Placement {
         node_netns: Some(netns),
         pool,
+        pool_v6: None,
         mtu: mtu.unwrap_or(vpc_mtu),
         dns: Some((nameserver, zone)),
     })
@@ -245,6 +256,27 @@ fn pod_cidr(conf: &NetConf) -> Result<Ipv4Net, CniError> {
             std::io::Error::new(ErrorKind::InvalidData, e.to_string()),
         )
     })
+}
+
+/// The agent's IPv6 pod CIDR; `None` when it wrote none (IPv4-only pods).
+fn pod_cidr_v6(conf: &NetConf) -> Result<Option<Ipv6Net>, CniError> {
+    let path = conf.state_dir.join(POD_CIDR_V6_FILE);
+    let unreadable = |e: std::io::Error| {
+        CniError::io(
+            format!("reading the agent's IPv6 pod CIDR from {}", path.display()),
+            e,
+        )
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            unreadable(std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("{:?} is not an IPv6 CIDR", text.trim()),
+            ))
+        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unreadable(e)),
+    }
 }
 
 /// `mtu` if set, else the WireGuard interface's, else 1420.
@@ -322,6 +354,15 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         }
         // The lock goes here: plugging the veth in needs no exclusion.
     };
+    let address_v6 = match place.pool_v6 {
+        Some(pool_v6) => Some(ipam::address_v6(pool, pool_v6, address).ok_or_else(|| {
+            CniError::io(
+                format!("IPv6 pod CIDR {pool_v6} has room for no address per address of {pool}"),
+                std::io::Error::new(ErrorKind::InvalidData, "IPv6 pod CIDR too small"),
+            )
+        })?),
+        None => None,
+    };
     let host_if = veth::host_ifname(&who.container_id, &who.ifname);
     let link = pod::PodLink {
         node_netns: node_ns,
@@ -329,6 +370,7 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         host_if: &host_if,
         pod_if: &who.ifname,
         pod_ip: address,
+        pod_ip_v6: address_v6,
         mtu,
     };
     let plugged = pod::attach(&link).map_err(CniError::from).and_then(|()| {
@@ -377,6 +419,7 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         },
         address,
         gateway: pod::POD_GATEWAY,
+        address_v6,
         dns: place.dns.map(|(nameserver, zone)| Dns {
             nameservers: vec![nameserver],
             search: search_path(&pod.namespace, &zone).to_vec(),

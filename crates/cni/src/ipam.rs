@@ -5,11 +5,15 @@
 //! 169.254.1.1, so nothing on the node needs an address from the pod CIDR. Like
 //! host-local, allocation goes round-robin from the last address handed out, so a
 //! freed address is not reused at once (a peer may still hold a connection to it).
+//!
+//! A dual-stack pod's IPv6 address is not allocated at all: it is its IPv4
+//! address's offset in the node's IPv6 pod CIDR ([`address_v6`]), so the one store
+//! entry covers both and DEL frees both.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::Attachment;
 
@@ -72,6 +76,20 @@ pub fn garbage(
 /// Whether the pool has room for one more pod (STATUS).
 pub fn has_room(pool: Ipv4Net, taken: &BTreeMap<Ipv4Addr, Option<Attachment>>) -> bool {
     pick(pool, taken, None).is_some()
+}
+
+/// The IPv6 address that goes with `ip` of `pool`: the same offset in `pool_v6`;
+/// `None` if `pool_v6` is too small for `pool`'s offsets.
+pub fn address_v6(pool: Ipv4Net, pool_v6: Ipv6Net, ip: Ipv4Addr) -> Option<Ipv6Addr> {
+    let offset = u32::from(ip).checked_sub(u32::from(pool.network()))?;
+    let v4_host_bits = 32 - pool.prefix_len();
+    let v6_host_bits = 128 - pool_v6.prefix_len();
+    if !pool.contains(&ip) || v6_host_bits < v4_host_bits {
+        return None;
+    }
+    Some(Ipv6Addr::from(
+        u128::from(pool_v6.network()) + u128::from(offset),
+    ))
 }
 
 #[cfg(test)]
@@ -145,6 +163,25 @@ mod tests {
             last = Some(a);
         }
         assert_eq!(taken.len(), 62);
+    }
+
+    #[test]
+    fn ipv6_address_has_the_ipv4_offset() {
+        let v6: Ipv6Net = "fd42:0:0:1::/64".parse().unwrap();
+        let p = pool("10.42.1.0/24");
+        let check = |ip4: &str, expect: Option<&str>| {
+            assert_eq!(
+                address_v6(p, v6, ip(ip4)),
+                expect.map(|e| e.parse().unwrap()),
+                "{ip4}"
+            );
+        };
+        check("10.42.1.1", Some("fd42:0:0:1::1"));
+        check("10.42.1.254", Some("fd42:0:0:1::fe"));
+        check("10.42.2.1", None);
+        check("10.42.0.255", None);
+        let tiny: Ipv6Net = "fd42::/124".parse().unwrap();
+        assert_eq!(address_v6(p, tiny, ip("10.42.1.1")), None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The result of ADD (spec §"Success"), rendered for the version the runtime asked
 //! for, and merged into a `prevResult` when this plugin is not first in a chain.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use wiremesh_host::pod::POD_GATEWAY_V6;
 
 use serde_json::{json, Map, Value};
 
@@ -17,13 +19,15 @@ pub struct Interface {
 }
 
 /// What ADD set up: a node-side and a container-side interface, one address on the
-/// latter, one default route.
+/// latter (two for a dual-stack pod), one default route per family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddResult {
     pub host: Interface,
     pub container: Interface,
     pub address: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address (its gateway is [`POD_GATEWAY_V6`]).
+    pub address_v6: Option<Ipv6Addr>,
     /// The pod's resolver (a VPC's DNS service and search path); `None` keeps what
     /// earlier plugins said.
     pub dns: Option<Dns>,
@@ -78,6 +82,18 @@ pub fn render(r: &AddResult, version: Version, prev: Option<&Value>) -> Value {
     }
     ips.push(ip);
     routes.push(json!({"dst": "0.0.0.0/0", "gw": r.gateway.to_string()}));
+    if let Some(v6) = r.address_v6 {
+        let mut ip = json!({
+            "address": format!("{v6}/128"),
+            "gateway": POD_GATEWAY_V6.to_string(),
+            "interface": container_index,
+        });
+        if version < Version::V1 {
+            ip["version"] = "6".into();
+        }
+        ips.push(ip);
+        routes.push(json!({"dst": "::/0", "gw": POD_GATEWAY_V6.to_string()}));
+    }
     let dns = match &r.dns {
         Some(d) => json!({
             "nameservers": d.nameservers.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -118,8 +134,31 @@ mod tests {
             },
             address: Ipv4Addr::new(10, 42, 1, 5),
             gateway: Ipv4Addr::new(169, 254, 1, 1),
+            address_v6: None,
             dns: None,
         }
+    }
+
+    #[test]
+    fn dual_stack_lists_both_addresses_and_default_routes() {
+        let r = AddResult {
+            address_v6: Some("fd42:0:0:1::5".parse().unwrap()),
+            ..sample()
+        };
+        let got = render(&r, Version(1, 1, 0), None);
+        assert_eq!(
+            got["ips"],
+            json!([
+                {"address": "10.42.1.5/32", "gateway": "169.254.1.1", "interface": 1},
+                {"address": "fd42:0:0:1::5/128", "gateway": "fe80::1", "interface": 1}
+            ])
+        );
+        assert_eq!(
+            got["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}, {"dst": "::/0", "gw": "fe80::1"}])
+        );
+        let v040 = render(&r, Version(0, 4, 0), None);
+        assert_eq!(v040["ips"][1]["version"], "6");
     }
 
     #[test]

@@ -389,6 +389,89 @@ fn pod_cidr_from_the_agent_state_dir() {
     assert_eq!(mtu.trim(), "1380");
 }
 
+/// With the agent's `pod-cidr-v6` beside `pod-cidr`, a container is dual-stack: both
+/// addresses in the result, both reachable from the node, both gone after DEL.
+#[test]
+fn dual_stack_add_and_del() {
+    if !can_run() {
+        return;
+    }
+    let node = Node::new();
+    let state = node.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("pod-cidr"), "10.77.7.0/24\n").unwrap();
+    std::fs::write(state.join("pod-cidr-v6"), "fd77:0:0:7::/64\n").unwrap();
+    let conf = json!({
+        "cniVersion": "1.1.0",
+        "name": "wmtest",
+        "type": "wiremesh-cni",
+        "stateDir": state,
+        "dataDir": node.dir.path().join("cni"),
+        "mtu": 1400,
+    });
+    let ctr = Container::new("dual");
+    let result = node.call("ADD", &ctr, &conf).expect_ok("ADD");
+    let ip = address_of(&result);
+    let ip6: std::net::Ipv6Addr = result["ips"][1]["address"]
+        .as_str()
+        .and_then(|a| a.strip_suffix("/128"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("an IPv6 /128 second: {result}"));
+    // The IPv6 address has the IPv4 address's host part.
+    assert_eq!(
+        u128::from(ip6) & 0xff,
+        u128::from(ip.octets()[3]),
+        "{ip} {ip6}"
+    );
+    assert!(ip6.to_string().starts_with("fd77:0:0:7::"), "{ip6}");
+    assert_eq!(result["ips"][1]["gateway"], "fe80::1");
+    assert_eq!(result["ips"][1]["interface"], 1);
+    assert_eq!(result["routes"][1], json!({"dst": "::/0", "gw": "fe80::1"}));
+    for dst in [std::net::IpAddr::V4(ip), std::net::IpAddr::V6(ip6)] {
+        let rtt = node
+            .ns
+            .run(move || probe::ping(dst, Duration::from_secs(3)));
+        assert!(matches!(rtt, Ok(Ok(_))), "node cannot ping {dst}: {rtt:?}");
+    }
+    // And the container's IPv6 default route works through the node-side gateway.
+    let node_v6 = "fd77:ffff::1";
+    for cmd in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &[
+            "ip",
+            "-6",
+            "address",
+            "add",
+            &format!("{node_v6}/128"),
+            "dev",
+            "lo",
+        ],
+    ] {
+        node.ns.exec_ok(cmd).expect("an address on the node");
+    }
+    let back = ctr.ns.run(move || {
+        probe::ping(
+            node_v6.parse::<std::net::Ipv6Addr>().unwrap(),
+            Duration::from_secs(3),
+        )
+    });
+    assert!(
+        matches!(back, Ok(Ok(_))),
+        "container cannot ping the node: {back:?}"
+    );
+
+    node.call("DEL", &ctr, &conf).expect_ok("DEL");
+    assert!(node.allocated().is_empty(), "DEL frees the one reservation");
+    let routes = node
+        .ns
+        .exec_ok(&["ip", "-6", "route", "show", &ip6.to_string()]);
+    assert_eq!(
+        routes.unwrap_or_default().trim(),
+        "",
+        "the /128 route is gone"
+    );
+}
+
 #[test]
 fn version_and_older_cni_versions() {
     if !can_run() {

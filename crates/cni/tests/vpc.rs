@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{address_of, invoke, netns_path, Call, PLUGIN};
 use serde_json::json;
-use wiremesh_host::probe;
+use wiremesh_host::{pod, probe};
 use wiremesh_testkit::{require_root, require_tool, Netns};
 
 #[test]
@@ -69,7 +69,7 @@ fn a_vpc_pod_lives_in_the_vpc_namespace_with_the_vpc_s_dns() {
         .unwrap();
     assert!(routes.contains(&host_if), "{routes}");
     // The gateway is the VPC namespace's, never the node's.
-    let gw = ctr.run(|| probe::ping("169.254.1.1".parse().unwrap(), Duration::from_secs(2)));
+    let gw = ctr.run(|| probe::ping(pod::POD_GATEWAY, Duration::from_secs(2)));
     assert!(gw.unwrap().is_ok());
     invoke(PLUGIN, &node, &call("CHECK"), &{
         let mut c = conf.clone();

@@ -157,6 +157,7 @@ impl Testbed {
                 host_if: "pod0",
                 pod_if: "eth0",
                 pod_ip,
+                pod_ip_v6: None,
                 mtu: POD_MTU,
             })
             .map_err(host_error(format!("plugging in {pod_ns}")))?;

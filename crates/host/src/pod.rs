@@ -4,13 +4,19 @@
 //! The gateway is 169.254.1.1 on every pod's node-side veth (as Calico does): the
 //! node answers ARP for it on each veth, so pods need no subnet and no bridge, and
 //! pod traffic is always routed (never bridged) by the node.
+//!
+//! A dual-stack pod also gets an IPv6 /128 with a default route via fe80::1, the
+//! node-side veth's link-local address (as on a router's every port): neighbour
+//! discovery answers for it on each veth, and DAD is skipped on addresses only
+//! this link can hold, so the pod is reachable at once.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use crate::{run, HostError};
 
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 pub struct PodLink<'a> {
     /// Named namespace of the node, or `None` for the current one.
@@ -21,6 +27,8 @@ pub struct PodLink<'a> {
     /// Name of the interface inside the pod.
     pub pod_if: &'a str,
     pub pod_ip: Ipv4Addr,
+    /// The pod's IPv6 address, for dual-stack pods.
+    pub pod_ip_v6: Option<Ipv6Addr>,
     pub mtu: u16,
 }
 
@@ -82,6 +90,41 @@ fn try_attach(l: &PodLink) -> Result<(), HostError> {
     ip_in_pod(
         l.pod_netns,
         &["route", "add", "default", "via", &gw, "dev", l.pod_if],
+    )?;
+    if let Some(v6) = l.pod_ip_v6 {
+        attach_v6(l, v6)?;
+    }
+    Ok(())
+}
+
+fn attach_v6(l: &PodLink, pod_ip: Ipv6Addr) -> Result<(), HostError> {
+    let pod_ip = format!("{pod_ip}/128");
+    let gw = POD_GATEWAY_V6.to_string();
+    ip_on_node(
+        l.node_netns,
+        &[
+            "-6",
+            "address",
+            "add",
+            &format!("{gw}/64"),
+            "dev",
+            l.host_if,
+            "scope",
+            "link",
+            "nodad",
+        ],
+    )?;
+    ip_on_node(
+        l.node_netns,
+        &["-6", "route", "replace", &pod_ip, "dev", l.host_if],
+    )?;
+    ip_in_pod(
+        l.pod_netns,
+        &["-6", "address", "add", &pod_ip, "dev", l.pod_if, "nodad"],
+    )?;
+    ip_in_pod(
+        l.pod_netns,
+        &["-6", "route", "add", "default", "via", &gw, "dev", l.pod_if],
     )?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -19,17 +19,33 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Send one ICMP echo request to `dst` and wait up to `timeout` for its reply.
-/// Returns the round-trip time.
-pub fn ping(dst: Ipv4Addr, timeout: Duration) -> std::io::Result<Duration> {
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+/// Send one ICMP (or ICMPv6) echo request to `dst` and wait up to `timeout` for its
+/// reply. Returns the round-trip time.
+pub fn ping(dst: impl Into<IpAddr>, timeout: Duration) -> std::io::Result<Duration> {
+    let dst = dst.into();
+    // (socket, echo request type, echo reply type): RFC 792 and RFC 4443 §4.
+    let (socket, request_type, reply_type) = match dst {
+        IpAddr::V4(_) => (
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
+            8u8,
+            0u8,
+        ),
+        IpAddr::V6(_) => (
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?,
+            128,
+            129,
+        ),
+    };
     let id = (std::process::id() as u16) ^ (rand_id() as u16);
-    let mut request = vec![8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
+    let mut request = vec![request_type, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
     request.extend_from_slice(b"wiremesh-probe");
-    let sum = checksum(&request);
-    request[2..4].copy_from_slice(&sum.to_be_bytes());
+    // The kernel fills in an ICMPv6 checksum itself (it covers the IPv6 pseudo-header).
+    if dst.is_ipv4() {
+        let sum = checksum(&request);
+        request[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
     let start = Instant::now();
-    socket.send_to(&request, &SocketAddr::new(IpAddr::V4(dst), 0).into())?;
+    socket.send_to(&request, &SocketAddr::new(dst, 0).into())?;
     let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
     loop {
         let left = timeout
@@ -51,12 +67,16 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> std::io::Result<Duration> {
             .iter()
             .map(|b| unsafe { b.assume_init() })
             .collect();
-        let ihl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
-        let icmp = packet.get(ihl..).unwrap_or_default();
-        let from_dst = from.as_socket().map(|s| s.ip()) == Some(IpAddr::V4(dst));
+        // Raw IPv4 sockets see the IP header; raw IPv6 sockets do not.
+        let header = match dst {
+            IpAddr::V4(_) => usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4,
+            IpAddr::V6(_) => 0,
+        };
+        let icmp = packet.get(header..).unwrap_or_default();
+        let from_dst = from.as_socket().map(|s| s.ip()) == Some(dst);
         if from_dst
             && icmp.len() >= 8
-            && icmp[0] == 0
+            && icmp[0] == reply_type
             && u16::from_be_bytes([icmp[4], icmp[5]]) == id
         {
             return Ok(start.elapsed());

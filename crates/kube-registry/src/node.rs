@@ -97,6 +97,12 @@ pub fn node_from_kube(
                 "is not set: the cluster must allocate node CIDRs (kube-controller-manager --allocate-node-cidrs)",
             )
         })?;
+    // Dual-stack: Kubernetes lists the IPv4 CIDR first in spec.podCIDRs, then the IPv6 one.
+    let pod_cidr_v6 = object
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.pod_cidrs.as_ref())
+        .and_then(|cidrs| cidrs.get(1).cloned());
     let leader_preference = annotations
         .get(LEADER_PREFERENCE)
         .map(|s| {
@@ -163,6 +169,7 @@ pub fn node_from_kube(
         public_endpoint: annotations.get(PUBLIC_ENDPOINT).cloned(),
         private_endpoint: annotations.get(PRIVATE_ENDPOINT).cloned(),
         pod_cidr,
+        pod_cidr_v6,
         // Replaced below, once the pod CIDR is known to be one.
         mesh_ip: "0.0.0.0".into(),
         persistent_keepalive,
@@ -182,8 +189,13 @@ pub fn node_from_kube(
     })?;
     node.mesh_ip = ipam::mesh_ip_of(settings, node.pod_cidr)
         .map_err(|e| FieldError::new("spec.podCIDR", e))?;
+    ipam::check_pod_cidr_v6(settings, &node)
+        .map_err(|e| FieldError::new(POD_CIDR_V6_FIELD, e.reason))?;
     Ok(Some(node))
 }
+
+/// A node's IPv6 pod CIDR on Kubernetes: the second entry of `spec.podCIDRs`.
+const POD_CIDR_V6_FIELD: &str = "spec.podCIDRs[1]";
 
 /// Where a field of the model's node record lives on a Node object.
 fn kube_field(model_field: &str, location_field: &str) -> String {
@@ -194,6 +206,7 @@ fn kube_field(model_field: &str, location_field: &str) -> String {
         "public_endpoint" => annotation_field(PUBLIC_ENDPOINT),
         "private_endpoint" => annotation_field(PRIVATE_ENDPOINT),
         "pod_cidr" => "spec.podCIDR".into(),
+        "pod_cidr_v6" => POD_CIDR_V6_FIELD.into(),
         "persistent_keepalive" => annotation_field(PERSISTENT_KEEPALIVE),
         f if f.starts_with("observed_endpoints") => annotation_field(OBSERVED_ENDPOINTS),
         f if f.starts_with("suspected_leaders") => annotation_field(SUSPECTED_LEADERS),
@@ -390,6 +403,7 @@ mod tests {
             public_endpoint: Some("203.0.113.1:51820".parse().unwrap()),
             private_endpoint: Some("10.0.0.1:51820".parse().unwrap()),
             pod_cidr: "10.42.3.0/24".parse().unwrap(),
+            pod_cidr_v6: None,
             mesh_ip: ipam::mesh_ip_of(&settings(), "10.42.3.0/24".parse().unwrap()).unwrap(),
             persistent_keepalive: Some(25),
             leader_preference: -2,
@@ -434,6 +448,26 @@ mod tests {
                 .collect(),
         );
         o
+    }
+
+    #[test]
+    fn dual_stack_reads_the_second_pod_cidr() {
+        let dual = ClusterSettings {
+            cluster_cidr_v6: Some("fd42::/48".parse().unwrap()),
+            ..settings()
+        };
+        let node = model_node();
+        let mut o = annotated(&node);
+        let spec = o.spec.as_mut().unwrap();
+        spec.pod_cidrs = Some(vec!["10.42.3.0/24".into(), "fd42:0:0:3::/64".into()]);
+        let back = node_from_kube(&o, &dual, node.last_seen).unwrap().unwrap();
+        assert_eq!(back.pod_cidr_v6, Some("fd42:0:0:3::/64".parse().unwrap()));
+        for bad in ["fd42:0:0:4::/64", "10.42.4.0/24", "fd42::1/64"] {
+            let spec = o.spec.as_mut().unwrap();
+            spec.pod_cidrs = Some(vec!["10.42.3.0/24".into(), bad.into()]);
+            let err = node_from_kube(&o, &dual, 0).unwrap_err();
+            assert_eq!(err.field, "spec.podCIDRs[1]", "{bad}: {err}");
+        }
     }
 
     #[test]

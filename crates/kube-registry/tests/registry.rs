@@ -256,6 +256,7 @@ async fn publish_sends_one_merge_patch_of_the_annotations() {
         public_endpoint: Some("203.0.113.1:51820".parse().unwrap()),
         private_endpoint: None,
         pod_cidr: "10.42.1.0/24".parse().unwrap(),
+        pod_cidr_v6: None,
         mesh_ip: "100.64.0.2".parse().unwrap(),
         persistent_keepalive: None,
         leader_preference: 3,

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{FieldError, Location, NodeName, PublicKey};
@@ -20,6 +20,8 @@ pub struct Node {
     pub private_endpoint: Option<SocketAddr>,
     /// The containers' addresses on this node.
     pub pod_cidr: IpNet,
+    /// The containers' IPv6 addresses on this node, in a dual-stack cluster.
+    pub pod_cidr_v6: Option<Ipv6Net>,
     /// The node's own address inside the mesh (on its WireGuard interface).
     pub mesh_ip: IpAddr,
     /// Keepalive this node asks for on its tunnels; set for nodes behind NAT.
@@ -57,6 +59,8 @@ pub struct NodeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_endpoint: Option<String>,
     pub pod_cidr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_v6: Option<String>,
     pub mesh_ip: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_keepalive: Option<u16>,
@@ -122,6 +126,18 @@ impl TryFrom<NodeRecord> for Node {
             .transpose()
             .map_err(within)?;
         let pod_cidr = parse_cidr("pod_cidr", &r.pod_cidr).map_err(within)?;
+        let pod_cidr_v6 = r
+            .pod_cidr_v6
+            .as_deref()
+            .map(|s| match parse_cidr("pod_cidr_v6", s)? {
+                IpNet::V6(net) => Ok(net),
+                IpNet::V4(_) => Err(FieldError::new(
+                    "pod_cidr_v6",
+                    format!("{s:?} is not an IPv6 CIDR"),
+                )),
+            })
+            .transpose()
+            .map_err(within)?;
         let mesh_ip: IpAddr = r.mesh_ip.parse().map_err(|_| {
             within(FieldError::new(
                 "mesh_ip",
@@ -178,6 +194,7 @@ impl TryFrom<NodeRecord> for Node {
             public_endpoint,
             private_endpoint,
             pod_cidr,
+            pod_cidr_v6,
             mesh_ip,
             persistent_keepalive: r.persistent_keepalive,
             leader_preference: r.leader_preference,
@@ -199,6 +216,7 @@ impl From<&Node> for NodeRecord {
             public_endpoint: n.public_endpoint.map(|e| e.to_string()),
             private_endpoint: n.private_endpoint.map(|e| e.to_string()),
             pod_cidr: n.pod_cidr.to_string(),
+            pod_cidr_v6: n.pod_cidr_v6.map(|c| c.to_string()),
             mesh_ip: n.mesh_ip.to_string(),
             persistent_keepalive: n.persistent_keepalive,
             leader_preference: n.leader_preference,
@@ -327,6 +345,7 @@ mod tests {
             public_endpoint: Some("203.0.113.1:51820".into()),
             private_endpoint: None,
             pod_cidr: "10.42.1.0/24".into(),
+            pod_cidr_v6: Some("fd42:0:0:1::/64".into()),
             mesh_ip: "100.64.0.1".into(),
             persistent_keepalive: None,
             leader_preference: 0,
@@ -356,6 +375,14 @@ mod tests {
         check(|r| r.pod_cidr = "10.42.1.1/24".into(), "node a1.pod_cidr");
         check(|r| r.pod_cidr = "banana".into(), "node a1.pod_cidr");
         check(|r| r.mesh_ip = "100.64.0.300".into(), "node a1.mesh_ip");
+        check(
+            |r| r.pod_cidr_v6 = Some("10.42.1.0/24".into()),
+            "node a1.pod_cidr_v6",
+        );
+        check(
+            |r| r.pod_cidr_v6 = Some("fd42::1/64".into()),
+            "node a1.pod_cidr_v6",
+        );
         check(
             |r| r.public_endpoint = Some("1.2.3.4".into()),
             "node a1.public_endpoint",

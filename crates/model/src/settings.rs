@@ -61,6 +61,12 @@ pub struct ClusterSettings {
     /// `wiremesh init` picks one at random; settings written before VPCs existed
     /// have none, and VPCs are unavailable there.
     pub mesh_ula: Option<Ipv6Net>,
+    /// Dual-stack pods: the cluster's IPv6 pod addresses. A node's IPv6 block has the
+    /// index of its IPv4 block (`wiremesh_topology::ipam::pod_cidr_v6`), so it needs
+    /// no claim of its own. `None`: IPv4-only pods.
+    pub cluster_cidr_v6: Option<Ipv6Net>,
+    /// Length of a node's IPv6 block of `cluster_cidr_v6`.
+    pub node_prefix_len_v6: u8,
 }
 
 impl Default for ClusterSettings {
@@ -75,6 +81,8 @@ impl Default for ClusterSettings {
             granularity: Granularity::Full,
             trust_location_network: false,
             mesh_ula: None,
+            cluster_cidr_v6: None,
+            node_prefix_len_v6: 64,
         }
     }
 }
@@ -92,6 +100,10 @@ pub struct ClusterSettingsRecord {
     pub trust_location_network: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_ula: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr_v6: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_prefix_len_v6: Option<u8>,
 }
 
 impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
@@ -129,6 +141,28 @@ impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
             ));
         }
         let mesh_ula = r.mesh_ula.as_deref().map(parse_mesh_ula).transpose()?;
+        let node_prefix_len_v6 = r.node_prefix_len_v6.unwrap_or(64);
+        let cluster_cidr_v6 = r
+            .cluster_cidr_v6
+            .as_deref()
+            .map(|s| parse_cluster_cidr_v6(s, node_prefix_len_v6, &cluster_cidr, r.node_prefix_len))
+            .transpose()?;
+        if let (Some(v6), Some(ula)) = (cluster_cidr_v6, mesh_ula) {
+            if v6.contains(&ula.network()) || ula.contains(&v6.network()) {
+                return Err(FieldError::new(
+                    "cluster_cidr_v6",
+                    format!("{v6} overlaps the mesh ULA {ula}"),
+                ));
+            }
+        }
+        if let (Some(v6), IpNet::V6(mesh)) = (cluster_cidr_v6, mesh_cidr) {
+            if v6.contains(&mesh.network()) || mesh.contains(&v6.network()) {
+                return Err(FieldError::new(
+                    "cluster_cidr_v6",
+                    format!("{v6} overlaps the mesh CIDR {mesh}"),
+                ));
+            }
+        }
         Ok(ClusterSettings {
             cluster_cidr,
             node_prefix_len: r.node_prefix_len,
@@ -138,8 +172,46 @@ impl TryFrom<ClusterSettingsRecord> for ClusterSettings {
             granularity: r.granularity.parse()?,
             trust_location_network: r.trust_location_network,
             mesh_ula,
+            cluster_cidr_v6,
+            node_prefix_len_v6,
         })
     }
+}
+
+/// The IPv6 cluster CIDR: an IPv6 network with at least as many
+/// `node_prefix_len_v6` blocks as the IPv4 cluster CIDR has nodes' blocks, since
+/// block `i` of each belongs to the same node.
+fn parse_cluster_cidr_v6(
+    s: &str,
+    node_prefix_len_v6: u8,
+    cluster_cidr: &IpNet,
+    node_prefix_len: u8,
+) -> Result<Ipv6Net, FieldError> {
+    let IpNet::V6(net) = parse_cidr("cluster_cidr_v6", s)? else {
+        return Err(FieldError::new(
+            "cluster_cidr_v6",
+            format!("{s:?} is not an IPv6 CIDR"),
+        ));
+    };
+    if node_prefix_len_v6 <= net.prefix_len() || node_prefix_len_v6 > 128 {
+        return Err(FieldError::new(
+            "node_prefix_len_v6",
+            format!(
+                "/{node_prefix_len_v6} must be longer than the IPv6 cluster CIDR's /{} and at most /128",
+                net.prefix_len()
+            ),
+        ));
+    }
+    let v4_block_bits = node_prefix_len.saturating_sub(cluster_cidr.prefix_len());
+    if node_prefix_len_v6 - net.prefix_len() < v4_block_bits {
+        return Err(FieldError::new(
+            "cluster_cidr_v6",
+            format!(
+                "{net} has fewer /{node_prefix_len_v6} blocks than {cluster_cidr} has /{node_prefix_len} blocks"
+            ),
+        ));
+    }
+    Ok(net)
 }
 
 /// A /48 inside `fc00::/7` (RFC 4193 §3.1), given as its network address.
@@ -177,6 +249,8 @@ impl From<&ClusterSettings> for ClusterSettingsRecord {
             granularity: s.granularity.to_string(),
             trust_location_network: s.trust_location_network,
             mesh_ula: s.mesh_ula.map(|n| n.to_string()),
+            cluster_cidr_v6: s.cluster_cidr_v6.map(|n| n.to_string()),
+            node_prefix_len_v6: s.cluster_cidr_v6.map(|_| s.node_prefix_len_v6),
         }
     }
 }
@@ -220,6 +294,43 @@ mod tests {
         check(|r| r.mesh_ula = Some("2001:db8::/48".into()), "mesh_ula");
         check(|r| r.mesh_ula = Some("fd00:1:2:3::/48".into()), "mesh_ula");
         check(|r| r.mesh_ula = Some("10.0.0.0/8".into()), "mesh_ula");
+        check(
+            |r| r.cluster_cidr_v6 = Some("10.0.0.0/8".into()),
+            "cluster_cidr_v6",
+        );
+        check(
+            |r| r.cluster_cidr_v6 = Some("fd42::1/56".into()),
+            "cluster_cidr_v6",
+        );
+        // 256 IPv4 blocks need at least 8 bits of IPv6 blocks.
+        check(
+            |r| r.cluster_cidr_v6 = Some("fd42::/57".into()),
+            "cluster_cidr_v6",
+        );
+        check(
+            |r| {
+                r.cluster_cidr_v6 = Some("fd42::/56".into());
+                r.node_prefix_len_v6 = Some(48);
+            },
+            "node_prefix_len_v6",
+        );
+        check(
+            |r| {
+                r.cluster_cidr_v6 = Some("fd5e::/16".into());
+                r.mesh_ula = Some("fd5e:1d2c:9a00::/48".into());
+            },
+            "cluster_cidr_v6",
+        );
+    }
+
+    #[test]
+    fn cluster_cidr_v6_round_trips_and_defaults_to_64s() {
+        let mut r = ClusterSettingsRecord::from(&ClusterSettings::default());
+        r.cluster_cidr_v6 = Some("fd42::/56".into());
+        let s = ClusterSettings::try_from(r).unwrap();
+        assert_eq!(s.cluster_cidr_v6, Some("fd42::/56".parse().unwrap()));
+        assert_eq!(s.node_prefix_len_v6, 64);
+        assert_eq!(ClusterSettings::from_json(&s.to_json()).unwrap(), s);
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn node(i: usize, locations: usize) -> Node {
         public_endpoint: Some(SocketAddr::from((Ipv4Addr::new(198, a, b, c), 51820))),
         private_endpoint: Some(SocketAddr::from((Ipv4Addr::new(172, 16 + a, b, c), 51820))),
         pod_cidr: IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, b, c, 0), 24).expect("prefix")),
+        pod_cidr_v6: None,
         mesh_ip: Ipv4Addr::new(100, 64 + a, b, c).into(),
         persistent_keepalive: None,
         leader_preference: 0,

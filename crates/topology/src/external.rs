@@ -49,7 +49,7 @@ pub fn gateways(snapshot: &Snapshot) -> Result<Vec<Peer>, TopologyError> {
         Granularity::Full => snapshot
             .nodes
             .iter()
-            .map(|n| as_peer(n, own_prefixes(n).to_vec()))
+            .map(|n| as_peer(n, own_prefixes(n)))
             .collect(),
         Granularity::Location => leaders(snapshot)
             .iter()

@@ -7,11 +7,15 @@
 //! apart and no second allocation table is needed. Allocation is pure: the caller
 //! passes the blocks already taken (read from the registry) and writes the result
 //! back with a compare-and-swap, which is where races between nodes are settled.
+//!
+//! Dual-stack pods use the same index a second time: a node's IPv6 block is block
+//! `i` of the IPv6 cluster CIDR ([`pod_cidr_v6`]), so it needs no claim of its own and
+//! the two families can never disagree about whose block is whose.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::IpNet;
-use wiremesh_model::ClusterSettings;
+use ipnet::{IpNet, Ipv6Net};
+use wiremesh_model::{ClusterSettings, FieldError, Node};
 use wiremesh_vpc::NodeId;
 
 /// The addresses of one node: its containers' block and its WireGuard address.
@@ -126,6 +130,53 @@ pub fn node_id(settings: &ClusterSettings, pod_cidr: IpNet) -> Result<NodeId, Ip
     u16::try_from(index + 1)
         .map(NodeId)
         .map_err(|_| IpamError::NodeIdExhausted { pod_cidr, index })
+}
+
+/// The IPv6 block that goes with IPv4 block `pod_cidr`: the one with the same index
+/// in the IPv6 cluster CIDR; `None` when the cluster has IPv4-only pods.
+pub fn pod_cidr_v6(
+    settings: &ClusterSettings,
+    pod_cidr: IpNet,
+) -> Result<Option<Ipv6Net>, IpamError> {
+    let Some(cluster_v6) = settings.cluster_cidr_v6 else {
+        return Ok(None);
+    };
+    let index = block_index(settings, pod_cidr)?;
+    let host_bits = u32::from(128 - settings.node_prefix_len_v6);
+    let blocks_bits = u32::from(settings.node_prefix_len_v6 - cluster_v6.prefix_len());
+    if blocks_bits < 128 && index >> blocks_bits != 0 {
+        return Err(IpamError::Exhausted {
+            cluster_cidr: IpNet::V6(cluster_v6),
+            node_prefix_len: settings.node_prefix_len_v6,
+        });
+    }
+    match block(IpNet::V6(cluster_v6), index, host_bits) {
+        IpNet::V6(net) => Ok(Some(net)),
+        IpNet::V4(_) => unreachable!("a block of an IPv6 prefix is IPv6"),
+    }
+}
+
+/// A node record's `pod_cidr_v6` must be [`pod_cidr_v6`] of its `pod_cidr`, or absent
+/// (a node whose agent predates dual-stack keeps IPv4-only pods).
+pub fn check_pod_cidr_v6(settings: &ClusterSettings, node: &Node) -> Result<(), FieldError> {
+    let Some(have) = node.pod_cidr_v6 else {
+        return Ok(());
+    };
+    match pod_cidr_v6(settings, node.pod_cidr) {
+        Ok(Some(want)) if want == have => Ok(()),
+        Ok(Some(want)) => Err(FieldError::new(
+            "pod_cidr_v6",
+            format!(
+                "{have} is not {want}, the IPv6 block with the index of pod_cidr {}",
+                node.pod_cidr
+            ),
+        )),
+        Ok(None) => Err(FieldError::new(
+            "pod_cidr_v6",
+            format!("{have}: the cluster has no cluster_cidr_v6"),
+        )),
+        Err(e) => Err(FieldError::new("pod_cidr_v6", e.to_string())),
+    }
 }
 
 /// Which block of the cluster `pod_cidr` is.
@@ -348,6 +399,41 @@ mod tests {
                 pod_cidr: net("fd42:0:0:1::/64"),
                 mesh_ip: "fd64::2".parse().unwrap()
             }
+        );
+    }
+
+    #[test]
+    fn ipv6_blocks_share_the_ipv4_index() {
+        let s = ClusterSettings {
+            cluster_cidr_v6: Some("fd42::/48".parse().unwrap()),
+            ..ClusterSettings::default()
+        };
+        let check = |cidr: &str, expect: Option<&str>| {
+            assert_eq!(
+                pod_cidr_v6(&s, net(cidr)).unwrap(),
+                expect.map(|e| e.parse().unwrap()),
+                "{cidr}"
+            );
+        };
+        check("10.42.0.0/24", Some("fd42::/64"));
+        check("10.42.1.0/24", Some("fd42:0:0:1::/64"));
+        check("10.42.255.0/24", Some("fd42:0:0:ff::/64"));
+        let narrow = ClusterSettings {
+            cluster_cidr_v6: Some("fd42::/120".parse().unwrap()),
+            node_prefix_len_v6: 124,
+            ..s.clone()
+        };
+        assert_eq!(
+            pod_cidr_v6(&narrow, net("10.42.15.0/24")).unwrap(),
+            Some("fd42::f0/124".parse().unwrap())
+        );
+        assert!(matches!(
+            pod_cidr_v6(&narrow, net("10.42.16.0/24")),
+            Err(IpamError::Exhausted { .. })
+        ));
+        assert_eq!(
+            pod_cidr_v6(&ClusterSettings::default(), net("10.42.1.0/24")),
+            Ok(None)
         );
     }
 

@@ -219,6 +219,7 @@ mod tests {
             public_endpoint: public.then(|| format!("203.0.113.{index}:51820").parse().unwrap()),
             private_endpoint: None,
             pod_cidr: format!("10.42.{index}.0/24").parse().unwrap(),
+            pod_cidr_v6: None,
             mesh_ip: format!("100.64.0.{index}").parse().unwrap(),
             persistent_keepalive: None,
             leader_preference: 0,

@@ -161,7 +161,7 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
                 .filter(|m| m.name != me.name && m.location == me.location)
             {
                 match gateway_between(trusted, me, m) {
-                    Some(via) => plan.gateway(mesh_prefixes(settings, m), via),
+                    Some(via) => plan.gateway(m, mesh_prefixes(settings, m), via),
                     None => plan.node_peer(m, mesh_prefixes(settings, m)),
                 }
             }
@@ -191,7 +191,7 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
                     .flat_map(|e| e.allowed_ips.iter().copied());
                 let prefixes: Vec<IpNet> = remote.chain(external).collect();
                 match gateway_between(trusted, me, leader) {
-                    Some(via) => plan.gateway(prefixes, via),
+                    Some(via) => plan.gateway(leader, prefixes, via),
                     None => plan.node_peer(leader, prefixes),
                 }
             }
@@ -226,9 +226,13 @@ pub fn compute(snapshot: &Snapshot, this: &NodeName) -> Result<Topology, Topolog
     })
 }
 
-/// A node's own prefixes: its pod CIDR and its mesh IP as a host prefix.
-pub(crate) fn own_prefixes(node: &Node) -> [IpNet; 2] {
+/// A node's own prefixes: its pod CIDR (both, with dual-stack pods) and its mesh IP
+/// as a host prefix.
+pub(crate) fn own_prefixes(node: &Node) -> Vec<IpNet> {
     [node.pod_cidr, IpNet::from(node.mesh_ip)]
+        .into_iter()
+        .chain(node.pod_cidr_v6.map(IpNet::V6))
+        .collect()
 }
 
 /// What other nodes route to a node: [`own_prefixes`] and, when the cluster has a
@@ -311,9 +315,18 @@ impl Plan<'_> {
         );
     }
 
-    fn gateway(&mut self, prefixes: impl IntoIterator<Item = IpNet>, via: IpAddr) {
+    /// Routes to `prefixes` via `m`'s private address `via`. A gateway of one family
+    /// cannot carry the other's prefixes (IPv6 pods over an IPv4 LAN): those go
+    /// through a tunnel to `m`, which by symmetry does the same towards us.
+    fn gateway(&mut self, m: &Node, prefixes: impl IntoIterator<Item = IpNet>, via: IpAddr) {
+        let (direct, tunnelled): (Vec<IpNet>, Vec<IpNet>) = prefixes
+            .into_iter()
+            .partition(|dst| dst.network().is_ipv4() == via.is_ipv4());
         self.gateways
-            .extend(prefixes.into_iter().map(|dst| Route::Gateway { dst, via }));
+            .extend(direct.into_iter().map(|dst| Route::Gateway { dst, via }));
+        if !tunnelled.is_empty() {
+            self.node_peer(m, tunnelled);
+        }
     }
 }
 

@@ -396,3 +396,85 @@ fn dot_seen_whole() {
     s.peers.reverse();
     assert_eq!(render_dot(&s), expect);
 }
+
+/// `three_sites` with dual-stack pods: each node's IPv6 block has the index of its
+/// IPv4 block.
+fn dual_stack(granularity: Granularity) -> Snapshot {
+    let mut s = three_sites(granularity);
+    s.settings.cluster_cidr_v6 = Some("fd42::/48".parse().unwrap());
+    for n in &mut s.nodes {
+        n.pod_cidr_v6 = wiremesh_topology::ipam::pod_cidr_v6(&s.settings, n.pod_cidr).unwrap();
+    }
+    s
+}
+
+#[test]
+fn dual_stack_seen_from_a_leader() {
+    check(
+        &dual_stack(Granularity::Location),
+        "a1",
+        "
+        interface 100.64.0.1/16 port 51820 mtu 1420
+        leaders cloud-a=a1 cloud-b=b1 home=h1
+        peer Node a2 endpoint 10.1.0.2:51820 keepalive - allowed 10.42.2.0/24 100.64.0.2/32 fd42:0:0:2::/64
+        peer Node b1 endpoint 198.51.100.1:51820 keepalive - allowed 10.42.3.0/24 10.42.4.0/24 100.64.0.3/32 100.64.0.4/32 fd42:0:0:3::/64 fd42:0:0:4::/64
+        peer Node h1 endpoint 198.18.0.7:40000 keepalive - allowed 10.42.5.0/24 10.42.6.0/24 100.64.0.5/32 100.64.0.6/32 fd42:0:0:5::/64 fd42:0:0:6::/64
+        peer External laptop endpoint - keepalive 15 allowed 172.16.99.1/32
+        ",
+    );
+}
+
+#[test]
+fn dual_stack_seen_from_a_follower() {
+    check(
+        &dual_stack(Granularity::Location),
+        "b2",
+        "
+        interface 100.64.0.4/16 port 51820 mtu 1420
+        leaders cloud-a=a1 cloud-b=b1 home=h1
+        peer Node b1 endpoint 10.2.0.1:51820 keepalive - allowed 10.42.1.0/24 10.42.2.0/24 10.42.3.0/24 10.42.5.0/24 10.42.6.0/24 100.64.0.1/32 100.64.0.2/32 100.64.0.3/32 100.64.0.5/32 100.64.0.6/32 172.16.99.1/32 fd42:0:0:1::/64 fd42:0:0:2::/64 fd42:0:0:3::/64 fd42:0:0:5::/64 fd42:0:0:6::/64
+        ",
+    );
+}
+
+#[test]
+fn dual_stack_trusted_over_an_ipv4_lan_tunnels_ipv6() {
+    // The site network is IPv4: IPv4 prefixes take it in the clear, IPv6 pods a
+    // tunnel to the same node (a1 sees a2 as a peer for a2's IPv6 block alone).
+    let mut s = dual_stack(Granularity::Location);
+    s.settings.trust_location_network = true;
+    check(
+        &s,
+        "a1",
+        "
+        interface 100.64.0.1/16 port 51820 mtu 1420
+        leaders cloud-a=a1 cloud-b=b1 home=h1
+        peer Node a2 endpoint 10.1.0.2:51820 keepalive - allowed fd42:0:0:2::/64
+        peer Node b1 endpoint 198.51.100.1:51820 keepalive - allowed 10.42.3.0/24 10.42.4.0/24 100.64.0.3/32 100.64.0.4/32 fd42:0:0:3::/64 fd42:0:0:4::/64
+        peer Node h1 endpoint 198.18.0.7:40000 keepalive - allowed 10.42.5.0/24 10.42.6.0/24 100.64.0.5/32 100.64.0.6/32 fd42:0:0:5::/64 fd42:0:0:6::/64
+        peer External laptop endpoint - keepalive 15 allowed 172.16.99.1/32
+        gateway 10.42.2.0/24 via 10.1.0.2
+        gateway 100.64.0.2/32 via 10.1.0.2
+        ",
+    );
+    check(
+        &s,
+        "a2",
+        "
+        interface 100.64.0.2/16 port 51820 mtu 1420
+        leaders cloud-a=a1 cloud-b=b1 home=h1
+        peer Node a1 endpoint 10.1.0.1:51820 keepalive - allowed fd42:0:0:1::/64 fd42:0:0:3::/64 fd42:0:0:4::/64 fd42:0:0:5::/64 fd42:0:0:6::/64
+        gateway 10.42.1.0/24 via 10.1.0.1
+        gateway 10.42.3.0/24 via 10.1.0.1
+        gateway 10.42.4.0/24 via 10.1.0.1
+        gateway 10.42.5.0/24 via 10.1.0.1
+        gateway 10.42.6.0/24 via 10.1.0.1
+        gateway 100.64.0.1/32 via 10.1.0.1
+        gateway 100.64.0.3/32 via 10.1.0.1
+        gateway 100.64.0.4/32 via 10.1.0.1
+        gateway 100.64.0.5/32 via 10.1.0.1
+        gateway 100.64.0.6/32 via 10.1.0.1
+        gateway 172.16.99.1/32 via 10.1.0.1
+        ",
+    );
+}

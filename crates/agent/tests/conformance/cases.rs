@@ -117,6 +117,7 @@ fn node(node: &NodeName, block: &ipam::NodeBlock, n: u8) -> Node {
         public_endpoint: Some(format!("203.0.113.{n}:51820").parse().expect("an endpoint")),
         private_endpoint: None,
         pod_cidr: block.pod_cidr,
+        pod_cidr_v6: None,
         mesh_ip: block.mesh_ip,
         persistent_keepalive: None,
         leader_preference: 0,

@@ -336,6 +336,7 @@ impl Bed {
             public_endpoint: Some(SocketAddr::from((Ipv4Addr::new(10, 98, 254, 1), 51820))),
             private_endpoint: None,
             pod_cidr: block.pod_cidr,
+            pod_cidr_v6: None,
             mesh_ip: block.mesh_ip,
             persistent_keepalive: None,
             leader_preference: 0,

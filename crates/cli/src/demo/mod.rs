@@ -4,15 +4,17 @@
 //! Three locations (two clouds and an edge site behind NAT), two nodes each, two
 //! containers per node, one `wiremesh agent` process per node on the embedded
 //! registry in `location` granularity. The demo shows the mesh converging, then a
-//! reachability matrix (ICMP and TCP between every pair of containers), the tunnels,
-//! and an audit of the underlay proving it carried nothing but WireGuard UDP.
+//! reachability matrix (ICMP and TCP between every pair of containers, over IPv4 and
+//! IPv6: pods are dual-stack), the tunnels, and an audit of the underlay proving it
+//! carried nothing but WireGuard UDP. `--underlay ipv6` gives the nodes IPv6
+//! addresses only.
 
 mod testbed;
 mod vpc_act;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use wiremesh_agent::Cluster;
 use wiremesh_host::{netns, probe};
 use wiremesh_topology::compute;
 
-pub use testbed::Testbed;
+pub use testbed::{Testbed, Underlay};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -36,6 +38,9 @@ pub struct DemoArgs {
     /// Working directory for the demo's registry, node state and logs.
     #[arg(long, default_value = "/run/wiremesh-demo")]
     workdir: PathBuf,
+    /// The address family the nodes reach each other over (the pods are dual-stack either way).
+    #[arg(long, value_enum, default_value = "ipv4")]
+    underlay: Underlay,
 }
 
 #[derive(Subcommand)]
@@ -64,8 +69,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         signal_hook::flag::register(signal, stop.clone())?;
     }
     let started = Instant::now();
-    step(1, "building the testbed: 3 locations, 6 nodes, a NAT router, an underlay in network namespaces");
-    let mut bed = Testbed::build(&args.workdir)?;
+    let family = match args.underlay {
+        Underlay::Ipv4 => "IPv4",
+        Underlay::Ipv6 => "IPv6",
+    };
+    step(1, &format!("building the testbed: 3 locations, 6 nodes, a NAT router, an {family} underlay in network namespaces"));
+    let mut bed = Testbed::build(&args.workdir, args.underlay)?;
     step(
         2,
         "starting one wiremesh agent per node (embedded registry, location granularity)",
@@ -78,7 +87,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     })?;
     step(
         3,
-        "plugging in 12 containers (2 per node) with addresses from each node's pod CIDR",
+        "plugging in 12 dual-stack containers (2 per node) with addresses from each node's pod CIDRs",
     );
     bed.add_pods(&cluster)?;
     step(
@@ -93,7 +102,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     )?;
     step(
         5,
-        "checking every container reaches every other (ICMP echo and TCP)",
+        "checking every container reaches every other (ICMP echo and TCP, IPv4 and IPv6)",
     );
     let failures = reachability(&bed)?;
     let act2 = vpc_act::run(&args.workdir)?;
@@ -138,7 +147,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if args.check {
         drop(bed);
         if !ok {
-            bail!("{failures} container pairs could not talk, {} non-WireGuard packets on the underlay, {} VPC checks failed", audit.other, act2.failures.len());
+            bail!("{failures} container pair checks (IPv4 or IPv6) failed, {} non-WireGuard packets on the underlay, {} VPC checks failed", audit.other, act2.failures.len());
         }
         println!("demo check passed");
         return Ok(());
@@ -153,7 +162,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        bail!("{failures} container pairs could not talk")
+        bail!("{failures} container pair checks (IPv4 or IPv6) failed")
     }
 }
 
@@ -245,7 +254,8 @@ fn reachability(bed: &Testbed) -> Result<usize> {
         let listener_ns = pod.netns.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         netns::spawn_in(&listener_ns, move || {
-            match std::net::TcpListener::bind(("0.0.0.0", ECHO_PORT)) {
+            // `::` takes IPv4 connections too (as IPv4-mapped addresses).
+            match std::net::TcpListener::bind(("::", ECHO_PORT)) {
                 Ok(l) => {
                     let _ = tx.send(Ok(()));
                     probe::serve_echo(l);
@@ -263,10 +273,10 @@ fn reachability(bed: &Testbed) -> Result<usize> {
     let handles: Vec<_> = pods
         .iter()
         .map(|src| {
-            let targets: Vec<Ipv4Addr> = pods
+            let targets: Vec<IpAddr> = pods
                 .iter()
                 .filter(|d| d.ip != src.ip)
-                .map(|d| d.ip)
+                .flat_map(|d| [IpAddr::V4(d.ip), IpAddr::V6(d.ip6)])
                 .collect();
             let ns = src.netns.clone();
             std::thread::spawn(move || {
@@ -286,10 +296,10 @@ fn reachability(bed: &Testbed) -> Result<usize> {
             .map_err(|_| anyhow::anyhow!("probe thread panicked"))??;
         results.push((src, row));
     }
-    let label_of = |ip: Ipv4Addr| {
+    let label_of = |ip: IpAddr| {
         pods.iter()
-            .find(|p| p.ip == ip)
-            .map_or("?".to_string(), |p| p.label.clone())
+            .find(|p| IpAddr::V4(p.ip) == ip || IpAddr::V6(p.ip6) == ip)
+            .map_or("?".to_string(), |p| format!("{} {ip}", p.label))
     };
     print!("\n{:>14} ", "from \\ to");
     for p in pods {
@@ -303,26 +313,35 @@ fn reachability(bed: &Testbed) -> Result<usize> {
             let cell = if dst.ip == src.ip {
                 "·".to_string()
             } else {
-                match row.iter().find(|(ip, _)| *ip == dst.ip) {
-                    Some((_, (true, true))) => "ok".into(),
-                    Some((_, (ping, tcp))) => {
-                        failures += 1;
-                        format!(
-                            "{}{}",
-                            if *ping { "" } else { "!icmp" },
-                            if *tcp { "" } else { "!tcp" }
-                        )
+                let mut cell = String::new();
+                for (family, ip) in [("4", IpAddr::V4(dst.ip)), ("6", IpAddr::V6(dst.ip6))] {
+                    match row.iter().find(|(i, _)| *i == ip) {
+                        Some((_, (true, true))) => {}
+                        Some((_, (ping, tcp))) => {
+                            failures += 1;
+                            cell += &format!(
+                                "{}{}",
+                                if *ping { "" } else { "!i" },
+                                if *tcp { "" } else { "!t" }
+                            );
+                            cell += family;
+                        }
+                        None => cell += "?",
                     }
-                    None => "?".into(),
+                }
+                if cell.is_empty() {
+                    "ok".into()
+                } else {
+                    cell
                 }
             };
             print!("{cell:>7}");
         }
         println!();
     }
-    let pairs = pods.len() * (pods.len() - 1);
+    let pairs = 2 * pods.len() * (pods.len() - 1);
     println!(
-        "{} of {pairs} container pairs reach each other over ICMP and TCP",
+        "{} of {pairs} (container pair, IPv4 or IPv6) checks reach each other over ICMP and TCP",
         pairs - failures
     );
     for (src, row) in &results {
@@ -342,7 +361,7 @@ fn reachability(bed: &Testbed) -> Result<usize> {
 }
 
 /// (ICMP ok, TCP ok) for one destination, allowing a few seconds for first contact.
-fn probe_pair(dst: Ipv4Addr) -> (bool, bool) {
+fn probe_pair(dst: IpAddr) -> (bool, bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut ping = false;
     while !ping && Instant::now() < deadline {
@@ -350,11 +369,7 @@ fn probe_pair(dst: Ipv4Addr) -> (bool, bool) {
     }
     let mut tcp = false;
     while !tcp && Instant::now() < deadline {
-        tcp = probe::tcp_echo(
-            SocketAddr::new(IpAddr::V4(dst), ECHO_PORT),
-            Duration::from_secs(2),
-        )
-        .is_ok();
+        tcp = probe::tcp_echo(SocketAddr::new(dst, ECHO_PORT), Duration::from_secs(2)).is_ok();
     }
     (ping, tcp)
 }

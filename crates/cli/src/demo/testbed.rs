@@ -1,9 +1,12 @@
 //! The demo's hosts and wires: network namespaces joined by veth pairs to bridges
 //! that stand for each location's LAN and for the internet, a NAT router in front of
 //! the edge site, and the agent processes. Dropping a [`Testbed`] removes all of it.
+//!
+//! Pods are dual-stack. The underlay is IPv4 or IPv6 ([`Underlay`]); each IPv4
+//! address of the plan below has an IPv6 twin ([`v6_twin`]) for the IPv6 underlay.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +22,39 @@ const FABRIC: &str = "wmd-net";
 const NAT: &str = "wmd-nat";
 pub const CLUSTER: &str = "demo";
 const PORT: u16 = 51820;
+/// The demo's IPv6 pod addresses; each node's /64 has the index of its IPv4 /24.
+const CLUSTER_CIDR_V6: &str = "fd42:42::/48";
+
+/// The family of the addresses the nodes reach each other over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Underlay {
+    Ipv4,
+    Ipv6,
+}
+
+impl Underlay {
+    /// An address of the plan (always written as IPv4) in this underlay's family.
+    fn address(self, v4: Ipv4Addr) -> IpAddr {
+        match self {
+            Underlay::Ipv4 => IpAddr::V4(v4),
+            Underlay::Ipv6 => IpAddr::V6(v6_twin(v4)),
+        }
+    }
+
+    /// `address` with the prefix length of the plan's /24 (a /64 in IPv6).
+    fn cidr(self, v4: Ipv4Addr) -> String {
+        match self {
+            Underlay::Ipv4 => format!("{v4}/24"),
+            Underlay::Ipv6 => format!("{}/64", v6_twin(v4)),
+        }
+    }
+}
+
+/// The IPv6 twin of `a.b.c.d`: `fd00:a:b:c::d`, so each IPv4 /24 has a /64 twin.
+pub fn v6_twin(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets().map(u16::from);
+    Ipv6Addr::new(0xfd00, a, b, c, 0, 0, 0, d)
+}
 
 pub struct DemoNode {
     pub name: &'static str,
@@ -86,10 +122,12 @@ pub struct Pod {
     pub label: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 pub struct Testbed {
     workdir: PathBuf,
+    underlay: Underlay,
     agents: Vec<Child>,
     pods: Vec<Pod>,
 }
@@ -107,11 +145,12 @@ pub struct Audit {
 }
 
 impl Testbed {
-    pub fn build(workdir: &Path) -> Result<Testbed> {
+    pub fn build(workdir: &Path, underlay: Underlay) -> Result<Testbed> {
         down(workdir);
         fs::create_dir_all(workdir.join("logs"))?;
         let bed = Testbed {
             workdir: workdir.to_owned(),
+            underlay,
             agents: Vec::new(),
             pods: Vec::new(),
         };
@@ -123,43 +162,28 @@ impl Testbed {
         for node in &NODES {
             let ns = node_ns(node.name);
             netns::add(&ns)?;
-            wire(&ns, "lan0", node.lan, &format!("{}/24", node.lan_ip))?;
+            wire(&ns, "lan0", node.lan, underlay, node.lan_ip)?;
             if let Some(wan) = node.wan_ip {
-                wire(&ns, "wan0", "wan", &format!("{wan}/24"))?;
+                wire(&ns, "wan0", "wan", underlay, wan)?;
             } else {
-                run(&[
-                    "ip",
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &EDGE_GATEWAY.to_string(),
-                ])?;
-            }
-            // No IPv6 on the underlay links (the audit counts IPv4); the WireGuard
-            // interface keeps it, for the mesh ULA routes of act 2's VPCs.
-            let links: &[&str] = if node.wan_ip.is_some() {
-                &["lan0", "wan0"]
-            } else {
-                &["lan0"]
-            };
-            for link in links {
-                let key = format!("net/ipv6/conf/{link}/disable_ipv6");
-                netns::enter(&ns, move || route::sysctl(&key, "1"))??;
+                let gateway = underlay.address(EDGE_GATEWAY).to_string();
+                run(&["ip", "-n", &ns, "route", "add", "default", "via", &gateway])?;
             }
             // Count what the node puts on its underlay links, before any agent runs.
-            netns::enter(&ns, || nft::apply(&audit_ruleset()))??;
+            netns::enter(&ns, move || nft::apply(&audit_ruleset(underlay)))??;
         }
         netns::add(NAT)?;
-        wire(NAT, "lan0", "lan-e", &format!("{EDGE_GATEWAY}/24"))?;
-        wire(NAT, "wan0", "wan", &format!("{NAT_WAN_IP}/24"))?;
-        netns::enter(NAT, || -> Result<()> {
-            route::sysctl("net/ipv4/ip_forward", "1")?;
-            nft::apply(
-                "table ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" masquerade\n }\n}\n",
-            )?;
+        wire(NAT, "lan0", "lan-e", underlay, EDGE_GATEWAY)?;
+        wire(NAT, "wan0", "wan", underlay, NAT_WAN_IP)?;
+        netns::enter(NAT, move || -> Result<()> {
+            let (forwarding, family) = match underlay {
+                Underlay::Ipv4 => ("net/ipv4/ip_forward", "ip"),
+                Underlay::Ipv6 => ("net/ipv6/conf/all/forwarding", "ip6"),
+            };
+            route::sysctl(forwarding, "1")?;
+            nft::apply(&format!(
+                "table {family} nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat;\n  oifname \"wan0\" masquerade\n }}\n}}\n",
+            ))?;
             Ok(())
         })??;
         Ok(bed)
@@ -176,6 +200,7 @@ impl Testbed {
             port: PORT,
             // As `wiremesh init` does: the VPCs of the demo's second act need one.
             mesh_ula: Some(crate::vpc_cmd::random_mesh_ula()?),
+            cluster_cidr_v6: Some(CLUSTER_CIDR_V6.parse().expect("constant")),
             ..ClusterSettings::default()
         };
         cluster.init(&settings)?;
@@ -205,9 +230,9 @@ impl Testbed {
                 .arg("--state-dir")
                 .arg(self.workdir.join("nodes").join(node.name))
                 .args(["--interface", &node_ns(node.name), "--lease-ttl", "10"])
-                .args(["--private-endpoint", &format!("{}:{PORT}", node.lan_ip)]);
+                .args(["--private-endpoint", &self.endpoint(node.lan_ip)]);
             if let Some(wan) = node.wan_ip {
-                cmd.args(["--public-endpoint", &format!("{wan}:{PORT}")]);
+                cmd.args(["--public-endpoint", &self.endpoint(wan)]);
             }
             let child = cmd
                 .env("RUST_LOG", "info")
@@ -221,7 +246,12 @@ impl Testbed {
         Ok(())
     }
 
-    /// Two containers per node, addressed from the pod CIDR each node's agent claimed.
+    fn endpoint(&self, v4: Ipv4Addr) -> String {
+        SocketAddr::new(self.underlay.address(v4), PORT).to_string()
+    }
+
+    /// Two dual-stack containers per node, addressed from the pod CIDRs each node's
+    /// agent published.
     pub fn add_pods(&mut self, cluster: &Cluster) -> Result<()> {
         let (snapshot, _, _) = cluster.snapshot()?;
         let mtu = snapshot.settings.mtu;
@@ -234,6 +264,9 @@ impl Testbed {
             let ipnet::IpNet::V4(cidr) = record.pod_cidr else {
                 anyhow::bail!("the demo uses IPv4 pod CIDRs")
             };
+            let cidr6 = record
+                .pod_cidr_v6
+                .context("the demo's pods are dual-stack")?;
             for i in 1..=PODS_PER_NODE {
                 let ns = format!("{PREFIX}{}-p{i}", node.name);
                 netns::add(&ns)?;
@@ -241,18 +274,25 @@ impl Testbed {
                     .hosts()
                     .nth(usize::from(i))
                     .context("pod CIDR too small")?;
+                // The host part of the IPv4 address, in the IPv6 block.
+                let ip6 = Ipv6Addr::from(
+                    u128::from(cidr6.network())
+                        + u128::from(u32::from(ip) - u32::from(cidr.network())),
+                );
                 pod::attach(&pod::PodLink {
                     node_netns: Some(&node_ns(node.name)),
                     pod_netns: &netns::path_of(&ns),
                     host_if: &format!("pod{i}"),
                     pod_if: "eth0",
                     pod_ip: ip,
+                    pod_ip_v6: Some(ip6),
                     mtu,
                 })?;
                 self.pods.push(Pod {
                     label: format!("{}/p{i}", node.name),
                     netns: ns,
                     ip,
+                    ip6,
                 });
             }
         }
@@ -293,8 +333,11 @@ impl Testbed {
     }
 }
 
-/// Connect `ifname` in namespace `ns` to a bridge of the fabric, with an address.
-fn wire(ns: &str, ifname: &str, bridge: &str, addr: &str) -> Result<()> {
+/// Connect `ifname` in namespace `ns` to a bridge of the fabric, with the address of
+/// `underlay`'s family for `v4`. The link carries no other family: nothing of the
+/// other could cross the underlay in plaintext. IPv6 addresses skip DAD (the plan
+/// has no duplicates), so they are usable at once.
+fn wire(ns: &str, ifname: &str, bridge: &str, underlay: Underlay, v4: Ipv4Addr) -> Result<()> {
     let peer = format!("{}-{ifname}", ns.trim_start_matches(PREFIX));
     run(&[
         "ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", &peer, "netns",
@@ -303,13 +346,35 @@ fn wire(ns: &str, ifname: &str, bridge: &str, addr: &str) -> Result<()> {
     run(&[
         "ip", "-n", FABRIC, "link", "set", &peer, "master", bridge, "up",
     ])?;
-    run(&["ip", "-n", ns, "address", "add", addr, "dev", ifname])?;
+    let addr = underlay.cidr(v4);
+    match underlay {
+        Underlay::Ipv4 => {
+            let key = format!("net/ipv6/conf/{ifname}/disable_ipv6");
+            netns::enter(ns, move || route::sysctl(&key, "1"))??;
+            run(&["ip", "-n", ns, "address", "add", &addr, "dev", ifname])?;
+        }
+        Underlay::Ipv6 => {
+            run(&[
+                "ip", "-n", ns, "address", "add", &addr, "dev", ifname, "nodad",
+            ])?;
+        }
+    }
     run(&["ip", "-n", ns, "link", "set", ifname, "up"])?;
     Ok(())
 }
 
-/// Counters for IPv4 packets leaving a node's underlay links: WireGuard's UDP port, or anything else.
-fn audit_ruleset() -> String {
+/// Counters for packets of the underlay's family leaving a node's underlay links:
+/// WireGuard's UDP port, or anything else. IPv6's own link housekeeping (router and
+/// neighbour discovery, multicast listener reports) is no container traffic.
+fn audit_ruleset(underlay: Underlay) -> String {
+    let (family, housekeeping) = match underlay {
+        Underlay::Ipv4 => ("ipv4", String::new()),
+        Underlay::Ipv6 => (
+            "ipv6",
+            "\x20 icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } return\n"
+                .to_string(),
+        ),
+    };
     format!(
         "table inet wmd_audit {{\n\
          \x20counter wireguard {{}}\n\
@@ -320,9 +385,10 @@ fn audit_ruleset() -> String {
          \x20chain out {{\n\
          \x20 type filter hook postrouting priority 300; policy accept;\n\
          \x20 oifname != {{ \"lan0\", \"wan0\" }} return\n\
-         \x20 meta nfproto != ipv4 return\n\
+         \x20 meta nfproto != {family} return\n\
+         {housekeeping}\
          \x20 udp sport {PORT} counter name wireguard accept\n\
-         \x20 meta l4proto icmp counter name other_icmp accept\n\
+         \x20 meta l4proto {{ icmp, icmpv6 }} counter name other_icmp accept\n\
          \x20 meta l4proto tcp counter name other_tcp accept\n\
          \x20 meta l4proto udp counter name other_udp accept\n\
          \x20 counter name other_other\n\

@@ -16,7 +16,7 @@ mod etcd;
 #[path = "../../../agent/tests/conformance/fake_kube.rs"]
 mod fake_kube;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +44,8 @@ pub struct TestNode {
     /// agent on.
     pub mounts: Option<Child>,
     pub pod_ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address, when the cluster has dual-stack pods.
+    pub pod_ip6: Option<Ipv6Addr>,
 }
 
 pub struct Mesh {
@@ -60,6 +62,8 @@ pub struct Mesh {
     /// The last byte of the first node's `lan` address (10.99.0.x); a mesh beside
     /// another ([`Mesh::beside`]) starts higher, as they share one segment.
     pub first_host: u8,
+    /// Nodes on `lan` get IPv6 addresses only (`fd99::x`) and IPv6 endpoints.
+    pub ipv6_underlay: bool,
 }
 
 pub fn ip(args: &[&str]) {
@@ -190,6 +194,19 @@ impl Mesh {
         mesh
     }
 
+    /// An empty cluster with dual-stack pods (`fd42::/48`) whose nodes reach each other
+    /// over IPv6 only: the `lan` bridge carries IPv6 addresses, and every endpoint is one.
+    pub fn dual_stack_over_ipv6(granularity: &str) -> Mesh {
+        let mut mesh = Self::build(
+            granularity,
+            false,
+            RegistryKind::Dir,
+            &["--cluster-cidr-v6", "fd42::/48"],
+        );
+        mesh.ipv6_underlay = true;
+        mesh
+    }
+
     /// An empty cluster whose registry is a fake Kubernetes API server on the `lan`
     /// bridge; each node added gets a Node object with its pod CIDR, as the kubelet
     /// and controller manager would make it.
@@ -245,6 +262,7 @@ impl Mesh {
             nats: Vec::new(),
             nodes: Vec::new(),
             first_host: 1,
+            ipv6_underlay: false,
         };
         if with_nat {
             mesh.add_nat();
@@ -404,7 +422,21 @@ impl Mesh {
             bridge,
             "up",
         ]);
-        ip(&["-n", ns.name(), "address", "add", addr, "dev", ifname]);
+        if addr.contains(':') {
+            // The bed's IPv6 addresses are unique: skip DAD, so they work at once.
+            ip(&[
+                "-n",
+                ns.name(),
+                "address",
+                "add",
+                addr,
+                "dev",
+                ifname,
+                "nodad",
+            ]);
+        } else {
+            ip(&["-n", ns.name(), "address", "add", addr, "dev", ifname]);
+        }
         ip(&["-n", ns.name(), "link", "set", ifname, "up"]);
     }
 
@@ -469,6 +501,11 @@ impl Mesh {
         let i = self.nodes.len() as u8 + self.first_host;
         let ns = Netns::new(name).expect("netns");
         let lan_ip = match nat {
+            None if self.ipv6_underlay => {
+                // No IPv4 on the underlay at all. `lan_ip` still names the host.
+                self.wire(&ns, "eth0", "lan", &format!("{}/64", Self::lan_ip6(i)));
+                Ipv4Addr::new(10, 99, 0, i)
+            }
             None => {
                 let ip4 = Ipv4Addr::new(10, 99, 0, i);
                 self.wire(&ns, "eth0", "lan", &format!("{ip4}/24"));
@@ -510,6 +547,7 @@ impl Mesh {
             agent: None,
             mounts: None,
             pod_ip: None,
+            pod_ip6: None,
         });
         self.nodes.len() - 1
     }
@@ -540,12 +578,17 @@ impl Mesh {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
             .expect("log");
+        let ipv6_underlay = self.ipv6_underlay;
         let n = &mut self.nodes[i];
         let holder = n
             .mounts
             .get_or_insert_with(|| mount_holder(n.ns.name()))
             .id();
-        let endpoint = SocketAddr::from((n.lan_ip, PORT)).to_string();
+        let endpoint = if ipv6_underlay {
+            SocketAddr::from((Self::lan_ip6(n.lan_ip.octets()[3]), PORT)).to_string()
+        } else {
+            SocketAddr::from((n.lan_ip, PORT)).to_string()
+        };
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--mount=/proc/{holder}/ns/mnt"))
             .arg(format!("--net=/proc/{holder}/ns/net"))
@@ -617,16 +660,23 @@ impl Mesh {
                 panic!("IPv4 expected")
             };
             let pod_ip = cidr.hosts().nth(1).unwrap();
+            // A dual-stack pod's IPv6 address has the same host part.
+            let pod_ip6 = std::fs::read_to_string(claim.with_file_name("pod-cidr-v6"))
+                .ok()
+                .map(|c| c.trim().parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR"))
+                .map(|c| Ipv6Addr::from(u128::from(c.network()) + 2));
             pod::attach(&pod::PodLink {
                 node_netns: Some(n.ns.name()),
                 pod_netns: &netns::path_of(n.pod.name()),
                 host_if: "pod0",
                 pod_if: "eth0",
                 pod_ip,
+                pod_ip_v6: pod_ip6,
                 mtu: 1420,
             })
             .expect("pod link");
             n.pod_ip = Some(pod_ip);
+            n.pod_ip6 = pod_ip6;
         }
         Ok(())
     }
@@ -667,9 +717,24 @@ impl Mesh {
         self.nodes[i].pod_ip.expect("node started")
     }
 
+    /// The IPv6 underlay address of the node whose IPv4 one would end in `host`.
+    fn lan_ip6(host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, u16::from(host))
+    }
+
+    pub fn pod_ip6(&self, i: usize) -> Ipv6Addr {
+        self.nodes[i]
+            .pod_ip6
+            .expect("node started, with dual-stack pods")
+    }
+
     /// Whether node `from`'s pod reaches node `to`'s pod (ICMP, one second).
     pub fn ping(&self, from: usize, to: usize) -> bool {
-        let dst = self.pod_ip(to);
+        self.ping_address(from, IpAddr::V4(self.pod_ip(to)))
+    }
+
+    /// Whether node `from`'s pod reaches `dst` (ICMP or ICMPv6, one second).
+    pub fn ping_address(&self, from: usize, dst: IpAddr) -> bool {
         netns::enter(self.nodes[from].pod.name(), move || {
             probe::ping(dst, Duration::from_secs(1)).is_ok()
         })

@@ -27,6 +27,7 @@ pub fn node(
         public_endpoint: public.map(|s| s.parse().unwrap()),
         private_endpoint: private.map(|s| s.parse().unwrap()),
         pod_cidr: format!("10.42.{index}.0/24").parse().unwrap(),
+        pod_cidr_v6: None,
         mesh_ip: format!("100.64.0.{index}").parse().unwrap(),
         persistent_keepalive: None,
         leader_preference: 0,
