@@ -460,7 +460,7 @@ fn a_pod_added_by_the_cni_plugin_joins_its_vpc_across_nodes() {
         return;
     }
     if !wiremesh_testkit::cargo_bin("wiremesh-cni").exists() {
-        eprintln!("skipped: build wiremesh-cni first (cargo build -p wiremesh-cni)");
+        wiremesh_testkit::skip("build wiremesh-cni first (cargo build -p wiremesh-cni)");
         return;
     }
     let bed = Bed::new();

@@ -176,7 +176,7 @@ fn labels_pick_a_services_backends_and_who_may_call_it() {
         return;
     }
     if !wiremesh_testkit::cargo_bin("wiremesh-cni").exists() {
-        eprintln!("skipped: build wiremesh-cni first (cargo build -p wiremesh-cni)");
+        wiremesh_testkit::skip("build wiremesh-cni first (cargo build -p wiremesh-cni)");
         return;
     }
     let (mesh, n1, n2) = Mesh::pair();

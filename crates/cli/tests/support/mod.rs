@@ -218,7 +218,7 @@ impl Mesh {
     /// bridge (10.99.0.201 and up); `None`, having said `skipped: ...`, without etcd.
     pub fn with_etcd(granularity: &str, members: usize) -> Option<Mesh> {
         if !etcd::installed() {
-            println!("skipped: etcd not installed (apt-get install etcd-server)");
+            wiremesh_testkit::skip("etcd not installed (apt-get install etcd-server)");
             return None;
         }
         Some(Self::build(
