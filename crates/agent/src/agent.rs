@@ -181,6 +181,7 @@ pub fn run(
         snapshot: None,
         direct: DirectWatch::default(),
         relays: crate::relay::Relays::new(config.public_endpoint.map(|e| e.ip())),
+        said_no_ipv6: false,
     };
     let mut changes = until_available(&stop, "watching the registry", || registry.changes())?;
     let prober = crate::prober::Prober::start().map_err(AgentError::Device)?;
@@ -384,6 +385,8 @@ struct LoopState {
     direct: DirectWatch,
     /// The pairs of NATed nodes this node relays.
     relays: crate::relay::Relays,
+    /// Whether the interface's lack of IPv6 was logged.
+    said_no_ipv6: bool,
 }
 
 impl LoopState {
@@ -427,19 +430,45 @@ fn reconcile(
         tracing::info!(peers = request.peers.len(), "updating WireGuard peers");
         uapi_client::set(socket, request)?;
     }
+    // Where IPv6 is off, its routes (VPC traffic, IPv6 pods) cannot exist: leave
+    // them out, said once, rather than fail every reconcile.
+    let ipv6 = route::ipv6_enabled(&config.interface);
+    if !ipv6 && !state.said_no_ipv6 {
+        tracing::warn!(
+            interface = %config.interface,
+            "IPv6 is off on the WireGuard interface: IPv6 routes (VPCs, IPv6 pods) left out"
+        );
+        state.said_no_ipv6 = true;
+    }
+    let routes: Vec<_> = topology
+        .routes
+        .iter()
+        .filter(|r| ipv6 || !r.dst().addr().is_ipv6())
+        .cloned()
+        .collect();
     let plan = plan_routes(
-        &topology.routes,
+        &routes,
         &config.interface,
         route::dev_towards,
         &route::list_own()?,
     );
+    // One route the host refuses (an IPv6 route where IPv6 is off, say) must not
+    // keep the firewall, the other routes and the records from being applied: each
+    // is tried, and the first failure is this reconcile's error, after the rest.
+    let mut route_failure = None;
     for r in &plan.remove {
         tracing::info!(dst = %r.dst, "removing route");
-        route::delete(r)?;
+        if let Err(e) = route::delete(r) {
+            tracing::warn!(dst = %r.dst, error = %e, "cannot remove route");
+            route_failure.get_or_insert(e);
+        }
     }
     for r in &plan.replace {
         tracing::info!(dst = %r.dst, dev = %r.dev, "installing route");
-        route::replace(r)?;
+        if let Err(e) = route::replace(r) {
+            tracing::warn!(dst = %r.dst, error = %e, "cannot install route");
+            route_failure.get_or_insert(e);
+        }
     }
     let ruleset = firewall::ruleset(&config.interface, &snapshot.settings, me);
     if state.firewall.as_ref() != Some(&ruleset) {
@@ -470,6 +499,9 @@ fn reconcile(
         .vpcs
         .reconcile(registry, &snapshot, &mut *state.membership)?;
     state.snapshot = Some(snapshot);
+    if let Some(e) = route_failure {
+        return Err(e.into());
+    }
     Ok(request.is_some() || !plan.is_empty())
 }
 

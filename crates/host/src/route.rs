@@ -131,6 +131,12 @@ pub fn mtu_of_local_address(addr: IpAddr) -> Option<u16> {
     links.into_iter().map(|l| l.mtu).min()
 }
 
+/// Whether `dev` takes IPv6 (a host may switch IPv6 off, or not have it at all).
+pub fn ipv6_enabled(dev: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"))
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 pub fn link_exists(dev: &str) -> bool {
     run(&["ip", "link", "show", "dev", dev]).is_ok()
 }

@@ -75,6 +75,14 @@ pub enum Route {
     Gateway { dst: IpNet, via: IpAddr },
 }
 
+impl Route {
+    pub fn dst(&self) -> IpNet {
+        match self {
+            Route::Tunnel { dst } | Route::Gateway { dst, .. } => *dst,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopologyError {
     #[error("node {name} is not in the snapshot (is its lease expired?)")]
