@@ -19,9 +19,8 @@ pub use peer::{ExternalPeer, ExternalPeerRecord};
 pub use settings::{mesh_ula_from, ClusterSettings, ClusterSettingsRecord, Granularity};
 pub use wiremesh_uapi::{PrivateKey, PublicKey};
 
-/// Seconds a node waits before it repeats its record (its heartbeat) by default.
-pub const DEFAULT_HEARTBEAT_SECS: u64 = 5;
-/// A node whose last heartbeat is older than this has left the mesh.
-pub const DEFAULT_LEASE_SECS: u64 = 15;
+/// A node whose last heartbeat is older than this has left the mesh (agents beat
+/// every third of it). 10 s: a dead node's service endpoints must leave within 10 s.
+pub const DEFAULT_LEASE_SECS: u64 = 10;
 /// Keepalive for nodes behind NAT: often enough for the tightest common NAT timeout (30 s).
 pub const DEFAULT_NAT_KEEPALIVE_SECS: u16 = 25;
