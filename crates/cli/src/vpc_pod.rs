@@ -51,8 +51,7 @@ pub fn plug(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let local: LocalVpc = serde_json::from_slice(&fs::read(&file)?)
-        .with_context(|| format!("reading {}", file.display()))?;
+    let local = hosted(state_dir, vpc)?;
     let Some(IpNet::V4(block)) = local.pod_cidrs.first() else {
         bail!("VPC {vpc}: no IPv4 block on {node_ns}");
     };
@@ -72,6 +71,12 @@ pub fn plug(
         mtu: local.mtu,
     })?;
     Ok(ip)
+}
+
+/// What the agent of `state_dir` says of `vpc` on its node (once it hosts it).
+pub fn hosted(state_dir: &Path, vpc: &str) -> Result<LocalVpc> {
+    let file = state_dir.join(VPCS_DIR).join(vpc).join(LOCAL_VPC_FILE);
+    serde_json::from_slice(&fs::read(&file)?).with_context(|| format!("reading {}", file.display()))
 }
 
 /// A name here (`<prefix><name>`) for VPC namespace `name` of node `node_ns`; the

@@ -7,16 +7,19 @@
 //! e1 (the edge site, behind NAT) with a new address while acme's client keeps
 //! calling the VIP it was given: the calls succeed before and after the move, with a
 //! short gap in which they are refused (TCP reset), never left hanging. The client
-//! calls the VIP, not a name: the VPC's DNS server is not part of this demo yet.
+//! finds the service by name once, from its VPC's DNS server, and then holds the
+//! VIP: no lookup is needed to follow the move.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
 use wiremesh_host::netns;
 
 use super::testbed::{CLUSTER, PREFIX};
@@ -72,14 +75,27 @@ pub fn run(workdir: &Path) -> Result<Outcome> {
         }
     }
     let mut vips = Vec::new();
-    for ((tenant, _), backend) in TENANTS.iter().zip(&backends) {
+    for (((tenant, _), backend), client) in TENANTS.iter().zip(&backends).zip(&clients) {
         let service = format!("{tenant}/{SERVICE}");
         let vip = cli.service(&service, &["http:80/tcp"], (backend.ip, "b1"))?;
+        // The client asks its VPC's DNS server, as a pod's resolver would.
+        let local = vpc_pod::hosted(&workdir.join("nodes").join("a1"), tenant)?;
+        let (name, namespace) = SERVICE
+            .split_once('/')
+            .map(|(ns, n)| (n, ns))
+            .expect("ns/name");
+        let fqdn = format!("{name}.{namespace}.svc.{}.", local.zone);
+        let resolved = resolve(client, &fqdn, local.nameserver)?;
         println!(
-            "        {tenant}: client {} on a1, backend {} on b1, service {SERVICE} at VIP {vip}",
+            "        {tenant}: client {} on a1, backend {} on b1; {fqdn} -> {resolved}",
             clients[0].ip, backend.ip
         );
-        vips.push(vip);
+        if resolved != vip {
+            failures.push(format!(
+                "{tenant}'s DNS answered {fqdn} with {resolved}, not the VIP {vip}"
+            ));
+        }
+        vips.push(resolved);
     }
 
     // Isolation: the same addresses, each tenant reaching its own.
@@ -180,6 +196,44 @@ fn plug(workdir: &Path, node: &str, tenant: &str, host: usize, role: &str) -> Re
     let node_ns = format!("{PREFIX}{node}");
     let ip = vpc_pod::plug(&state_dir, &node_ns, tenant, host, &netns, PREFIX)?;
     Ok(Pod { netns, ip })
+}
+
+/// The A record of `fqdn` from `nameserver`, asked from inside `pod` until it has one
+/// (the agent's DNS view follows the registry within a moment), for at most 10 s.
+fn resolve(pod: &Pod, fqdn: &str, nameserver: IpAddr) -> Result<Ipv4Addr> {
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_ascii(fqdn)?, RecordType::A));
+    let query = query.to_vec()?;
+    let ask = move || -> std::io::Result<Vec<u8>> {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        socket.send_to(&query, (nameserver, 53))?;
+        let mut buf = [0u8; 1500];
+        let n = socket.recv(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = netns::enter(&pod.netns, ask.clone())?;
+        let a = answer.ok().and_then(|bytes| {
+            Message::from_vec(&bytes)
+                .ok()?
+                .answers
+                .iter()
+                .find_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+        });
+        match a {
+            Some(a) => return Ok(a),
+            None if Instant::now() > deadline => {
+                bail!("{nameserver} gave no A record for {fqdn} within 10 s")
+            }
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Answers every connection on port 80 with `tag`.
