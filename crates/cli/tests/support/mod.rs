@@ -800,6 +800,19 @@ impl Drop for Mesh {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            // The agents' VPC namespaces (`wm-vpc-<id>-<interface>`): their names can
+            // reach the host's /run/netns, a shared mount, from the node's own.
+            let suffix = format!("-{}", n.ifname);
+            for entry in std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("wm-vpc-") && name.ends_with(&suffix) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
         }
     }
 }
