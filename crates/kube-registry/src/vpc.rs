@@ -776,6 +776,7 @@ mod tests {
             namespace: model::Label::parse("namespace", "web").unwrap(),
             name: model::PodName::parse("name", "db-0").unwrap(),
             address: "10.10.0.5".parse().unwrap(),
+            address_v6: Some("fd10::5".parse().unwrap()),
             node: n1.clone(),
             labels: BTreeMap::from([("app".into(), "db".into())]),
         };
@@ -787,6 +788,7 @@ mod tests {
             .as_str()
             .unwrap()
             .to_owned();
+        assert!(json.contains(r#""address_v6":"fd10::5""#), "{json}");
         lease.metadata.annotations = Some(BTreeMap::from([(PODS.to_owned(), json)]));
         assert_eq!(pods_from_lease(&lease), vec![Ok(pod.clone())]);
         assert_eq!(
@@ -796,6 +798,16 @@ mod tests {
         );
         let emptied = pods_patch(&lease, key, None).unwrap();
         assert_eq!(emptied["metadata"]["annotations"][PODS], "[]");
+        // An annotation written before dual-stack VPCs (no `address_v6`) still parses.
+        let old =
+            r#"[{"vpc":"blue","namespace":"web","name":"db-0","address":"10.10.0.5","node":"n1"}]"#;
+        lease.metadata.annotations = Some(BTreeMap::from([(PODS.to_owned(), old.to_owned())]));
+        let v4_only = model::Pod {
+            address_v6: None,
+            labels: BTreeMap::new(),
+            ..pod.clone()
+        };
+        assert_eq!(pods_from_lease(&lease), vec![Ok(v4_only)]);
 
         let stolen = model::Pod {
             node: node("n2"),

@@ -18,7 +18,10 @@
 //!   endpoint chain adds the client, the service chain sends a known client back.
 //! - Access policy: a client-side check on the VIP (filter hooks, before DNAT), and a
 //!   backend-side check in the forward hook on this node's endpoints, so a pod that
-//!   dials an endpoint's address directly meets the same policy.
+//!   dials an endpoint's address directly meets the same policy. A dual-stack
+//!   backend pod is checked at both its addresses, the other family's in a table of
+//!   that family holding only this check (replaced whole each time: it keeps no
+//!   state), so IPv6 cannot go around a check IPv4 meets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -63,7 +66,8 @@ pub struct ServicesPlan {
     /// The service CIDR's family: the table's.
     pub family: IpFamily,
     pub vips: BTreeMap<Key, VipPort>,
-    /// This node's endpoints of services with an access policy: the sources allowed.
+    /// This node's endpoints of services with an access policy, at each address of
+    /// their pod (both families): the sources allowed, of the key's family.
     pub backend_access: BTreeMap<Key, Vec<IpNet>>,
 }
 
@@ -111,23 +115,25 @@ pub fn plan(
     let mut backend: BTreeMap<Key, Option<BTreeSet<IpNet>>> = BTreeMap::new();
     for svc in vpc.services.values() {
         let s = &svc.service;
-        let allowed = s.access.as_ref().map(|a| {
+        // Both families: the backend check guards a pod's every address.
+        let sources: Option<Vec<IpNet>> = s.access.as_ref().map(|a| {
             let pods = a.allowed_pods.iter().flat_map(resolve).map(IpNet::from);
-            minimal(a.allowed_cidrs.iter().copied().chain(pods), family)
+            a.allowed_cidrs.iter().copied().chain(pods).collect()
         });
+        let allowed = sources
+            .as_ref()
+            .map(|nets| minimal(nets.iter().copied(), family));
         let affinity_timeout_secs = match s.session_affinity {
             SessionAffinity::None => None,
             SessionAffinity::ClientIp { timeout_secs } => Some(timeout_secs),
         };
         for port in &s.ports {
-            for e in svc.endpoints.iter().filter(|e| e.node == *node) {
-                if IpFamily::of(&e.address) != family {
-                    continue;
-                }
+            let local = svc.endpoints.iter().filter(|e| e.node == *node);
+            for address in local.flat_map(|e| backend_addresses(vpc, e.address)) {
                 let entry = backend
-                    .entry((e.address, port.protocol, port.target_port))
+                    .entry((address, port.protocol, port.target_port))
                     .or_insert_with(|| Some(BTreeSet::new()));
-                match (&allowed, entry) {
+                match (&sources, entry) {
                     (Some(nets), Some(set)) => set.extend(nets.iter().copied()),
                     (_, entry) => *entry = None,
                 }
@@ -156,13 +162,22 @@ pub fn plan(
     }
     let backend_access = backend
         .into_iter()
-        .filter_map(|(k, v)| Some((k, minimal(v?, family))))
+        .filter_map(|(k, v)| Some((k, minimal(v?, IpFamily::of(&k.0)))))
         .collect();
     ServicesPlan {
         family,
         vips,
         backend_access,
     }
+}
+
+/// Where a client may reach the backend at `endpoint`: every address of the pod
+/// holding it (a dual-stack pod has two), or the endpoint alone if no pod does.
+fn backend_addresses(vpc: &VpcState, endpoint: IpAddr) -> Vec<IpAddr> {
+    vpc.pods
+        .values()
+        .find(|p| p.addresses().any(|a| a == endpoint))
+        .map_or_else(|| vec![endpoint], |p| p.addresses().collect())
 }
 
 /// nftables names: `/` separates the parts (labels never contain one); an IPv6
@@ -213,6 +228,46 @@ fn family_words(family: IpFamily) -> (&'static str, &'static str) {
     }
 }
 
+/// The family of the other table: the one that holds only backend checks.
+fn other(family: IpFamily) -> IpFamily {
+    match family {
+        IpFamily::V4 => IpFamily::V6,
+        IpFamily::V6 => IpFamily::V4,
+    }
+}
+
+/// The chain that ends a refused connection. UDP (and anything else) gets ICMP port
+/// unreachable: `reject`'s default.
+fn emit_reject_chain(o: &mut String) {
+    emit!(
+        o,
+        "\tchain reject-service {{\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}}"
+    );
+}
+
+/// The backend-side check: new connections to this node's restricted endpoints.
+fn emit_forward_chain(o: &mut String, key_expr: &str) {
+    emit!(
+        o,
+        "\tchain filter-forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
+         \t\tct state new {key_expr} vmap @endpoint-access\n\t}}"
+    );
+}
+
+/// A chain letting `nets` through and refusing everyone else.
+fn emit_allow_chain(o: &mut String, ip: &str, chain: String, nets: &[IpNet]) {
+    emit!(o, "\tchain {chain} {{");
+    if !nets.is_empty() {
+        let set = join(nets.iter().map(|n| match n {
+            // Single addresses print bare; prefixes as CIDRs.
+            n if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
+            n => n.to_string(),
+        }));
+        emit!(o, "\t\t{ip} saddr {{ {set} }} return");
+    }
+    emit!(o, "\t\tgoto reject-service\n\t}}");
+}
+
 fn key_text((addr, proto, port): &Key) -> String {
     format!("{addr} . {} . {port}", proto.as_str())
 }
@@ -242,8 +297,17 @@ impl ServicesPlan {
                 }
             }
         }
-        chains.extend(self.backend_access.keys().map(backend_chain));
+        chains.extend(
+            self.backend_access_of(self.family)
+                .map(|(k, _)| backend_chain(k)),
+        );
         (chains, sets)
+    }
+
+    fn backend_access_of(&self, family: IpFamily) -> impl Iterator<Item = (&Key, &Vec<IpNet>)> {
+        self.backend_access
+            .iter()
+            .filter(move |(k, _)| IpFamily::of(&k.0) == family)
     }
 
     /// One `nft -f` transaction from `previous` (the plan applied last; `None` when
@@ -343,9 +407,8 @@ impl ServicesPlan {
         );
         elements(
             o,
-            self.backend_access
-                .keys()
-                .map(|k| format!("{} : goto {}", key_text(k), backend_chain(k)))
+            self.backend_access_of(self.family)
+                .map(|(k, _)| format!("{} : goto {}", key_text(k), backend_chain(k)))
                 .collect(),
         );
         emit!(o, "\t}}");
@@ -364,11 +427,7 @@ impl ServicesPlan {
             }
         }
 
-        // UDP (and anything else) gets ICMP port unreachable: `reject`'s default.
-        emit!(
-            o,
-            "\tchain reject-service {{\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject\n\t}}"
-        );
+        emit_reject_chain(o);
         // Filter before NAT (-110 < -100): rejections see the VIP, not an endpoint.
         // New connections only, as kube-proxy: an established one outlives its
         // endpoint's removal or a policy change, and conntrack keeps its DNAT.
@@ -380,11 +439,7 @@ impl ServicesPlan {
                  \t\tct state new {key_expr} vmap @service-access\n\t}}"
             );
         }
-        emit!(
-            o,
-            "\tchain filter-forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
-             \t\tct state new {key_expr} vmap @endpoint-access\n\t}}"
-        );
+        emit_forward_chain(o, &key_expr);
         // The output hook refuses the `dstnat` keyword on nft 1.0.6: numbers for both.
         for hook in ["prerouting", "output"] {
             emit!(
@@ -394,22 +449,10 @@ impl ServicesPlan {
             );
         }
 
-        let allow = |o: &mut String, chain: String, nets: &[IpNet]| {
-            emit!(o, "\tchain {chain} {{");
-            if !nets.is_empty() {
-                let set = join(nets.iter().map(|n| match n {
-                    // Single addresses print bare; prefixes as CIDRs.
-                    n if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
-                    n => n.to_string(),
-                }));
-                emit!(o, "\t\t{ip} saddr {{ {set} }} return");
-            }
-            emit!(o, "\t\tgoto reject-service\n\t}}");
-        };
         for (k, v) in &self.vips {
             let names = Names::new(k, v);
             if let Some(nets) = &v.allowed {
-                allow(o, names.access_chain(), nets);
+                emit_allow_chain(o, ip, names.access_chain(), nets);
             }
             if v.endpoints.is_empty() {
                 continue;
@@ -454,11 +497,39 @@ impl ServicesPlan {
                 );
             }
         }
-        for (k, nets) in &self.backend_access {
-            allow(o, backend_chain(k), nets);
+        for (k, nets) in self.backend_access_of(self.family) {
+            emit_allow_chain(o, ip, backend_chain(k), nets);
         }
         emit!(o, "}}");
+        self.render_other_family(o);
         out
+    }
+
+    /// The other family's table: the backend checks at dual-stack pods' other
+    /// addresses, or nothing.
+    fn render_other_family(&self, o: &mut String) {
+        let family = other(self.family);
+        let (ip, addr_type) = family_words(family);
+        emit!(o, "table {ip} {TABLE} {{}}\ndelete table {ip} {TABLE}");
+        let checks: Vec<(&Key, &Vec<IpNet>)> = self.backend_access_of(family).collect();
+        if checks.is_empty() {
+            return;
+        }
+        emit!(
+            o,
+            "table {ip} {TABLE} {{\n\tmap endpoint-access {{\n\t\ttype {addr_type} . inet_proto . inet_service : verdict\n\t\telements = {{ {} }}\n\t}}",
+            join(
+                checks
+                    .iter()
+                    .map(|(k, _)| format!("{} : goto {}", key_text(k), backend_chain(k)))
+            )
+        );
+        emit_reject_chain(o);
+        emit_forward_chain(o, &format!("{ip} daddr . meta l4proto . th dport"));
+        for (k, nets) in checks {
+            emit_allow_chain(o, ip, backend_chain(k), nets);
+        }
+        emit!(o, "}}");
     }
 }
 
@@ -691,6 +762,8 @@ table ip wmvpc {
 		goto reject-service
 	}
 }
+table ip6 wmvpc {}
+delete table ip6 wmvpc
 ";
         assert_eq!(text, want, "got:\n{text}");
     }
@@ -845,6 +918,114 @@ table ip wmvpc {
         assert!(p
             .render(None)
             .contains("\tchain access-web/db/tcp/80 {\n\t\tgoto reject-service\n\t}"));
+    }
+
+    /// A dual-stack VPC (IPv4 services): `db-0` on n1 behind service `db`, whose
+    /// policy admits `api-0` on n2; both pods have an address of each family.
+    fn dual_stack_state() -> VpcState {
+        let mut r: Records = records();
+        r.vpcs.retain(|v| v.name.as_str() == "blue");
+        r.vpcs[0].pod_cidrs.push("fd10::/56".parse().unwrap());
+        r.members.retain(|m| m.vpc.as_str() == "blue");
+        for (m, block) in r
+            .members
+            .iter_mut()
+            .zip(["fd10:0:0:1::/64", "fd10:0:0:2::/64"])
+        {
+            m.pod_cidrs.push(block.parse().unwrap());
+        }
+        r.pods[0].address_v6 = Some("fd10:0:0:1::5".parse().unwrap());
+        let mut api = r.pods[0].clone();
+        api.name = crate::PodName::parse("name", "api-0").unwrap();
+        api.node = n("n2");
+        api.address = "10.10.2.9".parse().unwrap();
+        api.address_v6 = Some("fd10:0:0:2::9".parse().unwrap());
+        r.pods.push(api);
+        r.services = vec![svc(
+            serde_json::json!({"access": {"allowed_pods": [{"app": "api"}]}}),
+        )];
+        r.endpoints = vec![ep("db", "10.10.1.5", "n1", READY)];
+        let (mut snap, bads) = VpcSnapshot::build(
+            r,
+            Mesh {
+                prefix: prefix(),
+                nodes: &nodes(),
+            },
+        );
+        assert!(bads.is_empty(), "{bads:?}");
+        snap.vpcs.remove("blue").unwrap()
+    }
+
+    /// A client dialling a dual-stack backend's IPv6 address meets the policy its
+    /// IPv4 address has, with the admitted pods' IPv6 addresses: in a table of its own
+    /// family beside the services' one.
+    #[test]
+    fn a_dual_stack_backend_is_guarded_in_both_families() {
+        let state = dual_stack_state();
+        let resolve = |_: &LabelSelector| -> Vec<IpAddr> {
+            vec![
+                "10.10.2.9".parse().unwrap(),
+                "fd10:0:0:2::9".parse().unwrap(),
+            ]
+        };
+        let p = plan(&state, &n("n1"), &resolve);
+        let checks: Vec<(String, Vec<String>)> = p
+            .backend_access
+            .iter()
+            .map(|((a, _, port), nets)| {
+                (
+                    format!("{a}:{port}"),
+                    nets.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            checks,
+            [
+                ("10.10.1.5:8080".into(), vec!["10.10.2.9/32".into()]),
+                (
+                    "fd10:0:0:1::5:8080".into(),
+                    vec!["fd10:0:0:2::9/128".into()]
+                ),
+            ]
+        );
+        // The VIP is IPv4: only IPv4 sources are listed there.
+        let vip = p.vips.values().next().unwrap();
+        assert_eq!(vip.allowed, Some(vec!["10.10.2.9/32".parse().unwrap()]));
+        let text = p.render(None);
+        let ip6 = &text[text.find("table ip6 wmvpc {\n").expect("an ip6 table")..];
+        assert_eq!(
+            ip6,
+            "\
+table ip6 wmvpc {
+	map endpoint-access {
+		type ipv6_addr . inet_proto . inet_service : verdict
+		elements = { fd10:0:0:1::5 . tcp . 8080 : goto backend-fd10.0.0.1..5/tcp/8080 }
+	}
+	chain reject-service {
+		meta l4proto tcp reject with tcp reset
+		reject
+	}
+	chain filter-forward {
+		type filter hook forward priority 0; policy accept;
+		ct state new ip6 daddr . meta l4proto . th dport vmap @endpoint-access
+	}
+	chain backend-fd10.0.0.1..5/tcp/8080 {
+		ip6 saddr { fd10:0:0:2::9 } return
+		goto reject-service
+	}
+}
+"
+        );
+        // The IPv4 table keeps only its own family's check.
+        assert_eq!(text.matches("chain backend-").count(), 2);
+        assert!(!text.contains("ip saddr { fd10"));
+        // No policy: no check in either family.
+        let mut open = state;
+        open.services
+            .values_mut()
+            .for_each(|s| s.service.access = None);
+        assert!(plan(&open, &n("n1"), &resolve).backend_access.is_empty());
     }
 
     #[test]

@@ -8,18 +8,25 @@
 //! policy's selector admits the VPC's pods in any namespace and on any node, and the
 //! client's node and the backend's node resolve it from the same snapshot, so both
 //! admit exactly the same pods.
+//!
+//! A dual-stack pod has an address of each family. A service is of its service
+//! CIDR's family, so its endpoints are its pods' addresses of that family; a policy
+//! admits a pod by both its addresses, so neither family lets a pod past it that the
+//! other would stop, nor stops one the other admits.
 
 use std::net::IpAddr;
 
 use wiremesh_model::NodeName;
 
 use crate::snapshot::VpcState;
-use crate::{Endpoint, Label, LabelSelector};
+use crate::{Endpoint, IpFamily, Label, LabelSelector};
 
 /// The endpoints `node`'s agent owns in this VPC: for every service with a selector,
-/// each pod on `node` in the service's namespace whose labels match it. Sorted by
-/// service, then address.
+/// each pod on `node` in the service's namespace whose labels match it, by its
+/// address of the service CIDR's family (a pod without one is no endpoint). Sorted
+/// by service, then address.
 pub fn selected_endpoints(state: &VpcState, node: &NodeName) -> Vec<Endpoint> {
+    let family = IpFamily::of_net(&state.vpc.service_cidr);
     let mut endpoints: Vec<Endpoint> = state
         .services
         .values()
@@ -32,11 +39,12 @@ pub fn selected_endpoints(state: &VpcState, node: &NodeName) -> Vec<Endpoint> {
                 .filter(move |p| {
                     p.node == *node && p.namespace == s.namespace && s.selector.matches(&p.labels)
                 })
-                .map(move |p| Endpoint {
+                .filter_map(move |p| Some((p, p.address_of(family)?)))
+                .map(move |(p, address)| Endpoint {
                     vpc: s.vpc.clone(),
                     namespace: s.namespace.clone(),
                     service: s.name.clone(),
-                    address: p.address,
+                    address,
                     node: p.node.clone(),
                     // A headless service's per-pod name, when the pod's name can be one.
                     hostname: Label::parse("hostname", p.name.as_str()).ok(),
@@ -52,14 +60,15 @@ pub fn selected_endpoints(state: &VpcState, node: &NodeName) -> Vec<Endpoint> {
     endpoints
 }
 
-/// The addresses of the VPC's pods (any node, any namespace) whose labels match
-/// `selector`, sorted: what an access policy's `allowed_pods` entry admits.
+/// The addresses (of both families) of the VPC's pods (any node, any namespace)
+/// whose labels match `selector`, sorted: what an access policy's `allowed_pods`
+/// entry admits.
 pub fn matching_addresses(state: &VpcState, selector: &LabelSelector) -> Vec<IpAddr> {
     let mut addresses: Vec<IpAddr> = state
         .pods
         .values()
         .filter(|p| selector.matches(&p.labels))
-        .map(|p| p.address)
+        .flat_map(|p| p.addresses())
         .collect();
     addresses.sort();
     addresses
@@ -94,6 +103,10 @@ mod tests {
             pods,
             ..Records::default()
         };
+        built(records)
+    }
+
+    fn built(records: Records) -> VpcState {
         let (mut snap, bads) = VpcSnapshot::build(
             records,
             Mesh {
@@ -103,6 +116,41 @@ mod tests {
         );
         assert!(bads.is_empty(), "{bads:?}");
         snap.vpcs.remove("blue").unwrap()
+    }
+
+    /// VPC `blue` with pod CIDRs 10.10.0.0/16 and fd10::/56 (n1 has block 1 of
+    /// each, n2 block 2), services from `service_cidr`.
+    fn dual_records(service_cidr: &str, pods: Vec<crate::Pod>) -> Records {
+        let member = |node: &str, i: u8| -> crate::VpcMember {
+            crate::VpcMemberRecord {
+                vpc: "blue".into(),
+                node: node.into(),
+                pod_cidrs: vec![format!("10.10.{i}.0/24"), format!("fd10:0:0:{i}::/64")],
+            }
+            .try_into()
+            .unwrap()
+        };
+        let mut blue = vpc("blue", 7, "10.10.0.0/16", service_cidr);
+        blue.pod_cidrs.push("fd10::/56".parse().unwrap());
+        Records {
+            vpcs: vec![blue],
+            members: vec![member("n1", 1), member("n2", 2)],
+            pods,
+            ..Records::default()
+        }
+    }
+
+    /// A pod with addresses `10.10.<node>.<host>` and `fd10:0:0:<node>::<host>`.
+    fn dual_pod(name: &str, node: u8, host: u8, labels: &[(&str, &str)]) -> crate::Pod {
+        let mut p = pod(
+            "blue",
+            name,
+            &format!("10.10.{node}.{host}"),
+            &format!("n{node}"),
+            labels,
+        );
+        p.address_v6 = Some(format!("fd10:0:0:{node}::{host:x}").parse().unwrap());
+        p
     }
 
     fn n(name: &str) -> NodeName {
@@ -176,6 +224,78 @@ mod tests {
             .collect();
         assert_eq!(addrs, ["10.10.1.9", "10.10.2.9"]);
         assert!(matching_addresses(&s, &sel("role", "db")).is_empty());
+    }
+
+    /// A service's endpoints are its pods' addresses of the service CIDR's family;
+    /// an access selector admits a dual-stack pod by both of its addresses.
+    #[test]
+    fn dual_stack_pods_serve_in_the_services_family_and_are_admitted_in_both() {
+        let pods = vec![
+            dual_pod("web-0", 1, 5, &[("app", "web")]),
+            dual_pod("api-0", 2, 9, &[("app", "api")]),
+        ];
+        for (service_cidr, cluster_ip, want) in [
+            ("10.96.0.0/24", "10.96.0.20", "10.10.1.5"),
+            ("fd96::/112", "fd96::20", "fd10:0:0:1::5"),
+            ("fd96::/112", "None", "fd10:0:0:1::5"),
+        ] {
+            let mut records = dual_records(service_cidr, pods.clone());
+            let mut www = service("www", "web", serde_json::json!({"app": "web"}));
+            www.cluster_ip = cluster_ip.parse().ok();
+            records.services.push(www);
+            let s = built(records);
+            let got: Vec<String> = selected_endpoints(&s, &n("n1"))
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect();
+            assert_eq!(got, [want], "service CIDR {service_cidr}");
+            let sel = LabelSelector([("app".to_owned(), "api".to_owned())].into());
+            let admitted: Vec<String> = matching_addresses(&s, &sel)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(admitted, ["10.10.2.9", "fd10:0:0:2::9"]);
+        }
+    }
+
+    /// A pod of another family than the service's is no endpoint of it.
+    #[test]
+    fn an_ipv4_only_pod_is_no_endpoint_of_an_ipv6_service() {
+        let mut records = dual_records(
+            "fd96::/112",
+            vec![pod("blue", "web-0", "10.10.1.5", "n1", &[("app", "web")])],
+        );
+        records
+            .services
+            .push(service("www", "web", serde_json::json!({"app": "web"})));
+        assert!(selected_endpoints(&built(records), &n("n1")).is_empty());
+    }
+
+    /// A pod's IPv6 address is checked as its IPv4 one is: inside its node's block
+    /// of the VPC, and nobody else's.
+    #[test]
+    fn a_pods_ipv6_address_outside_its_block_or_taken_is_set_aside() {
+        for (bad, why) in [
+            ("fd10:0:0:2::6", "n2's block"),
+            ("fd11::6", "outside the VPC"),
+            ("fd10:0:0:1::5", "web-0's"),
+        ] {
+            let mut other = dual_pod("db-0", 1, 6, &[]);
+            other.address_v6 = Some(bad.parse().unwrap());
+            let records = dual_records("10.96.0.0/24", vec![dual_pod("web-0", 1, 5, &[]), other]);
+            let (_, bads) = VpcSnapshot::build(
+                records,
+                Mesh {
+                    prefix: prefix(),
+                    nodes: &nodes(),
+                },
+            );
+            assert_eq!(bads.len(), 1, "{why}: {bads:?}");
+            assert!(
+                bads[0].error.field.ends_with("address_v6"),
+                "{why}: {bads:?}"
+            );
+        }
     }
 
     proptest! {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -865,9 +865,24 @@ pub struct Pod {
     pub vpc: Label,
     pub namespace: Label,
     pub name: PodName,
+    /// IPv4 in a VPC with an IPv4 pod CIDR, else IPv6.
     pub address: IpAddr,
+    /// A dual-stack pod's IPv6 address, beside its IPv4 `address`.
+    pub address_v6: Option<Ipv6Addr>,
     pub node: NodeName,
     pub labels: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// Every address of the pod: `address`, then `address_v6`.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.address_v6.map(IpAddr::V6))
+    }
+
+    /// The pod's address of `family`, if it has one.
+    pub fn address_of(&self, family: IpFamily) -> Option<IpAddr> {
+        self.addresses().find(|a| IpFamily::of(a) == family)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -877,9 +892,33 @@ pub struct PodRecord {
     pub namespace: String,
     pub name: String,
     pub address: String,
+    /// Absent in records of single-stack pods (and of agents older than dual-stack VPCs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<String>,
     pub node: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+/// `address_v6`: an IPv6 address, and only beside an IPv4 `address` (a pod has one
+/// address per family).
+fn parse_address_v6(address: &IpAddr, s: Option<&str>) -> Result<Option<Ipv6Addr>, FieldError> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    let IpAddr::V6(v6) = parse_ip("address_v6", s)? else {
+        return Err(FieldError::new(
+            "address_v6",
+            format!("{s:?} is not an IPv6 address"),
+        ));
+    };
+    if address.is_ipv6() {
+        return Err(FieldError::new(
+            "address_v6",
+            format!("{address}, the pod's address, is IPv6 already"),
+        ));
+    }
+    Ok(Some(v6))
 }
 
 impl TryFrom<PodRecord> for Pod {
@@ -892,11 +931,13 @@ impl TryFrom<PodRecord> for Pod {
             .clone()
             .try_into()
             .map_err(|e: FieldError| within(FieldError::new("node", e.reason)))?;
+        let address = parse_ip("address", &r.address).map_err(within)?;
         Ok(Pod {
             vpc: Label::parse("vpc", &r.vpc).map_err(within)?,
             namespace: Label::parse("namespace", &r.namespace).map_err(within)?,
             name: PodName::parse("name", &r.name).map_err(within)?,
-            address: parse_ip("address", &r.address).map_err(within)?,
+            address,
+            address_v6: parse_address_v6(&address, r.address_v6.as_deref()).map_err(within)?,
             node,
             labels: parse_labels("labels", &r.labels).map_err(within)?,
         })
@@ -910,6 +951,7 @@ impl From<&Pod> for PodRecord {
             namespace: p.namespace.to_string(),
             name: p.name.to_string(),
             address: p.address.to_string(),
+            address_v6: p.address_v6.map(|a| a.to_string()),
             node: p.node.to_string(),
             labels: p.labels.clone(),
         }
@@ -925,6 +967,8 @@ pub struct LocalPodRecord {
     pub namespace: String,
     pub name: String,
     pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
@@ -937,6 +981,7 @@ impl LocalPodRecord {
             namespace: self.namespace,
             name: self.name,
             address: self.address,
+            address_v6: self.address_v6,
             node: node.to_string(),
             labels: self.labels,
         }
@@ -1181,6 +1226,21 @@ mod tests {
         };
         let at = |f: &str| format!("pod blue/web/db-0.{f}");
         check(|r| r.address = "10.10.1".into(), &at("address"));
+        check(
+            |r| r.address_v6 = Some("10.10.1.6".into()),
+            &at("address_v6"),
+        );
+        check(
+            |r| r.address_v6 = Some("fd10::1::5".into()),
+            &at("address_v6"),
+        );
+        check(
+            |r| {
+                r.address = "fd10:0:0:1::5".into();
+                r.address_v6 = Some("fd10:0:0:1::6".into())
+            },
+            &at("address_v6"),
+        );
         check(|r| r.node = "N1".into(), &at("node"));
         check(
             |r| r.namespace = "Web".into(),
@@ -1203,11 +1263,40 @@ mod tests {
             namespace: "web".into(),
             name: "db-0".into(),
             address: "10.10.1.5".into(),
+            address_v6: None,
             labels: pod.labels.clone(),
         };
         assert_eq!(
             local.into_pod(&pod.vpc, &"n1".parse().unwrap()).unwrap(),
             pod
+        );
+    }
+
+    /// Records written before dual-stack VPCs (no `address_v6`) still parse, and a
+    /// dual-stack pod keeps its IPv6 address through every form.
+    #[test]
+    fn a_pods_ipv6_address_is_optional_and_round_trips() {
+        let old: LocalPodRecord =
+            serde_json::from_str(r#"{"namespace":"web","name":"db-0","address":"10.10.1.5"}"#)
+                .unwrap();
+        let n1: NodeName = "n1".parse().unwrap();
+        let vpc = Label::parse("vpc", "blue").unwrap();
+        assert_eq!(old.clone().into_pod(&vpc, &n1).unwrap().address_v6, None);
+        let local = LocalPodRecord {
+            address_v6: Some("fd10:0:0:1::5".into()),
+            ..old
+        };
+        let json = serde_json::to_string(&local).unwrap();
+        let back: LocalPodRecord = serde_json::from_str(&json).unwrap();
+        let pod = back.into_pod(&vpc, &n1).unwrap();
+        assert_eq!(pod.address_v6, Some("fd10:0:0:1::5".parse().unwrap()));
+        let json = serde_json::to_vec(&PodRecord::from(&pod)).unwrap();
+        assert_eq!(from_json::<PodRecord, Pod>("pod", &json).unwrap(), pod);
+        let v6: Vec<String> = pod.addresses().map(|a| a.to_string()).collect();
+        assert_eq!(v6, ["10.10.1.5", "fd10:0:0:1::5"]);
+        assert_eq!(
+            pod.address_of(IpFamily::V6),
+            Some("fd10:0:0:1::5".parse().unwrap())
         );
     }
 

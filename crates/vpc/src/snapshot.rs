@@ -301,14 +301,24 @@ fn check_pod(snapshot: &VpcSnapshot, pod: &Pod) -> Result<(), FieldError> {
             format!("{} is not a member of VPC {}", pod.node, pod.vpc),
         )
     })?;
+    let field = |a: &IpAddr| {
+        if *a == pod.address {
+            "address"
+        } else {
+            "address_v6"
+        }
+    };
     // Another node's address would let a label admit (or back a service with) a pod
     // the receiver never delivers from there.
-    if !member.pod_cidrs.iter().any(|c| c.contains(&pod.address)) {
+    if let Some(a) = pod
+        .addresses()
+        .find(|a| !member.pod_cidrs.iter().any(|c| c.contains(a)))
+    {
         return Err(FieldError::new(
-            "address",
+            field(&a),
             format!(
-                "{} is outside node {}'s pod CIDRs in VPC {}",
-                pod.address, pod.node, pod.vpc
+                "{a} is outside node {}'s pod CIDRs in VPC {}",
+                pod.node, pod.vpc
             ),
         ));
     }
@@ -318,14 +328,13 @@ fn check_pod(snapshot: &VpcSnapshot, pod: &Pod) -> Result<(), FieldError> {
     {
         return Err(FieldError::new("name", "another pod has this name"));
     }
-    if let Some(other) = state.pods.values().find(|p| p.address == pod.address) {
-        return Err(FieldError::new(
-            "address",
-            format!(
-                "{} is pod {}/{}'s",
-                pod.address, other.namespace, other.name
-            ),
-        ));
+    for a in pod.addresses() {
+        if let Some(other) = state.pods.values().find(|p| p.addresses().any(|b| b == a)) {
+            return Err(FieldError::new(
+                field(&a),
+                format!("{a} is pod {}/{}'s", other.namespace, other.name),
+            ));
+        }
     }
     Ok(())
 }
@@ -546,6 +555,7 @@ pub(crate) mod tests {
             namespace: "web".into(),
             name: name.into(),
             address: addr.into(),
+            address_v6: None,
             node: node.into(),
             labels: labels
                 .iter()

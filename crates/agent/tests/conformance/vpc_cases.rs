@@ -296,6 +296,7 @@ fn pod(name: &str, address: &str, node: &NodeName) -> Pod {
         namespace: label("web"),
         name: PodName::parse("name", name).expect("a pod name"),
         address: address.parse().expect("an address"),
+        address_v6: None,
         node: node.clone(),
         labels: BTreeMap::from([("app".into(), "db".into())]),
     }
