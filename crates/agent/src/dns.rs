@@ -8,24 +8,29 @@
 //! VPC's namespace cannot reach. Each forward, and each TCP connection, runs on a
 //! short-lived thread of its own, at most [`MAX_TASKS`] at once, so a slow upstream
 //! delays only its own query; a forward that fails within [`FORWARD_TRY`] per
-//! upstream is answered SERVFAIL.
+//! upstream is answered SERVFAIL. The upstreams follow the node's resolv.conf
+//! ([`Upstreams`]: looked at again at most once a second, when a forward needs them),
+//! so a changed resolver needs no agent restart.
 //!
 //! The message translation ([`respond`]) is pure: query bytes in, response bytes (or
-//! "forward", or "ignore") out. A malformed query gets FORMERR or nothing; it never
+//! "forward", or "ignore") out; negative answers carry the zone's SOA (RFC 2308). A malformed query gets FORMERR or nothing; it never
 //! stops the server. The agent swaps in a whole new view on every change
 //! ([`DnsServer::set_view`]); dropping the server closes its sockets.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData as WireData, Record};
+use hickory_proto::ProtoError;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use wiremesh_host::{netns, HostError};
 use wiremesh_vpc::dns::{Answer, DnsView, QueryType, RData};
@@ -72,24 +77,29 @@ pub fn respond(view: &DnsView, query: &[u8], transport: Transport) -> Reply {
     match (request.metadata.op_code, request.queries.as_slice()) {
         (OpCode::Query, [q]) if q.query_class() == DNSClass::IN => {
             let qtype = QueryType::from_u16(q.query_type().into());
-            let (code, records) = match view.resolve(&q.name().to_ascii(), qtype) {
+            let (code, answers, authority) = match view.resolve(&q.name().to_ascii(), qtype) {
                 Answer::Forward => return Reply::Forward,
-                Answer::Records(records) => (ResponseCode::NoError, records),
-                Answer::NoData => (ResponseCode::NoError, Vec::new()),
-                Answer::NxDomain => (ResponseCode::NXDomain, Vec::new()),
+                Answer::Records(records) => (ResponseCode::NoError, records, None),
+                // The zone's SOA lets resolvers cache the negative answer (RFC 2308 §3).
+                Answer::NoData(soa) => (ResponseCode::NoError, Vec::new(), Some(soa)),
+                Answer::NxDomain(soa) => (ResponseCode::NXDomain, Vec::new(), Some(soa)),
             };
             response.metadata.authoritative = true;
             response.metadata.response_code = code;
-            for r in records {
+            for r in answers {
                 // The owner name as asked, case included (resolvers may check it).
-                match wire_data(&r.data) {
-                    Some(data) => {
-                        response
-                            .answers
-                            .push(Record::from_rdata(q.name().clone(), r.ttl, data))
-                    }
-                    None => return failure(&request),
-                }
+                let Some(data) = wire_data(&r.data) else {
+                    return failure(&request);
+                };
+                let record = Record::from_rdata(q.name().clone(), r.ttl, data);
+                response.answers.push(record);
+            }
+            if let Some(soa) = authority {
+                let (Ok(name), Some(data)) = (wire_name(&soa.name), wire_data(&soa.data)) else {
+                    return failure(&request);
+                };
+                let record = Record::from_rdata(name, soa.ttl, data);
+                response.authorities.push(record);
             }
         }
         (OpCode::Query, [_]) => response.metadata.response_code = ResponseCode::NotImp,
@@ -170,8 +180,15 @@ fn encode(response: &Message, limit: usize) -> Option<Vec<u8>> {
     response.truncate().to_vec().ok()
 }
 
+/// A view's name (lowercase, no final dot) as a fully qualified wire name.
+fn wire_name(name: &str) -> Result<Name, ProtoError> {
+    Name::from_ascii(format!("{name}."))
+}
+
 fn wire_data(data: &RData) -> Option<WireData> {
-    let name = |n: &str| Name::from_ascii(format!("{n}.")).ok();
+    let name = |n: &str| wire_name(n).ok();
+    // SOA timers are 32-bit on the wire; hickory types them signed.
+    let timer = |t: u32| i32::try_from(t).ok();
     Some(match data {
         RData::A(a) => WireData::A(A(*a)),
         RData::Aaaa(a) => WireData::AAAA(AAAA(*a)),
@@ -183,12 +200,22 @@ fn wire_data(data: &RData) -> Option<WireData> {
         } => WireData::SRV(SRV::new(*priority, *weight, *port, name(target)?)),
         RData::Ptr(p) => WireData::PTR(PTR(name(p)?)),
         RData::Txt(t) => WireData::TXT(TXT::new(vec![t.clone()])),
+        RData::Ns(n) => WireData::NS(NS(name(n)?)),
+        RData::Soa(soa) => WireData::SOA(SOA::new(
+            name(&soa.mname)?,
+            name(&soa.rname)?,
+            soa.serial,
+            timer(soa.refresh)?,
+            timer(soa.retry)?,
+            timer(soa.expire)?,
+            soa.minimum,
+        )),
     })
 }
 
 /// The upstream resolvers in a `resolv.conf` (`nameserver` lines, port 53; a scoped
 /// IPv6 address `fe80::1%eth0` is skipped).
-pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
+fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
     resolv_conf
         .lines()
         .filter_map(|line| {
@@ -198,6 +225,143 @@ pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
             Some(SocketAddr::new(ip, PORT))
         })
         .collect()
+}
+
+/// The node's resolv.conf is looked at (one `stat`) at most this often.
+pub const RESOLV_RECHECK: Duration = Duration::from_secs(1);
+
+/// What tells one version of a file from another without reading it: an in-place
+/// rewrite changes the length or mtime, a replacement the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// What looking at the resolv.conf again found.
+#[derive(Debug, PartialEq, Eq)]
+enum Reread {
+    /// Not due, the same file, or the same resolvers.
+    Unchanged,
+    Changed,
+    /// A new file without resolvers (unreadable, empty or half-written): the last
+    /// good list stays.
+    KeptLast,
+}
+
+/// The pure part of [`Upstreams`]: the list in use and the file it came from.
+#[derive(Debug)]
+struct ResolvWatch {
+    list: Arc<[SocketAddr]>,
+    stamp: Option<Stamp>,
+    checked: Option<Instant>,
+}
+
+impl ResolvWatch {
+    fn new(list: Vec<SocketAddr>) -> ResolvWatch {
+        ResolvWatch {
+            list: list.into(),
+            stamp: None,
+            checked: None,
+        }
+    }
+
+    /// Takes the file as `stamp` shows it at `now` (reading it with `read` only if
+    /// it changed), at most once per [`RESOLV_RECHECK`].
+    fn observe(
+        &mut self,
+        now: Instant,
+        stamp: impl FnOnce() -> Option<Stamp>,
+        read: impl FnOnce() -> Option<String>,
+    ) -> Reread {
+        if self
+            .checked
+            .is_some_and(|at| now.saturating_duration_since(at) < RESOLV_RECHECK)
+        {
+            return Reread::Unchanged;
+        }
+        self.checked = Some(now);
+        let stamp = stamp();
+        if stamp == self.stamp {
+            return Reread::Unchanged;
+        }
+        self.stamp = stamp;
+        let found = read().map(|text| upstreams(&text)).unwrap_or_default();
+        if found.is_empty() {
+            return if self.list.is_empty() {
+                Reread::Unchanged
+            } else {
+                Reread::KeptLast
+            };
+        }
+        if *self.list == *found {
+            return Reread::Unchanged;
+        }
+        self.list = found.into();
+        Reread::Changed
+    }
+}
+
+/// The node's upstream resolvers, as its resolv.conf lists them now: the file is
+/// looked at again when a forward needs them, at most once per [`RESOLV_RECHECK`], so
+/// a changed resolver is used without an agent restart. Clones share one watch.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    path: Arc<Path>,
+    watch: Arc<Mutex<ResolvWatch>>,
+}
+
+impl Upstreams {
+    /// Follows the resolv.conf at `path` (read now, then as it changes).
+    pub fn watch(path: impl AsRef<Path>) -> Upstreams {
+        let upstreams = Upstreams {
+            path: path.as_ref().into(),
+            watch: Arc::new(Mutex::new(ResolvWatch::new(Vec::new()))),
+        };
+        if upstreams.current().is_empty() {
+            let path = upstreams.path.display();
+            tracing::warn!("no nameserver in {path}: VPC DNS answers only its own names");
+        }
+        upstreams
+    }
+
+    /// The resolvers to forward to now.
+    pub fn current(&self) -> Arc<[SocketAddr]> {
+        // Nothing panics while holding the lock; a poisoned one still holds a list.
+        let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+        let path = &*self.path;
+        let reread = watch.observe(
+            Instant::now(),
+            || Stamp::of(path),
+            || std::fs::read_to_string(path).ok(),
+        );
+        match reread {
+            Reread::Unchanged => {}
+            Reread::Changed => tracing::info!(
+                "VPC DNS forwards to {:?} from now on ({})",
+                watch.list,
+                path.display()
+            ),
+            Reread::KeptLast => tracing::warn!(
+                "no nameserver in {}: VPC DNS keeps forwarding to {:?}",
+                path.display(),
+                watch.list
+            ),
+        }
+        Arc::clone(&watch.list)
+    }
 }
 
 /// Whether `reply` is the response to `query` (same id, QR set).
@@ -300,7 +464,7 @@ impl DnsServer {
     pub fn start(
         ns: &str,
         nameserver: IpAddr,
-        upstreams: Vec<SocketAddr>,
+        upstreams: Upstreams,
         view: DnsView,
     ) -> Result<DnsServer, HostError> {
         let addr = SocketAddr::new(nameserver, PORT);
@@ -321,7 +485,7 @@ impl DnsServer {
     pub fn serve(
         udp: UdpSocket,
         tcp: TcpListener,
-        upstreams: Vec<SocketAddr>,
+        upstreams: Upstreams,
         view: DnsView,
     ) -> io::Result<DnsServer> {
         let addr = udp.local_addr()?;
@@ -332,7 +496,7 @@ impl DnsServer {
         let server = Server {
             udp,
             tcp,
-            upstreams: upstreams.into(),
+            upstreams,
             view: Arc::clone(&view),
             tasks: Arc::new(AtomicUsize::new(0)),
         };
@@ -368,7 +532,7 @@ impl Drop for DnsServer {
 struct Server {
     udp: UdpSocket,
     tcp: TcpListener,
-    upstreams: Arc<[SocketAddr]>,
+    upstreams: Upstreams,
     view: SharedView,
     /// Forwards and TCP connections running now.
     tasks: Arc<AtomicUsize>,
@@ -436,13 +600,13 @@ impl Server {
                     let _ = servfail(query).map(|b| self.udp.send_to(&b, client));
                     return;
                 };
-                let upstreams = Arc::clone(&self.upstreams);
+                let upstreams = self.upstreams.clone();
                 let query = query.to_vec();
                 let _ = std::thread::Builder::new()
                     .name("dns forward".into())
                     .spawn(move || {
                         let _task = task;
-                        let reply = forward(&upstreams, &query, Transport::Udp)
+                        let reply = forward(&upstreams.current(), &query, Transport::Udp)
                             .or_else(|| servfail(&query));
                         let _ = reply.map(|b| socket.send_to(&b, client));
                     });
@@ -456,7 +620,7 @@ impl Server {
         let Some(task) = Task::claim(&self.tasks) else {
             return; // dropped: closed
         };
-        let upstreams = Arc::clone(&self.upstreams);
+        let upstreams = self.upstreams.clone();
         let view = Arc::clone(&self.view);
         let _ = std::thread::Builder::new()
             .name("dns tcp".into())
@@ -473,9 +637,8 @@ impl Server {
                 while let Ok(query) = read_framed(&mut conn) {
                     let reply = match respond(&current(&view), &query, Transport::Tcp) {
                         Reply::Send(bytes) => Some(bytes),
-                        Reply::Forward => {
-                            forward(&upstreams, &query, Transport::Tcp).or_else(|| servfail(&query))
-                        }
+                        Reply::Forward => forward(&upstreams.current(), &query, Transport::Tcp)
+                            .or_else(|| servfail(&query)),
                         Reply::Ignore => None,
                     };
                     let Some(reply) = reply else { return };
@@ -492,6 +655,7 @@ mod tests {
     use super::*;
     use hickory_proto::op::Query;
     use hickory_proto::rr::RecordType;
+    use wiremesh_testkit::wait_until;
     use wiremesh_vpc::snapshot::{Mesh, Records};
     use wiremesh_vpc::VpcSnapshot;
     use wiremesh_vpc::{EndpointRecord, NodeId, ServiceRecord, VpcMemberRecord, VpcRecord};
@@ -585,9 +749,21 @@ mod tests {
             if r.metadata.authoritative { " aa" } else { "" },
             if r.metadata.truncation { " tc" } else { "" },
         )];
+        // `TYPE ttl data`; the SOA serial follows the records (the view's tests say how).
+        let shown = |a: &Record| {
+            let data = a.data.to_string();
+            let mut words: Vec<&str> = data.split(' ').collect();
+            if a.record_type() == RecordType::SOA {
+                words[2] = "SERIAL";
+            }
+            format!("{} {} {}", a.record_type(), a.ttl, words.join(" "))
+        };
         for a in &r.answers {
             assert_eq!(a.name.to_ascii(), name, "the owner name as asked");
-            got.push(format!("{} {} {}", a.record_type(), a.ttl, a.data));
+            got.push(shown(a));
+        }
+        for a in &r.authorities {
+            got.push(format!("authority {} {}", a.name.to_ascii(), shown(a)));
         }
         assert_eq!(got.join("\n"), want, "{name} {qtype}");
     }
@@ -619,8 +795,44 @@ mod tests {
             RecordType::TXT,
             "NoError aa\nTXT 5 1.1.0",
         );
-        check("db.web.svc.cluster.local.", RecordType::MX, "NoError aa");
-        check("nope.web.svc.cluster.local.", RecordType::A, "NXDomain aa");
+        check(
+            "cluster.local.",
+            RecordType::NS,
+            "NoError aa\nNS 5 ns.dns.cluster.local.",
+        );
+        check(
+            "cluster.local.",
+            RecordType::SOA,
+            "NoError aa\nSOA 5 ns.dns.cluster.local. hostmaster.cluster.local. \
+             SERIAL 7200 1800 86400 5",
+        );
+    }
+
+    /// NODATA and NXDOMAIN carry the zone's SOA in the authority section, its owner
+    /// the zone apex, so resolvers cache them for 5 s (RFC 2308).
+    #[test]
+    fn negative_answers_carry_the_zones_soa() {
+        let soa = "SOA 5 ns.dns.cluster.local. hostmaster.cluster.local. SERIAL 7200 1800 86400 5";
+        check(
+            "db.web.svc.cluster.local.",
+            RecordType::MX,
+            &format!("NoError aa\nauthority cluster.local. {soa}"),
+        );
+        check(
+            "db.web.svc.cluster.local.",
+            RecordType::AAAA,
+            &format!("NoError aa\nauthority cluster.local. {soa}"),
+        );
+        check(
+            "nope.web.svc.cluster.local.",
+            RecordType::A,
+            &format!("NXDomain aa\nauthority cluster.local. {soa}"),
+        );
+        check(
+            "99.0.96.10.in-addr.arpa.",
+            RecordType::PTR,
+            &format!("NXDomain aa\nauthority 0.96.10.in-addr.arpa. {soa}"),
+        );
     }
 
     #[test]
@@ -688,6 +900,85 @@ mod tests {
         );
     }
 
+    /// The resolv.conf is looked at once per [`RESOLV_RECHECK`] and read only when
+    /// it changed; a new list replaces the old one, a file without one keeps it.
+    #[test]
+    fn upstreams_follow_resolv_conf() {
+        let t0 = Instant::now();
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let stamp = |n: u64| Stamp {
+            modified: None,
+            len: n,
+            inode: 1,
+        };
+        let (one, two): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:53".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap(),
+        );
+        let mut w = ResolvWatch::new(Vec::new());
+        let mut step = |now, s: Option<Stamp>, text: Option<&str>| {
+            let mut read = false;
+            let r = w.observe(
+                now,
+                || s,
+                || {
+                    read = true;
+                    text.map(str::to_owned)
+                },
+            );
+            (r, read, w.list.to_vec())
+        };
+        let not_read = |r| (r, false);
+        let first = step(at(0.0), Some(stamp(1)), Some("nameserver 10.0.0.1\n"));
+        assert_eq!(first, (Reread::Changed, true, vec![one]));
+        // Not due yet: not even looked at.
+        let early = step(at(0.5), Some(stamp(2)), None);
+        assert_eq!((early.0, early.1), not_read(Reread::Unchanged));
+        // The same file: not read.
+        let same = step(at(1.0), Some(stamp(1)), None);
+        assert_eq!((same.0, same.1), not_read(Reread::Unchanged));
+        // Emptied (or caught half-written), then gone: the last good list stays,
+        // said once per version of the file.
+        assert_eq!(
+            step(at(2.0), Some(stamp(0)), Some("")),
+            (Reread::KeptLast, true, vec![one])
+        );
+        assert_eq!(step(at(3.0), Some(stamp(0)), None).0, Reread::Unchanged);
+        assert_eq!(
+            step(at(4.0), None, None),
+            (Reread::KeptLast, true, vec![one])
+        );
+        let conf = "nameserver 10.0.0.2\nnameserver 10.0.0.1\n";
+        assert_eq!(
+            step(at(5.0), Some(stamp(3)), Some(conf)),
+            (Reread::Changed, true, vec![two, one])
+        );
+        // Rewritten with the same resolvers: nothing to say.
+        assert_eq!(
+            step(at(6.0), Some(stamp(4)), Some(conf)).0,
+            Reread::Unchanged
+        );
+    }
+
+    /// The shell over a real file, rewritten in place (as a bind-mounted
+    /// resolv.conf must be): the new resolver is used within a bounded wait.
+    #[test]
+    fn upstreams_reread_a_rewritten_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, "nameserver 192.0.2.1\n").unwrap();
+        let upstreams = Upstreams::watch(&path);
+        let first: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        assert_eq!(*upstreams.current(), [first]);
+        std::fs::write(&path, "search example\nnameserver 192.0.2.2\n").unwrap();
+        let second: SocketAddr = "192.0.2.2:53".parse().unwrap();
+        let bound = RESOLV_RECHECK * 5;
+        let followed = wait_until(bound, || *upstreams.current() == [second]);
+        assert!(followed, "still {:?}", upstreams.current());
+        // A clone shares the watch.
+        assert_eq!(*upstreams.clone().current(), [second]);
+    }
+
     fn exchange_udp(server: SocketAddr, q: &[u8]) -> io::Result<Vec<u8>> {
         let s = UdpSocket::bind("127.0.0.1:0")?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -700,6 +991,12 @@ mod tests {
     fn local_server(upstreams: Vec<SocketAddr>) -> DnsServer {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let tcp = TcpListener::bind(udp.local_addr().unwrap()).unwrap();
+        // Upstreams on test ports, which no resolv.conf can name: a file that never
+        // exists keeps them.
+        let upstreams = Upstreams {
+            path: Path::new("/nonexistent/resolv.conf").into(),
+            watch: Arc::new(Mutex::new(ResolvWatch::new(upstreams))),
+        };
         DnsServer::serve(udp, tcp, upstreams, view()).unwrap()
     }
 

@@ -22,7 +22,7 @@
 //! A bad VPC record is logged and left out (`VpcSnapshot::build`); the rest goes on.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,8 +104,9 @@ pub struct VpcHost {
     wanted: BTreeSet<Label>,
     /// Endpoints on this node as last published under its lease.
     adopted: BTreeMap<(ServiceId, IpAddr), Endpoint>,
-    /// The node's resolvers, read at start: VPC DNS servers forward to them.
-    upstreams: Vec<SocketAddr>,
+    /// The node's resolvers, followed as its resolv.conf changes: VPC DNS servers
+    /// forward to them.
+    upstreams: dns::Upstreams,
     /// Per namespace: its DNS server.
     dns: BTreeMap<String, DnsServer>,
     /// The pod files the state directory held at the last reconcile.
@@ -116,10 +117,7 @@ pub struct VpcHost {
 
 impl VpcHost {
     pub fn new(config: &AgentConfig, socket: &Path) -> VpcHost {
-        let upstreams = dns::upstreams(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
-        if upstreams.is_empty() {
-            tracing::warn!("no nameserver in {RESOLV_CONF}: VPC DNS answers only its own names");
-        }
+        let upstreams = dns::Upstreams::watch(RESOLV_CONF);
         VpcHost {
             me: config.name.clone(),
             interface: config.interface.clone(),
