@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 use wiremesh_host::{pod, run};
 use wiremesh_vpc::dns::search_path;
@@ -184,30 +184,72 @@ fn vpc_placement(conf: &NetConf, vpc: &Label, wait: bool) -> Result<Placement, C
         )),
         _ => CniError::io(format!("reading {}", file.display()), e),
     })?;
-    parse_local_vpc(&text, conf.mtu).map_err(|reason| {
-        CniError::io(
+    parse_local_vpc(&text, conf.mtu).map_err(|e| match e {
+        LocalVpcError::Unreadable(reason) => CniError::io(
             format!("agent state {} is unreadable", file.display()),
             std::io::Error::new(ErrorKind::InvalidData, reason),
-        )
+        ),
+        LocalVpcError::Ipv6Only(block) => CniError::config(
+            "vpc",
+            format!(
+                "VPC {vpc} has an IPv6 pod CIDR only (this node's block {block}); this plugin gives a pod an IPv4 address, and a dual-stack pod its IPv6 one at the same offset: give the VPC an IPv4 pod CIDR too"
+            ),
+        ),
     })
 }
 
-/// `vpc.json`: the VPC's namespace, the node's IPv4 block, the pod MTU (unless the
-/// network config sets one) and the VPC's DNS.
-fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, String> {
+enum LocalVpcError {
+    Unreadable(String),
+    /// A VPC without an IPv4 pod CIDR: the address store holds IPv4 addresses only.
+    Ipv6Only(Ipv6Net),
+}
+
+impl From<String> for LocalVpcError {
+    fn from(reason: String) -> Self {
+        LocalVpcError::Unreadable(reason)
+    }
+}
+
+impl From<&str> for LocalVpcError {
+    fn from(reason: &str) -> Self {
+        LocalVpcError::Unreadable(reason.to_owned())
+    }
+}
+
+/// `vpc.json`: the VPC's namespace, the node's blocks (an IPv4 one, and an IPv6 one
+/// in a dual-stack VPC), the pod MTU (unless the network config sets one) and the
+/// VPC's DNS.
+fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, LocalVpcError> {
     let v: Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
     let field = |k: &str| v.get(k).ok_or_else(|| format!("no {k}"));
     let netns = field("netns")?
         .as_str()
         .ok_or("netns is no string")?
         .to_owned();
-    let pool = field("pod_cidrs")?
+    let blocks = field("pod_cidrs")?
         .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.as_str()?.parse::<Ipv4Net>().ok())
-        .next()
-        .ok_or("pod_cidrs has no IPv4 block")?;
+        .ok_or("pod_cidrs is no list")?
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.as_str()
+                .and_then(|c| c.parse::<IpNet>().ok())
+                .ok_or_else(|| format!("pod_cidrs[{i}] is no CIDR"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool_v6 = blocks.iter().find_map(|b| match b {
+        IpNet::V6(b) => Some(*b),
+        IpNet::V4(_) => None,
+    });
+    let pool = match blocks.iter().find_map(|b| match b {
+        IpNet::V4(b) => Some(*b),
+        IpNet::V6(_) => None,
+    }) {
+        Some(pool) => pool,
+        None => {
+            return Err(pool_v6.map_or_else(|| "pod_cidrs is empty".into(), LocalVpcError::Ipv6Only))
+        }
+    };
     let vpc_mtu = field("mtu")?
         .as_u64()
         .and_then(|m| u16::try_from(m).ok())
@@ -221,7 +263,7 @@ fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, String> {
     Ok(Placement {
         node_netns: Some(netns),
         pool,
-        pool_v6: None,
+        pool_v6,
         mtu: mtu.unwrap_or(vpc_mtu),
         dns: Some((nameserver, zone)),
     })
@@ -381,6 +423,7 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
             namespace: pod.namespace.to_string(),
             name: pod.name.to_string(),
             address: address.to_string(),
+            address_v6: address_v6.map(|a| a.to_string()),
             labels: conf.labels.clone(),
         };
         write_pod_file(&pod_file(conf, vpc, &who.container_id), &record).inspect_err(|_| {
@@ -612,5 +655,34 @@ mod tests {
             ("default", "pod-c1")
         );
         assert_eq!(container_pod_name(&"f".repeat(64)).as_str().len(), 63);
+    }
+
+    #[test]
+    fn a_vpc_gives_pods_its_blocks_of_both_families() {
+        let local = |cidrs: serde_json::Value| {
+            let v = json!({"netns": "wm-vpc-7", "pod_cidrs": cidrs, "mtu": 1380,
+                           "nameserver": "10.96.0.10", "zone": "cluster.local"});
+            parse_local_vpc(v.to_string().as_bytes(), None)
+        };
+        let pools = |cidrs| {
+            let p = local(cidrs).ok().expect("a placement");
+            (p.pool.to_string(), p.pool_v6.map(|b| b.to_string()))
+        };
+        assert_eq!(
+            pools(json!(["10.10.3.0/24"])),
+            ("10.10.3.0/24".into(), None)
+        );
+        let dual = ("10.10.3.0/24".into(), Some("fd10:0:0:3::/64".into()));
+        assert_eq!(pools(json!(["fd10:0:0:3::/64", "10.10.3.0/24"])), dual);
+        assert!(matches!(
+            local(json!(["fd10:0:0:3::/64"])),
+            Err(LocalVpcError::Ipv6Only(b)) if b.to_string() == "fd10:0:0:3::/64"
+        ));
+        for bad in [json!([]), json!(["10.10.3.0/33"]), json!("10.10.3.0/24")] {
+            assert!(
+                matches!(local(bad.clone()), Err(LocalVpcError::Unreadable(_))),
+                "{bad}"
+            );
+        }
     }
 }
