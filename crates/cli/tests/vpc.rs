@@ -9,18 +9,22 @@
 //! `wiremesh-cni` plugin, which asks the agent for its VPC.
 
 mod support;
+#[path = "support/vpc.rs"]
+mod vpc_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::Mesh;
-use wiremesh_agent::vpc::{LocalVpc, LOCAL_VPC_FILE, VPCS_DIR};
-use wiremesh_host::{netns, pod};
+use vpc_support::{
+    agent_pid, attach_pod, attempt, cli, cluster_ip, cni, cni_conf, join_vpc, serve_tag,
+    VpcNamespaces,
+};
+use wiremesh_agent::vpc::{LocalVpc, VPCS_DIR};
 use wiremesh_testkit::{require_root, wait_until, Netns};
 
 /// A pod of one VPC on one node, serving its own name on port 80.
@@ -29,91 +33,11 @@ struct Pod {
     ip: std::net::Ipv4Addr,
 }
 
-/// The agents' VPC namespaces as this test sees them, removed on Drop (even on a
-/// panic).
-///
-/// The test bed runs each node's agents in a mount namespace of the node's own: the
-/// namespaces they make are bind mounts only the node's processes can see. The test reaches one through the agent's root
-/// (`/proc/PID/root/run/netns/NAME`) and binds it under a name of its own.
-/// The agents' own names remain here as empty mount points: they go too.
-struct VpcNamespaces(Vec<String>);
-
-impl VpcNamespaces {
-    fn alias(&mut self, agent_pid: u32, name: &str) -> String {
-        let alias = format!("t{}", wiremesh_testkit::random_suffix(8));
-        let path = netns::path_of(&alias);
-        std::fs::File::create(&path).unwrap();
-        self.0.extend([alias.clone(), name.to_owned()]);
-        // `/run`, not `/var/run`: an absolute symlink would resolve in our own root.
-        let source = format!("/proc/{agent_pid}/root/run/netns/{name}");
-        let out = std::process::Command::new("mount")
-            // `--no-canonicalize`: resolving the path would leave the agent's root.
-            .args(["--no-canonicalize", "--bind", &source])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        alias
-    }
-}
-
-impl Drop for VpcNamespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = netns::delete(ns);
-            let _ = std::fs::remove_file(netns::path_of(ns));
-        }
-    }
-}
-
-fn wiremesh_ok(mesh: &Mesh, args: &[&str]) -> String {
-    let out = mesh.wiremesh(args);
-    assert!(
-        out.status.success(),
-        "wiremesh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Asks node `i`'s agent for `vpc` as the CNI plugin does, and waits for its answer.
-fn join_vpc(mesh: &Mesh, i: usize, vpc: &str) -> LocalVpc {
-    let dir: PathBuf = mesh.state_dir(i).join(VPCS_DIR).join(vpc);
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(LOCAL_VPC_FILE);
-    assert!(
-        wait_until(Duration::from_secs(20), || file.exists()),
-        "node {i}'s agent did not host VPC {vpc}:\n{}",
-        mesh.log(i)
-    );
-    serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap()
-}
-
 /// A pod in the VPC namespace `node_ns`, plugged in as the CNI plugin does, at
 /// host `n` of the node's block.
-fn plug(local: &LocalVpc, node_ns: &str, n: usize, tag: &'static str) -> Pod {
-    let ns = Netns::new("vpod").unwrap();
-    let ipnet::IpNet::V4(block) = local.pod_cidrs[0] else {
-        panic!("an IPv4 block")
-    };
-    let ip = block.hosts().nth(n).unwrap();
-    pod::attach(&pod::PodLink {
-        node_netns: Some(node_ns),
-        pod_netns: &netns::path_of(ns.name()),
-        host_if: &format!("p{}", wiremesh_testkit::random_suffix(8)),
-        pod_if: "eth0",
-        pod_ip: ip,
-        pod_ip_v6: None,
-        mtu: local.mtu,
-    })
-    .expect("pod link");
-    let addr = SocketAddr::from((ip, 80));
-    let listener = ns.run(|| TcpListener::bind(addr)).unwrap().unwrap();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let _ = conn.write_all(tag.as_bytes());
-        }
-    });
+fn plug(local: &LocalVpc, node_ns: &str, n: usize, tag: &str) -> Pod {
+    let (ns, ip) = attach_pod(local, node_ns, n);
+    serve_tag(&ns, ip, tag.to_owned());
     Pod { ns, ip }
 }
 
@@ -161,18 +85,12 @@ impl Bed {
     fn new() -> Bed {
         let (mesh, n1, n2) = Mesh::pair();
         for (name, id) in [("blue", "7"), ("green", "9")] {
-            let args = [
-                "vpc",
-                "create",
-                name,
-                "--id",
-                id,
-                "--pod-cidr",
-                "10.10.0.0/16",
-            ];
-            wiremesh_ok(&mesh, &args);
+            cli(
+                &mesh,
+                &format!("vpc create {name} --id {id} --pod-cidr 10.10.0.0/16"),
+            );
         }
-        let mut namespaces = VpcNamespaces(Vec::new());
+        let mut namespaces = VpcNamespaces::default();
         let (mut pods, mut locals) = (Vec::new(), Vec::new());
         for (i, vpc, tag) in [
             (n1, "blue", "blue-n1"),
@@ -182,8 +100,7 @@ impl Bed {
         ] {
             let local = join_vpc(&mesh, i, vpc);
             assert_eq!(local.mtu, 1380, "1420 less the 40-byte outer header");
-            let agent = mesh.nodes[i].agent.as_ref().unwrap().id();
-            let alias = namespaces.alias(agent, &local.netns);
+            let alias = namespaces.bind(agent_pid(&mesh, i), &local.netns);
             pods.push(plug(&local, &alias, 1, tag));
             locals.push((local, alias));
         }
@@ -194,10 +111,6 @@ impl Bed {
             _namespaces: namespaces,
             mesh,
         }
-    }
-
-    fn agent_pid(&self, i: usize) -> u32 {
-        self.mesh.nodes[i].agent.as_ref().unwrap().id()
     }
 }
 
@@ -244,34 +157,17 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     assert!(fetch(green1, &only_blue, Duration::from_secs(2)).is_err());
 
     // A service in blue, its one endpoint on n2: the VIP from n1 lands there.
-    let out = wiremesh_ok(
-        mesh,
-        &["service", "create", "blue/web/db", "--port", "http:80/tcp"],
-    );
-    let vip = out.trim().rsplit(' ').next().unwrap().to_owned();
-    wiremesh_ok(
-        mesh,
-        &["endpoints", "blue/web/db", "--add", &b2, "--node", "n2"],
-    );
+    let vip = cluster_ip(&cli(mesh, "service create blue/web/db --port http:80/tcp"));
+    cli(mesh, &format!("endpoints blue/web/db --add {b2} --node n2"));
     assert_eq!(fetch(blue1, &vip, PATIENCE).as_deref(), Ok("blue-n2"));
     // green has no such service: its pods cannot reach blue's VIP.
     assert!(fetch(green1, &vip, Duration::from_secs(2)).is_err());
     // Access policy: only blue1's address may call db2; another pod of blue is refused.
-    let allow = format!("{b1}/32");
-    let args = [
-        "service",
-        "create",
-        "blue/web/db2",
-        "--port",
-        "http:80/tcp",
-        "--allow",
-        &allow,
-    ];
-    let out = wiremesh_ok(mesh, &args);
-    let vip2 = out.trim().rsplit(' ').next().unwrap().to_owned();
-    wiremesh_ok(
+    let line = format!("service create blue/web/db2 --port http:80/tcp --allow {b1}/32");
+    let vip2 = cluster_ip(&cli(mesh, &line));
+    cli(
         mesh,
-        &["endpoints", "blue/web/db2", "--add", &b2, "--node", "n2"],
+        &format!("endpoints blue/web/db2 --add {b2} --node n2"),
     );
     assert_eq!(fetch(blue1, &vip2, PATIENCE).as_deref(), Ok("blue-n2"));
     let (blue_n1, ns) = &bed.locals[0];
@@ -280,7 +176,7 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     let refused = fetch(&other, &vip2, Duration::from_secs(2)).unwrap_err();
     assert!(refused.contains("ConnectionRefused"), "{refused}");
 
-    let listed = wiremesh_ok(mesh, &["endpoints", "blue/web/db"]);
+    let listed = cli(mesh, "endpoints blue/web/db");
     assert!(listed.contains(&format!("{b2}\tn2")), "{listed}");
 
     // n2's agent stops: the endpoints on n2 expire with its lease (3 s here), and
@@ -288,7 +184,7 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     bed.mesh.stop(1);
     let stopped = Instant::now();
     let vip: SocketAddr = format!("{vip}:80").parse().unwrap();
-    let refused = || attempt(blue1, vip) == Err(std::io::ErrorKind::ConnectionRefused);
+    let refused = || attempt(&blue1.ns, vip) == Err(std::io::ErrorKind::ConnectionRefused);
     assert!(
         wait_until(PATIENCE, refused),
         "n2's endpoint outlived its lease"
@@ -298,21 +194,6 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
         stopped.elapsed()
     );
     eprintln!("VPC test took {:?}", started.elapsed());
-}
-
-/// One connection attempt to `vip:80` from `pod`: the tag, or how it failed.
-fn attempt(pod: &Pod, vip: SocketAddr) -> Result<String, std::io::ErrorKind> {
-    pod.ns
-        .run(|| {
-            let mut s = TcpStream::connect_timeout(&vip, Duration::from_millis(500))
-                .map_err(|e| e.kind())?;
-            s.set_read_timeout(Some(Duration::from_secs(1)))
-                .map_err(|e| e.kind())?;
-            let mut tag = String::new();
-            s.read_to_string(&mut tag).map_err(|e| e.kind())?;
-            Ok(tag)
-        })
-        .unwrap()
 }
 
 #[test]
@@ -325,18 +206,10 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
     let [blue1, _, blue2, _] = &bed.pods[..] else {
         unreachable!()
     };
-    let out = wiremesh_ok(
-        mesh,
-        &["service", "create", "blue/web/db", "--port", "http:80/tcp"],
-    );
-    let vip: SocketAddr = format!("{}:80", out.trim().rsplit(' ').next().unwrap())
-        .parse()
-        .unwrap();
+    let out = cli(mesh, "service create blue/web/db --port http:80/tcp");
+    let vip: SocketAddr = format!("{}:80", cluster_ip(&out)).parse().unwrap();
     let b2 = blue2.ip.to_string();
-    wiremesh_ok(
-        mesh,
-        &["endpoints", "blue/web/db", "--add", &b2, "--node", "n2"],
-    );
+    cli(mesh, &format!("endpoints blue/web/db --add {b2} --node n2"));
     assert_eq!(
         fetch(blue1, &vip.ip().to_string(), PATIENCE).as_deref(),
         Ok("blue-n2")
@@ -347,19 +220,16 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
     let (blue_n1, ns) = &bed.locals[0];
     let moved_pod = plug(blue_n1, ns, 2, "blue-n1");
     let b1 = moved_pod.ip.to_string();
-    wiremesh_ok(mesh, &["endpoints", "blue/web/db", "--remove", &b2]);
+    cli(mesh, &format!("endpoints blue/web/db --remove {b2}"));
     let mut log: Vec<(Duration, Result<String, std::io::ErrorKind>)> = Vec::new();
     let start = Instant::now();
     let mut moved = false;
     while start.elapsed() < PATIENCE {
-        let outcome = attempt(blue1, vip);
+        let outcome = attempt(&blue1.ns, vip);
         let refused = outcome == Err(std::io::ErrorKind::ConnectionRefused);
         log.push((start.elapsed(), outcome));
         if refused && !moved {
-            wiremesh_ok(
-                mesh,
-                &["endpoints", "blue/web/db", "--add", &b1, "--node", "n1"],
-            );
+            cli(mesh, &format!("endpoints blue/web/db --add {b1} --node n1"));
             moved = true;
         }
         if log.last().unwrap().1.as_deref() == Ok("blue-n1") {
@@ -392,7 +262,7 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
     std::fs::remove_dir_all(&dir).unwrap();
     let agent_ns = format!(
         "/proc/{}/root/run/netns/{}",
-        bed.agent_pid(1),
+        agent_pid(mesh, 1),
         bed.locals[3].0.netns
     );
     assert!(
@@ -400,58 +270,13 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
         "n2 kept green's namespace:\n{}",
         mesh.log(1)
     );
-    let shown = wiremesh_ok(mesh, &["vpc", "show", "green"]);
+    let shown = cli(mesh, "vpc show green");
     assert!(
         shown.contains("member n1") && !shown.contains("member n2"),
         "{shown}"
     );
     // blue on n2 is untouched.
     assert_eq!(fetch(blue1, &b2, PATIENCE).as_deref(), Ok("blue-n2"));
-}
-
-/// Runs `wiremesh-cni` for container `id` as the runtime on node `i` would, inside
-/// the agent's namespaces (mount included: see [`VpcNamespaces`]).
-fn cni(
-    bed: &Bed,
-    i: usize,
-    command: &str,
-    id: &str,
-    pod: &Netns,
-    conf: &serde_json::Value,
-) -> serde_json::Value {
-    let pid = bed.agent_pid(i);
-    let mut child = std::process::Command::new("nsenter")
-        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .arg(wiremesh_testkit::cargo_bin("wiremesh-cni"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_NETNS", netns::path_of(pod.name()))
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=web")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "CNI {command}: {text} {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        bed.mesh.log(i)
-    );
-    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
 #[test]
@@ -467,17 +292,10 @@ fn a_pod_added_by_the_cni_plugin_joins_its_vpc_across_nodes() {
     let [_, _, blue2, _] = &bed.pods[..] else {
         unreachable!()
     };
-    let conf = serde_json::json!({
-        "cniVersion": "1.1.0",
-        "name": "blue",
-        "type": "wiremesh-cni",
-        "vpc": "blue",
-        "stateDir": bed.mesh.state_dir(0),
-        "dataDir": bed.mesh.dir.path().join("cni-n1"),
-        "interface": bed.mesh.nodes[0].ifname,
-    });
+    let conf = cni_conf(&bed.mesh, 0, "blue");
     let ctr = Netns::new("cpod").unwrap();
-    let result = cni(&bed, 0, "ADD", "c1", &ctr, &conf);
+    let args = "K8S_POD_NAMESPACE=web";
+    let result = cni(&bed.mesh, 0, "ADD", "c1", &ctr, args, &conf);
     let ip = result["ips"][0]["address"].as_str().unwrap().to_owned();
     assert!(ip.starts_with("10.10.0."), "n1's block of blue: {result}");
     assert_eq!(result["interfaces"][1]["mtu"], 1380, "{result}");
@@ -494,29 +312,28 @@ fn a_pod_added_by_the_cni_plugin_joins_its_vpc_across_nodes() {
         fetch(&pod, &blue2.ip.to_string(), PATIENCE).as_deref(),
         Ok("blue-n2")
     );
-    cni(&bed, 0, "DEL", "c1", &pod.ns, &conf);
+    cni(&bed.mesh, 0, "DEL", "c1", &pod.ns, args, &conf);
 }
 
 /// The tag `vip:80` answers from `client`, for each of `n` new connections.
 fn tags(client: &Pod, vip: SocketAddr, n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| attempt(client, vip).unwrap_or_else(|e| panic!("connection {i}: {e:?}")))
+        .map(|i| attempt(&client.ns, vip).unwrap_or_else(|e| panic!("connection {i}: {e:?}")))
         .collect()
 }
 
 /// Creates service `name` in blue with `endpoints` (address, node) and `extra`
 /// flags; its VIP's port 80.
-fn service_on(bed: &Bed, name: &str, extra: &[&str], endpoints: &[(&Pod, &str)]) -> SocketAddr {
+fn service_on(bed: &Bed, name: &str, extra: &str, endpoints: &[(&Pod, &str)]) -> SocketAddr {
     let mesh = &bed.mesh;
-    let mut args = vec!["service", "create", name, "--port", "http:80/tcp"];
-    args.extend_from_slice(extra);
-    let out = wiremesh_ok(mesh, &args);
-    let vip: SocketAddr = format!("{}:80", out.trim().rsplit(' ').next().unwrap())
-        .parse()
-        .unwrap();
+    let out = cli(
+        mesh,
+        &format!("service create {name} --port http:80/tcp {extra}"),
+    );
+    let vip: SocketAddr = format!("{}:80", cluster_ip(&out)).parse().unwrap();
     for (pod, node) in endpoints {
-        let ip = pod.ip.to_string();
-        wiremesh_ok(mesh, &["endpoints", name, "--add", &ip, "--node", node]);
+        let ip = pod.ip;
+        cli(mesh, &format!("endpoints {name} --add {ip} --node {node}"));
     }
     vip
 }
@@ -538,11 +355,11 @@ fn a_vip_balances_over_backends_on_both_nodes_and_affinity_pins_a_client_until_i
     let backends = [(&local, "n1"), (blue2, "n2"), (&remote, "n2")];
     let all: BTreeSet<&str> = ["n1-a", "blue-n2", "n2-b"].into();
 
-    let vip = service_on(&bed, "blue/web/lb", &[], &backends);
+    let vip = service_on(&bed, "blue/web/lb", "", &backends);
     let mut seen: BTreeSet<String> = BTreeSet::new();
     let every_backend_seen = wait_until(PATIENCE, || {
         // Until the ruleset and routes are in place, calls fail: keep trying.
-        seen.extend(attempt(client, vip));
+        seen.extend(attempt(&client.ns, vip));
         seen.iter().map(String::as_str).collect::<BTreeSet<_>>() == all
     });
     assert!(every_backend_seen, "the VIP chose only {seen:?}");
@@ -563,11 +380,11 @@ fn a_vip_balances_over_backends_on_both_nodes_and_affinity_pins_a_client_until_i
     let sticky = service_on(
         &bed,
         "blue/web/sticky",
-        &["--affinity", "client-ip", "--affinity-timeout", "2"],
+        "--affinity client-ip --affinity-timeout 2",
         &backends,
     );
     assert!(
-        wait_until(PATIENCE, || attempt(client, sticky).is_ok()),
+        wait_until(PATIENCE, || attempt(&client.ns, sticky).is_ok()),
         "the sticky VIP never answered"
     );
     std::thread::sleep(timeout + Duration::from_millis(500));
@@ -631,23 +448,12 @@ fn a_one_way_udp_flow_leaves_a_removed_endpoint_on_another_node() {
     let local = plug(blue_n1, ns1, 2, "n1-a");
     const PORT: u16 = 5353;
     let (remote_rx, local_rx) = (udp_sink(blue2, PORT), udp_sink(&local, PORT));
-    let out = wiremesh_ok(
-        mesh,
-        &[
-            "service",
-            "create",
-            "blue/web/feed",
-            "--port",
-            "feed:5353/udp",
-        ],
-    );
-    let vip: SocketAddr = format!("{}:{PORT}", out.trim().rsplit(' ').next().unwrap())
-        .parse()
-        .unwrap();
+    let out = cli(mesh, "service create blue/web/feed --port feed:5353/udp");
+    let vip: SocketAddr = format!("{}:{PORT}", cluster_ip(&out)).parse().unwrap();
     let b2 = blue2.ip.to_string();
-    wiremesh_ok(
+    cli(
         mesh,
-        &["endpoints", "blue/web/feed", "--add", &b2, "--node", "n2"],
+        &format!("endpoints blue/web/feed --add {b2} --node n2"),
     );
 
     // The flow: one socket, a datagram every 20 ms, never reading a reply. Errors
@@ -679,9 +485,9 @@ fn a_one_way_udp_flow_leaves_a_removed_endpoint_on_another_node() {
     // A second endpoint, beside the client: new flows may land there, this one
     // stays (its conntrack entry says where it goes).
     let a = local.ip.to_string();
-    wiremesh_ok(
+    cli(
         mesh,
-        &["endpoints", "blue/web/feed", "--add", &a, "--node", "n1"],
+        &format!("endpoints blue/web/feed --add {a} --node n1"),
     );
     let mut probes = Vec::new();
     let in_ruleset = wait_until(PATIENCE, || {
@@ -701,7 +507,7 @@ fn a_one_way_udp_flow_leaves_a_removed_endpoint_on_another_node() {
 
     // The flow's endpoint is removed: its conntrack entry goes with it, and the flow
     // (which never receives anything) moves to the remaining endpoint.
-    wiremesh_ok(mesh, &["endpoints", "blue/web/feed", "--remove", &b2]);
+    cli(mesh, &format!("endpoints blue/web/feed --remove {b2}"));
     let removed = Instant::now();
     assert!(
         wait_until(PATIENCE, || count(&local_rx, flow) > 0),
@@ -714,7 +520,7 @@ fn a_one_way_udp_flow_leaves_a_removed_endpoint_on_another_node() {
     assert_eq!(count(&remote_rx, flow), stale, "datagrams still go to n2");
 
     // No endpoint left: the flow is refused (ICMP port unreachable), never black-holed.
-    wiremesh_ok(mesh, &["endpoints", "blue/web/feed", "--remove", &a]);
+    cli(mesh, &format!("endpoints blue/web/feed --remove {a}"));
     let emptied = Instant::now();
     assert!(
         wait_until(PATIENCE, || refused.load(Ordering::Relaxed) > 0),
@@ -813,17 +619,12 @@ fn an_agent_restart_drops_no_connection_through_a_vip_or_between_pods() {
         unreachable!()
     };
     echo_server(blue2);
-    let out = wiremesh_ok(
-        &bed.mesh,
-        &["service", "create", "blue/web/echo", "--port", "echo:7/tcp"],
-    );
-    let vip: SocketAddr = format!("{}:7", out.trim().rsplit(' ').next().unwrap())
-        .parse()
-        .unwrap();
+    let out = cli(&bed.mesh, "service create blue/web/echo --port echo:7/tcp");
+    let vip: SocketAddr = format!("{}:7", cluster_ip(&out)).parse().unwrap();
     let b2 = blue2.ip.to_string();
-    wiremesh_ok(
+    cli(
         &bed.mesh,
-        &["endpoints", "blue/web/echo", "--add", &b2, "--node", "n2"],
+        &format!("endpoints blue/web/echo --add {b2} --node n2"),
     );
     let vip_up = wait_until(PATIENCE, || {
         client
@@ -854,21 +655,15 @@ fn an_agent_restart_drops_no_connection_through_a_vip_or_between_pods() {
     assert!(wait_until(PATIENCE, took_over), "{}", bed.mesh.log(0));
     // The restarted agent applies a change (its first ruleset replaces the table it
     // did not know; this one updates it): the new VIP answers.
-    let out = wiremesh_ok(
+    let out = cli(
         &bed.mesh,
-        &[
-            "service",
-            "create",
-            "blue/web/echo2",
-            "--port",
-            "http:80/tcp",
-        ],
+        "service create blue/web/echo2 --port http:80/tcp",
     );
-    wiremesh_ok(
+    cli(
         &bed.mesh,
-        &["endpoints", "blue/web/echo2", "--add", &b2, "--node", "n2"],
+        &format!("endpoints blue/web/echo2 --add {b2} --node n2"),
     );
-    let vip2 = out.trim().rsplit(' ').next().unwrap().to_owned();
+    let vip2 = cluster_ip(&out);
     assert_eq!(fetch(client, &vip2, PATIENCE).as_deref(), Ok("blue-n2"));
     let more = || through_vip.exchanges() > before.0 + 50 && direct.exchanges() > before.1 + 50;
     assert!(wait_until(PATIENCE, more), "the conversations stalled");

@@ -6,8 +6,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use wiremesh_agent::vpc::{LocalVpc, LOCAL_VPC_FILE, VPCS_DIR};
@@ -33,6 +35,11 @@ pub fn cluster_ip(created: &str) -> String {
         .last()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The pid of node `i`'s agent.
+pub fn agent_pid(mesh: &Mesh, i: usize) -> u32 {
+    mesh.nodes[i].agent.as_ref().expect("a running agent").id()
 }
 
 /// Node `i`'s agent's answer for `vpc`, asked for through the state directory (a
@@ -107,4 +114,87 @@ pub fn attach_pod(local: &LocalVpc, node_ns: &str, n: usize) -> (Netns, Ipv4Addr
     })
     .expect("pod link");
     (ns, ip)
+}
+
+/// The network config of the `wiremesh-cni` plugin on node `i` for VPC `vpc`.
+pub fn cni_conf(mesh: &Mesh, i: usize, vpc: &str) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": vpc,
+        "type": "wiremesh-cni",
+        "vpc": vpc,
+        "stateDir": mesh.state_dir(i),
+        "dataDir": mesh.dir.path().join(format!("cni-{i}")),
+        "interface": mesh.nodes[i].ifname,
+    })
+}
+
+/// Runs `wiremesh-cni` (`CNI_COMMAND` `command`, container `id`, `CNI_ARGS` `args`)
+/// for the container in `pod` as node `i`'s runtime would: inside its agent's
+/// network and mount namespaces (the agent's VPC namespaces are bind mounts only it
+/// sees). It must succeed: its result, or `Null` if it printed none (DEL).
+pub fn cni(
+    mesh: &Mesh,
+    i: usize,
+    command: &str,
+    id: &str,
+    pod: &Netns,
+    args: &str,
+    conf: &serde_json::Value,
+) -> serde_json::Value {
+    let pid = agent_pid(mesh, i);
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .arg(wiremesh_testkit::cargo_bin("wiremesh-cni"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", netns::path_of(pod.name()))
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(conf.to_string().as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "CNI {command} {id}: {text} {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        mesh.log(i)
+    );
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// Serves `tag` to every connection on `ip:80` inside `pod`.
+pub fn serve_tag(pod: &Netns, ip: Ipv4Addr, tag: String) {
+    let addr = SocketAddr::from((ip, 80));
+    let listener = pod.run(|| TcpListener::bind(addr)).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(tag.as_bytes());
+        }
+    });
+}
+
+/// One connection to `vip` from `pod`: what it answered, or how it failed.
+pub fn attempt(pod: &Netns, vip: SocketAddr) -> Result<String, std::io::ErrorKind> {
+    pod.run(|| {
+        let mut s =
+            TcpStream::connect_timeout(&vip, Duration::from_millis(500)).map_err(|e| e.kind())?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.kind())?;
+        let mut tag = String::new();
+        s.read_to_string(&mut tag).map_err(|e| e.kind())?;
+        Ok(tag)
+    })
+    .unwrap()
 }
