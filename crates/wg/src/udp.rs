@@ -32,7 +32,7 @@ const CMSG_HDR: usize = (std::mem::size_of::<libc::cmsghdr>() + 7) & !7;
 /// How long a receive blocks before the reader re-checks for shutdown.
 pub const RECV_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// Socket buffer size requested; the kernel caps it at `net.core.rmem_max`.
+/// Socket buffer size requested.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 /// The bound socket pair.
@@ -61,9 +61,10 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Socket> {
     if fwmark != 0 {
         s.set_mark(fwmark)?;
     }
-    // Larger buffers ride out bursts; failure only costs throughput.
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    // Larger buffers ride out bursts (a thousand connections' packets arriving while
+    // the reader waits for a core); failure only costs throughput.
+    set_buffer(&s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set_buffer(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     s.set_read_timeout(Some(RECV_TIMEOUT))?;
     // Coalesced receives; without kernel support datagrams just come one by one.
     let on: libc::c_int = 1;
@@ -79,6 +80,28 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Socket> {
     }
     s.bind(&addr.into())?;
     Ok(s)
+}
+
+/// Sets a socket buffer to [`SOCKET_BUFFER`]: with `force` (CAP_NET_ADMIN) past
+/// `net.core.rmem_max`/`wmem_max`, whose distribution default (208 KiB) a burst
+/// overflows, as wireguard-go does; else with `plain`, which the kernel caps.
+fn set_buffer(s: &Socket, force: libc::c_int, plain: libc::c_int) {
+    let size = SOCKET_BUFFER as libc::c_int;
+    for option in [force, plain] {
+        // SAFETY: setsockopt reads one c_int from a live local.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
 }
 
 fn local_port(s: &Socket) -> io::Result<u16> {
@@ -396,6 +419,20 @@ mod tests {
         let start = std::time::Instant::now();
         assert!(recv(sock, &mut [0u8; 16]).expect("recv").is_none());
         assert!(start.elapsed() < RECV_TIMEOUT * 10);
+    }
+
+    /// A burst larger than the distribution's default `rmem_max` still fits: the
+    /// buffers reach the requested size even where the sysctl is lower.
+    #[test]
+    fn buffers_hold_a_burst() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // without CAP_NET_ADMIN the kernel caps the size at its sysctl
+        }
+        let s = UdpSockets::bind(0, 0).expect("bind");
+        let sock = s.v4.as_ref().expect("v4");
+        assert!(sock.recv_buffer_size().expect("SO_RCVBUF") >= SOCKET_BUFFER);
+        assert!(sock.send_buffer_size().expect("SO_SNDBUF") >= SOCKET_BUFFER);
     }
 
     #[test]
