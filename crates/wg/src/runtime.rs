@@ -386,7 +386,10 @@ impl Shared {
                 Ok(None)
             };
         }
-        // Consecutive datagrams for one endpoint go out as one GSO batch.
+        // Datagrams for one endpoint go out as one GSO batch. Many connections to
+        // several peers interleave on the TUN device, so group by endpoint first; the
+        // sort is stable, so each peer's datagrams keep their order (and counters).
+        sends.sort_by_key(|(dst, _)| *dst);
         if let Some(s) = self.current_sockets() {
             for run in sends.chunk_by(|a, b| a.0 == b.0) {
                 let dst = run[0].0;
