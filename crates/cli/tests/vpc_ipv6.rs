@@ -1,0 +1,259 @@
+//! IPv6 pods in VPCs (issue 8), end to end: two real agents with `wiremesh-wg`
+//! devices, two dual-stack VPCs on the very same pod CIDRs (blue and green), pods
+//! added by the real `wiremesh-cni` plugin. Each pod gets an IPv6 address at its
+//! IPv4 address's offset in its node's IPv6 block; a pod reaches its VPC's pod on
+//! the other node over IPv6 (ping and TCP); the other VPC, on either node, never
+//! reaches it; and a packet whose inner IPv6 source is not its node's is dropped
+//! by the receiving node, counted by reason.
+
+mod support;
+#[path = "support/vpc.rs"]
+mod vpc_support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use support::Mesh;
+use vpc_support::{agent_pid, cli, cni, cni_conf, join_vpc};
+use wiremesh_host::uapi_client;
+use wiremesh_testkit::{require_root, require_tool, wait_until, Netns};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A container the plugin added, serving its tag on port 80 of both its addresses.
+struct Pod {
+    ns: Netns,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+}
+
+/// Adds a pod with `labels` to `vpc` on node `i` through the plugin; it serves `tag`.
+fn add_pod(mesh: &Mesh, i: usize, vpc: &str, tag: &str, labels: &[(&str, &str)]) -> Pod {
+    let ns = Netns::new("v6pod").unwrap();
+    let mut conf = cni_conf(mesh, i, vpc);
+    let labels: Vec<serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+        .collect();
+    conf["args"] = serde_json::json!({"cni": {"labels": labels}});
+    let result = cni(mesh, i, "ADD", tag, &ns, "K8S_POD_NAMESPACE=web", &conf);
+    let address = |k: usize| -> IpAddr {
+        result["ips"][k]["address"]
+            .as_str()
+            .and_then(|a| a.parse::<IpNet>().ok())
+            .unwrap_or_else(|| panic!("no ips[{k}]: {result}"))
+            .addr()
+    };
+    let (IpAddr::V4(v4), IpAddr::V6(v6)) = (address(0), address(1)) else {
+        panic!("not an IPv4 and an IPv6 address: {result}");
+    };
+    // `[::]` without IPV6_V6ONLY takes both families.
+    let listener = ns.run(|| TcpListener::bind("[::]:80")).unwrap().unwrap();
+    let tag = tag.to_owned();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(tag.as_bytes());
+        }
+    });
+    Pod { ns, v4, v6 }
+}
+
+/// One connection to `dst:80` from `pod`: the tag it answered, or how it failed.
+fn fetch_once(pod: &Pod, dst: impl Into<IpAddr>) -> Result<String, String> {
+    let dst = SocketAddr::from((dst.into(), 80));
+    pod.ns
+        .run(|| {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut tag = String::new();
+            s.read_to_string(&mut tag)?;
+            Ok::<_, std::io::Error>(tag)
+        })
+        .unwrap()
+        .map_err(|e| e.to_string())
+}
+
+/// What `[dst]:80` answers from `pod`, retrying for up to `patience`.
+fn fetch(pod: &Pod, dst: Ipv6Addr, patience: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match fetch_once(pod, dst) {
+            Ok(tag) if !tag.is_empty() => return Ok(tag),
+            other if Instant::now() > deadline => return Err(format!("{other:?}")),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn pings(pod: &Pod, dst: Ipv6Addr) -> bool {
+    let dst = dst.to_string();
+    pod.ns
+        .exec_ok(&["ping", "-6", "-c", "1", "-W", "1", &dst])
+        .is_ok()
+}
+
+/// The node's IPv4 and IPv6 blocks of a VPC, from its agent's answer.
+fn blocks(cidrs: &[IpNet]) -> (Ipv4Net, Ipv6Net) {
+    let v4 = cidrs.iter().find_map(|c| match c {
+        IpNet::V4(b) => Some(*b),
+        IpNet::V6(_) => None,
+    });
+    let v6 = cidrs.iter().find_map(|c| match c {
+        IpNet::V6(b) => Some(*b),
+        IpNet::V4(_) => None,
+    });
+    (v4.expect("an IPv4 block"), v6.expect("an IPv6 block"))
+}
+
+/// Node `i`'s device's drops whose inner source was outside the sender's block.
+fn inner_source_drops(mesh: &Mesh, i: usize) -> u64 {
+    let socket = format!(
+        "/proc/{}/root/run/wireguard/{}.sock",
+        agent_pid(mesh, i),
+        mesh.nodes[i].ifname
+    );
+    let stats = uapi_client::stats(socket.as_ref()).expect("device stats");
+    stats
+        .dropped
+        .get("inner_source_outside")
+        .copied()
+        .unwrap_or(0)
+}
+
+#[test]
+fn dual_stack_vpc_pods_reach_their_vpc_over_ipv6_and_nothing_else() {
+    if !(require_root() && require_tool("nsenter") && require_tool("ping")) {
+        return;
+    }
+    if !wiremesh_testkit::cargo_bin("wiremesh-cni").exists() {
+        wiremesh_testkit::skip("build wiremesh-cni first (cargo build -p wiremesh-cni)");
+        return;
+    }
+    let started = Instant::now();
+    let (mesh, n1, n2) = Mesh::pair();
+    for (name, id) in [("blue", 7), ("green", 9)] {
+        let line =
+            format!("vpc create {name} --id {id} --pod-cidr 10.10.0.0/16 --pod-cidr fd10::/56");
+        cli(&mesh, &line);
+    }
+    // n1 joins both first, so both VPCs give each node the same blocks; each agent
+    // hosts them before the plugin's first ADD, which waits only 10 s.
+    let mut locals = Vec::new();
+    for (i, vpc) in [(n1, "blue"), (n1, "green"), (n2, "blue"), (n2, "green")] {
+        locals.push(blocks(&join_vpc(&mesh, i, vpc).pod_cidrs));
+    }
+    assert_eq!((locals[0], locals[2]), (locals[1], locals[3]));
+    let blue1 = add_pod(&mesh, n1, "blue", "blue-n1", &[]);
+    let green1 = add_pod(&mesh, n1, "green", "green-n1", &[]);
+    let blue2 = add_pod(&mesh, n2, "blue", "blue-n2", &[("app", "web")]);
+    let green2 = add_pod(&mesh, n2, "green", "green-n2", &[]);
+
+    // Each pod's IPv6 address: its IPv4 address's offset in its node's IPv6 block.
+    for (pod, (v4, v6)) in [(&blue1, locals[0]), (&blue2, locals[2])] {
+        let offset = u32::from(pod.v4) - u32::from(v4.network());
+        assert!(v4.contains(&pod.v4), "{} outside {v4}", pod.v4);
+        assert_eq!(
+            pod.v6,
+            Ipv6Addr::from(u128::from(v6.network()) + u128::from(offset))
+        );
+    }
+    assert_eq!((blue1.v6, blue2.v6), (green1.v6, green2.v6));
+
+    // Across nodes over IPv6: ping, and TCP to the VPC's own pod at that address.
+    assert!(
+        wait_until(PATIENCE, || pings(&blue1, blue2.v6)),
+        "blue-n1 never pinged {} over IPv6:\n{}",
+        blue2.v6,
+        mesh.log(n2)
+    );
+    assert_eq!(fetch(&blue1, blue2.v6, PATIENCE).as_deref(), Ok("blue-n2"));
+    assert_eq!(
+        fetch(&green1, blue2.v6, PATIENCE).as_deref(),
+        Ok("green-n2")
+    );
+    assert_eq!(fetch(&blue2, blue1.v6, PATIENCE).as_deref(), Ok("blue-n1"));
+
+    // An address only blue has, on n2: blue on n1 reaches it; green never does,
+    // from the other node or from the same one.
+    let only = add_pod(&mesh, n2, "blue", "blue-only", &[]);
+    assert_eq!(fetch(&blue1, only.v6, PATIENCE).as_deref(), Ok("blue-only"));
+    for green in [&green1, &green2] {
+        assert!(fetch_once(green, only.v6).is_err());
+        assert!(!pings(green, only.v6));
+    }
+
+    // The source check: blue-n1 sends from an address of n2's block (as if it were
+    // a pod there), then from its own. n2 delivers the second only, and counts the
+    // first as dropped for its inner source.
+    let spoofed = Ipv6Addr::from(u128::from(locals[2].1.network()) + 0x99);
+    blue1
+        .ns
+        .exec_ok(&[
+            "ip",
+            "-6",
+            "address",
+            "add",
+            &format!("{spoofed}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    let sink = blue2
+        .ns
+        .run(|| UdpSocket::bind("[::]:9999"))
+        .unwrap()
+        .unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let drops_before = inner_source_drops(&mesh, n2);
+    let to = SocketAddr::from((blue2.v6, 9999));
+    blue1
+        .ns
+        .run(|| -> std::io::Result<()> {
+            UdpSocket::bind(SocketAddr::from((spoofed, 0)))?.send_to(b"spoofed", to)?;
+            UdpSocket::bind(SocketAddr::from((blue1.v6, 0)))?.send_to(b"own", to)?;
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = sink.recv_from(&mut buf).expect("blue-n1's own datagram");
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"own"[..], IpAddr::V6(blue1.v6)),
+        "the spoofed datagram was delivered (it went first)"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || inner_source_drops(&mesh, n2)
+            > drops_before),
+        "n2 counted no drop for the spoofed inner source"
+    );
+
+    // Access by label holds over IPv6 too: `guarded` (an IPv4 service) admits pods
+    // labelled role=api only, so a pod dialling its backend's IPv6 address directly
+    // meets the check its IPv4 address has; an admitted pod passes in both families.
+    let api1 = add_pod(&mesh, n1, "blue", "api-n1", &[("role", "api")]);
+    cli(
+        &mesh,
+        "service create blue/web/guarded --port http:80/tcp --selector app=web --allow role=api",
+    );
+    // Over IPv4 the check refuses (a TCP reset); over IPv6 the reset does not come
+    // back yet (the connection times out instead), so what is asserted there is
+    // that nothing gets through.
+    assert!(
+        wait_until(PATIENCE, || fetch_once(&blue1, blue2.v6).is_err()),
+        "blue-n1 (no role=api) still reaches the backend's IPv6 address:\n{}",
+        mesh.log(n2)
+    );
+    let refused = fetch_once(&blue1, blue2.v4);
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("refused")),
+        "{refused:?}"
+    );
+    for dst in [IpAddr::V6(blue2.v6), IpAddr::V4(blue2.v4)] {
+        assert_eq!(fetch_once(&api1, dst).as_deref(), Ok("blue-n2"), "{dst}");
+    }
+    eprintln!("IPv6 VPC test took {:?}", started.elapsed());
+}
