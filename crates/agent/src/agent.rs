@@ -22,6 +22,7 @@ use wiremesh_topology::{compute, forwarding_probe, Snapshot, Topology};
 use wiremesh_uapi::SetRequest;
 
 use crate::device::DeviceBackend;
+use crate::liveness::{self, Liveness};
 use crate::metrics::Metrics;
 use crate::plan::{plan_device, plan_routes};
 use crate::registry::{Membership, NodeStatus, PeerStatus, Registry, RegistryError};
@@ -66,6 +67,8 @@ pub enum AgentError {
     },
     #[error("WireGuard device: {0}")]
     Device(std::io::Error),
+    #[error("starting the heartbeat thread: {0}")]
+    Heartbeat(std::io::Error),
     #[error("serving metrics on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -171,12 +174,15 @@ pub fn run(
         relay_ports: Default::default(),
         last_seen: unix_now(),
     };
+    let membership = until_available(&stop, "joining the registry", || {
+        registry.join(&me, config.lease_ttl)
+    })?;
     let mut state = LoopState {
         firewall: None,
-        membership: until_available(&stop, "joining the registry", || {
-            registry.join(&me, config.lease_ttl)
-        })?,
-        last_keepalive: Instant::now(),
+        membership: Box::new(
+            Liveness::start(membership, &me, config.lease_ttl, liveness::STALL)
+                .map_err(AgentError::Heartbeat)?,
+        ),
         vpcs: crate::vpc::VpcHost::new(&config, &socket),
         snapshot: None,
         direct: DirectWatch::default(),
@@ -200,6 +206,7 @@ pub fn run(
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
     while !stop.load(Ordering::Relaxed) {
+        state.membership.progress();
         match changes.recv_timeout(TICK) {
             Ok(Some(mut change)) => loop {
                 dirty |= change.affects_topology();
@@ -221,9 +228,6 @@ pub fn run(
                     }
                 }
             }
-        }
-        if let Err(e) = state.heartbeat(&me, config.lease_ttl) {
-            tracing::warn!("heartbeat failed: {e}");
         }
         // This host's address moved: every peer hears from it at once (`underlay`).
         if underlay.follow(&socket, &mut me) {
@@ -374,10 +378,10 @@ pub fn until_available<T>(
 }
 
 struct LoopState {
-    membership: Box<dyn Membership>,
+    /// Heartbeaten by a thread of its own while this loop makes progress.
+    membership: Box<Liveness>,
     /// The ruleset last applied, so an unchanged one is not reloaded on every pass.
     firewall: Option<String>,
-    last_keepalive: Instant,
     vpcs: crate::vpc::VpcHost,
     /// The snapshot of the last reconcile, for the checks between reconciles.
     snapshot: Option<Snapshot>,
@@ -387,18 +391,6 @@ struct LoopState {
     relays: crate::relay::Relays,
     /// Whether the interface's lack of IPv6 was logged.
     said_no_ipv6: bool,
-}
-
-impl LoopState {
-    /// Keep the node live, three times a TTL (the membership rejoins if it had ended).
-    fn heartbeat(&mut self, me: &Node, ttl: Duration) -> Result<(), AgentError> {
-        if self.last_keepalive.elapsed() < ttl / 3 {
-            return Ok(());
-        }
-        self.membership.heartbeat(me)?;
-        self.last_keepalive = Instant::now();
-        Ok(())
-    }
 }
 
 fn reconcile(

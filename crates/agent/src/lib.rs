@@ -16,6 +16,7 @@ pub mod dns;
 pub mod firewall;
 pub mod keys;
 pub mod kube;
+pub mod liveness;
 pub mod metrics;
 pub mod mtu;
 pub mod plan;
