@@ -5,10 +5,11 @@
 //! same channel as `pod-cidr`): a directory `vpcs/<name>/` means "pods of VPC `name`
 //! live here". For each such VPC the agent claims the node's member blocks in the
 //! registry, makes the namespace `wm-vpc-<id>` (169.254.1.1/32 on its `lo`, the pods'
-//! gateway; forwarding on), and writes `vpcs/<name>/vpc.json` ([`LocalVpc`]) for the
-//! plugin: the namespace, the node's block, the pod MTU and the DNS settings. When the
-//! plugin removes the directory (its last pod left), the agent gives the blocks back and
-//! deletes the namespace.
+//! gateway; forwarding on), and, once the namespace routes, filters and answers DNS,
+//! writes `vpcs/<name>/vpc.json` ([`LocalVpc`]) for the plugin: the namespace, the
+//! node's block, the pod MTU and the DNS settings. When the plugin removes the
+//! directory (its last pod left), the agent gives the blocks back and deletes the
+//! namespace.
 //!
 //! Then, on every reconcile: the whole member table goes to the device (`set_vpcs=1`)
 //! when it changed; each namespace routes its VPC's pod CIDRs to the device's `wm-vpc`
@@ -96,6 +97,8 @@ pub struct VpcHost {
     device: Option<String>,
     /// Per namespace: the services plan applied there.
     rulesets: BTreeMap<String, ServicesPlan>,
+    /// Namespaces made ready (gateway, forwarding) by this agent: not checked again.
+    prepared: BTreeSet<String>,
     /// Namespaces whose routes are in place.
     routed: BTreeMap<String, Vec<IpNet>>,
     /// Whether "VPCs are unavailable here" was logged.
@@ -125,6 +128,7 @@ impl VpcHost {
             socket: socket.to_owned(),
             device: None,
             rulesets: BTreeMap::new(),
+            prepared: BTreeSet::new(),
             routed: BTreeMap::new(),
             warned: false,
             wanted: BTreeSet::new(),
@@ -236,14 +240,18 @@ impl VpcHost {
         let mtu = pod_mtu(interface)?;
         let local = local_vpcs(&vpcs, me, interface, mtu);
 
-        for (state, l) in &local {
+        for (_, l) in &local {
+            // Checked once: its state is this agent's to keep from then on.
+            if self.prepared.contains(&l.netns) && netns::exists(&l.netns) {
+                continue;
+            }
             if ensure_namespace(&l.netns)? {
                 // A new namespace has none of what was applied to an old one.
                 self.routed.remove(&l.netns);
                 self.rulesets.remove(&l.netns);
                 self.dns.remove(&l.netns);
             }
-            write_local_vpc(state_dir, &state.vpc.name, l)?;
+            self.prepared.insert(l.netns.clone());
         }
         let request = device_request(&vpcs, ula, local_id, &local);
         let text = request.render();
@@ -259,6 +267,8 @@ impl VpcHost {
             self.route(&l.netns, &state.vpc.pod_cidrs)?;
             self.services(state, me, &l.netns)?;
             self.serve_dns(state, l)?;
+            // Last: the plugin's answer means the VPC is ready for pods.
+            write_local_vpc(state_dir, &state.vpc.name, l)?;
         }
 
         // Namespaces of VPCs that are no longer local: the device closed their TUN.
@@ -269,6 +279,7 @@ impl VpcHost {
                 // Its sockets would keep the namespace alive.
                 self.dns.remove(&ns);
                 netns::delete(&ns)?;
+                self.prepared.remove(&ns);
                 self.rulesets.remove(&ns);
                 self.routed.remove(&ns);
             }
@@ -364,8 +375,9 @@ impl VpcHost {
         if self.routed.get(ns).is_some_and(|r| r == cidrs) {
             return Ok(());
         }
+        // The device opens it within its `set_vpcs`; wiremesh-wg, at least.
         let tun_up = wait_for(TUN_WAIT, || {
-            run(&["ip", "-n", ns, "link", "show", TUN]).is_ok()
+            netns::enter(ns, || nix::net::if_::if_nametoindex(TUN).is_ok()).unwrap_or(false)
         });
         if !tun_up {
             return Err(HostError::Netns {
@@ -615,7 +627,8 @@ fn device_request(
 }
 
 /// The namespace with the pods' gateway on its `lo` and forwarding on; idempotent.
-/// Whether it had to be made.
+/// Whether it had to be made. Few processes: this runs once per VPC, and a tenant
+/// may bring dozens at once.
 fn ensure_namespace(ns: &str) -> Result<bool, HostError> {
     // A name with no namespace behind it (its bind mount lived in another mount
     // namespace, now gone) is an empty file: take it away and start over.
@@ -633,17 +646,17 @@ fn ensure_namespace(ns: &str) -> Result<bool, HostError> {
     }
     let gateway = format!("{}/32", wiremesh_host::pod::POD_GATEWAY);
     run(&["ip", "-n", ns, "address", "replace", &gateway, "dev", "lo"])?;
-    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            &format!("{key}=1"),
-        ])?;
-    }
+    // `/proc/sys/net` is the calling thread's namespace's: written from inside,
+    // with no `ip netns exec sysctl` (two processes and a remount of /sys) per key.
+    let forwarding = netns::enter(ns, || {
+        ["ipv4/ip_forward", "ipv6/conf/all/forwarding"]
+            .into_iter()
+            .try_for_each(|key| std::fs::write(format!("/proc/sys/net/{key}"), "1"))
+    })?;
+    forwarding.map_err(|e| HostError::Netns {
+        name: ns.into(),
+        reason: format!("turning forwarding on: {e}"),
+    })?;
     Ok(created)
 }
 
