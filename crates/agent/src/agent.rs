@@ -177,13 +177,13 @@ pub fn run(
     let membership = until_available(&stop, "joining the registry", || {
         registry.join(&me, config.lease_ttl)
     })?;
+    let membership = Liveness::start(membership, &me, config.lease_ttl, liveness::STALL)
+        .map_err(AgentError::Heartbeat)?;
+    let progress = membership.progress();
     let mut state = LoopState {
         firewall: None,
-        membership: Box::new(
-            Liveness::start(membership, &me, config.lease_ttl, liveness::STALL)
-                .map_err(AgentError::Heartbeat)?,
-        ),
-        vpcs: crate::vpc::VpcHost::new(&config, &socket),
+        vpcs: crate::vpc::VpcHost::new(&config, &socket, progress.clone()),
+        membership: Box::new(membership),
         snapshot: None,
         direct: DirectWatch::default(),
         relays: crate::relay::Relays::new(config.public_endpoint.map(|e| e.ip())),
@@ -206,7 +206,7 @@ pub fn run(
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
     while !stop.load(Ordering::Relaxed) {
-        state.membership.progress();
+        progress.mark();
         match changes.recv_timeout(TICK) {
             Ok(Some(mut change)) => loop {
                 dirty |= change.affects_topology();

@@ -7,8 +7,9 @@
 //! [`Membership`], every third of the TTL as the loop did.
 //!
 //! The lease must still mean "this agent works": the thread beats only while the
-//! loop has shown progress (started a pass) within [`STALL`]. A wedged loop (a hung
-//! device or host command) loses the lease `STALL` + TTL after its last pass.
+//! loop has shown [`Progress`] (started a pass, or took a VPC one step on) within
+//! [`STALL`]. A wedged loop (a hung device or host command) loses the lease `STALL`
+//! + TTL after its last step.
 //!
 //! [`Liveness`] is the membership the loop and its VPCs use: every call takes one
 //! lock, held for that registry call only, and a publish is remembered so a
@@ -24,10 +25,11 @@ use wiremesh_vpc::{Endpoint, Pod};
 
 use crate::registry::{Membership, NodeStatus, RegistryError};
 
-/// How long the loop may go without starting a pass before its lease is let go.
-/// Far above the longest reconcile measured (48 new VPCs in one pass: see
-/// `tests/vpc_scale.rs`), far below "forever": a wedged agent leaves the mesh
-/// within about a minute and its peers route around it.
+/// How long the loop may go without a step of progress before its lease is let go.
+/// Far above the longest step (a pass without VPCs; one VPC's claim, namespace or
+/// routes, ruleset and DNS server: well under a second here), far below
+/// "forever": a wedged agent leaves the mesh within about a minute and its peers
+/// route around it.
 pub const STALL: Duration = Duration::from_secs(60);
 /// A failed heartbeat, or one held back by a stall, is tried again this soon.
 const RETRY: Duration = Duration::from_millis(500);
@@ -43,11 +45,26 @@ struct Held {
     node: Node,
 }
 
+/// When the loop last made progress; clones share it.
+#[derive(Clone)]
+pub struct Progress(Arc<Mutex<Instant>>);
+
+impl Progress {
+    /// The loop is working: heartbeats go on for another [`STALL`].
+    pub fn mark(&self) {
+        *lock(&self.0) = Instant::now();
+    }
+
+    fn last(&self) -> Instant {
+        *lock(&self.0)
+    }
+}
+
 /// A [`Membership`] heartbeaten by a thread of its own while the loop progresses.
 /// Dropping it stops the thread and lets the node expire, as a crash would.
 pub struct Liveness {
     held: Arc<Mutex<Held>>,
-    progress: Arc<Mutex<Instant>>,
+    progress: Progress,
     heartbeats: Heartbeats,
 }
 
@@ -83,7 +100,7 @@ impl Liveness {
             membership,
             node: node.clone(),
         }));
-        let progress = Arc::new(Mutex::new(Instant::now()));
+        let progress = Progress(Arc::new(Mutex::new(Instant::now())));
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("heartbeat".into()).spawn({
             let (held, progress) = (held.clone(), progress.clone());
@@ -91,8 +108,7 @@ impl Liveness {
                 let mut wait = ttl / 3;
                 let mut said_stalled = false;
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(wait) {
-                    let last = *lock(&progress);
-                    if !keeps_lease(last, Instant::now(), stall) {
+                    if !keeps_lease(progress.last(), Instant::now(), stall) {
                         if !said_stalled {
                             tracing::error!(
                                 "the agent's loop made no progress for {stall:?}: letting the lease lapse"
@@ -125,9 +141,9 @@ impl Liveness {
         })
     }
 
-    /// The loop is working: heartbeats go on for another [`STALL`].
-    pub fn progress(&self) {
-        *lock(&self.progress) = Instant::now();
+    /// Where the loop, and the work it hands on, mark progress.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 }
 

@@ -42,6 +42,7 @@ use wiremesh_vpc::{
 };
 
 use crate::dns::{self, DnsServer};
+use crate::liveness::Progress;
 use crate::registry::{Membership, Registry, RegistryError, ServiceId};
 use crate::{AgentConfig, AgentError};
 
@@ -116,10 +117,13 @@ pub struct VpcHost {
     pod_files: BTreeSet<PathBuf>,
     /// Pods on this node as last published under its lease.
     published_pods: BTreeMap<PodKey, Pod>,
+    /// Marked after each step for one VPC (claim, namespace, the rest): hosting
+    /// hundreds at once is progress, not a wedged loop whose lease should lapse.
+    progress: Progress,
 }
 
 impl VpcHost {
-    pub fn new(config: &AgentConfig, socket: &Path) -> VpcHost {
+    pub fn new(config: &AgentConfig, socket: &Path, progress: Progress) -> VpcHost {
         let upstreams = dns::Upstreams::watch(RESOLV_CONF);
         VpcHost {
             me: config.name.clone(),
@@ -137,6 +141,7 @@ impl VpcHost {
             dns: BTreeMap::new(),
             pod_files: BTreeSet::new(),
             published_pods: BTreeMap::new(),
+            progress,
         }
     }
 
@@ -195,6 +200,7 @@ impl VpcHost {
                 let member = registry.claim_vpc_member(vpc, me)?;
                 tracing::info!(vpc = %vpc.name, blocks = ?member.pod_cidrs, "joined a VPC");
                 records.members.push(member);
+                self.progress.mark();
             }
         }
         let stale: Vec<Label> = records
@@ -252,6 +258,7 @@ impl VpcHost {
                 self.dns.remove(&l.netns);
             }
             self.prepared.insert(l.netns.clone());
+            self.progress.mark();
         }
         let request = device_request(&vpcs, ula, local_id, &local);
         let text = request.render();
@@ -269,6 +276,7 @@ impl VpcHost {
             self.serve_dns(state, l)?;
             // Last: the plugin's answer means the VPC is ready for pods.
             write_local_vpc(state_dir, &state.vpc.name, l)?;
+            self.progress.mark();
         }
 
         // Namespaces of VPCs that are no longer local: the device closed their TUN.
