@@ -120,9 +120,12 @@ async fn connection(load: Load, c: usize, start: Instant) -> Tally {
     tally
 }
 
-/// From inside `netns`, tries a fresh `GET` on each target until one succeeds
-/// (each attempt may take `attempt_timeout`), for at most `limit`; per target, how
-/// long after the call its first success came.
+/// How often a probe starts a fresh attempt while earlier ones are still waiting.
+pub const PROBE_SPACING: Duration = Duration::from_millis(100);
+
+/// From inside `netns`, sends a fresh `GET` to each target every [`PROBE_SPACING`]
+/// until one succeeds (each attempt may take `attempt_timeout`), for at most
+/// `limit`; per target, how long after the call its first success came.
 pub fn first_success(
     netns: &str,
     targets: Vec<SocketAddr>,
@@ -134,22 +137,7 @@ pub fn first_success(
             let start = Instant::now();
             let tasks: Vec<_> = targets
                 .into_iter()
-                .map(|target| {
-                    tokio::spawn(async move {
-                        while start.elapsed() < limit {
-                            let attempt = async {
-                                let mut s = http::connect(target).await?;
-                                http::get(&mut s, true).await
-                            };
-                            match tokio::time::timeout(attempt_timeout, attempt).await {
-                                Ok(Ok(_)) => return Some(start.elapsed()),
-                                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-                                Err(_) => {}
-                            }
-                        }
-                        None
-                    })
-                })
+                .map(|target| tokio::spawn(answers_after(target, start, attempt_timeout, limit)))
                 .collect();
             let mut out = Vec::new();
             for t in tasks {
@@ -158,4 +146,86 @@ pub fn first_success(
             out
         })
     })
+}
+
+/// How long after `start` a fresh `GET` to `target` first succeeded, if within
+/// `limit`. Attempts overlap: one whose SYN was lost while the path was down
+/// would hold a one-at-a-time probe for its whole timeout, and the recovery would
+/// measure that timeout rather than the VPN.
+async fn answers_after(
+    target: SocketAddr,
+    start: Instant,
+    attempt_timeout: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut next = start;
+    loop {
+        tokio::select! {
+            Some(done) = attempts.join_next() => {
+                if let Ok(Some(at)) = done {
+                    return (at <= limit).then_some(at);
+                }
+            }
+            _ = tokio::time::sleep_until(next), if next < start + limit => {
+                attempts.spawn(async move {
+                    let attempt = async {
+                        let mut s = http::connect(target).await?;
+                        http::get(&mut s, true).await
+                    };
+                    let ok = tokio::time::timeout(attempt_timeout, attempt).await;
+                    matches!(ok, Ok(Ok(_))).then(|| start.elapsed())
+                });
+                next += PROBE_SPACING;
+            }
+            else => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_probe_sees_a_returning_path_without_waiting_out_a_lost_attempt() {
+        runtime().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let target = listener.local_addr().unwrap();
+            // Until `open`, connections are accepted and never answered: the path of
+            // a VPN that has not recovered yet.
+            let open = Arc::new(AtomicBool::new(false));
+            let server_open = open.clone();
+            tokio::spawn(async move {
+                let mut unanswered = Vec::new();
+                while let Ok((mut s, _)) = listener.accept().await {
+                    if !server_open.load(Ordering::Relaxed) {
+                        unanswered.push(s);
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf).await;
+                        let _ = s.write_all(&http::response(16)).await;
+                    });
+                }
+            });
+            let attempt_timeout = Duration::from_secs(5);
+            let probe = tokio::spawn(answers_after(
+                target,
+                Instant::now(),
+                attempt_timeout,
+                Duration::from_secs(20),
+            ));
+            // The outage: a fixed length by design.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            open.store(true, Ordering::Relaxed);
+            let at = probe.await.unwrap().expect("the path came back");
+            // One attempt at a time would have waited out the first one's 5 s.
+            assert!(at < attempt_timeout / 2, "{at:?}");
+        });
+    }
 }
