@@ -1,5 +1,7 @@
-//! VPCs on the test bed: asking a node's agent for a VPC as the CNI plugin does,
-//! reaching the agent's VPC namespaces from the test, and plugging pods into them.
+//! VPCs on the test bed: the `wiremesh` CLI against the mesh's registry, asking a
+//! node's agent for a VPC as the CNI plugin does, reaching the agent's VPC namespaces
+//! from the test, pods plugged into them (by hand, or by the real `wiremesh-cni`
+//! binary), and one TCP attempt from a pod.
 //!
 //! Included by a test crate that also has `mod support;` (as `#[path] mod`), so it
 //! does not touch `support/mod.rs`.
