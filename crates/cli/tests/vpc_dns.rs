@@ -3,8 +3,11 @@
 //! the agents' VPC namespaces with the `resolv.conf` a runtime writes from the CNI
 //! result, and Debian's `dig` asking the agent's DNS server: A by full, short and
 //! cross-namespace names, SRV of named ports, PTR of a clusterIP, headless records
-//! and NXDOMAIN, any case, the schema's version TXT, names outside the zone sent to
-//! the node's resolver, and a new service resolving within a bounded wait.
+//! and NXDOMAIN, any case, the schema's version TXT, the zone's SOA (and in the
+//! authority section of NXDOMAIN and NODATA answers, so resolvers cache them), names
+//! outside the zone sent to the node's resolver, forwarding that follows the node's
+//! `resolv.conf` when it changes (no agent restart), and a new service resolving
+//! within a bounded wait.
 
 mod support;
 #[path = "support/vpc.rs"]
@@ -39,12 +42,14 @@ impl Drop for EtcNetns {
     }
 }
 
-/// Where the fake upstream resolver answers every name it is asked.
+/// Where the fake upstream resolvers answer every name they are asked: n1's first,
+/// then the one its `resolv.conf` names instead.
 const UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+const NEW_UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 54);
 
-/// A resolver on `socket` that answers any query with one A record,
-/// [`UPSTREAM_ANSWER`] (RFC 1035 §4.1: the question echoed, a name pointer to it).
-fn fake_upstream(socket: UdpSocket) {
+/// A resolver on `socket` that answers any query with one A record, `answer`
+/// (RFC 1035 §4.1: the question echoed, a name pointer to it).
+fn fake_upstream(socket: UdpSocket, answer: Ipv4Addr) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
@@ -64,22 +69,25 @@ fn fake_upstream(socket: UdpSocket) {
             reply[3] = 0x80; // RA, NOERROR
             reply[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]); // one answer, no others
             reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-            reply.extend_from_slice(&UPSTREAM_ANSWER.octets());
+            reply.extend_from_slice(&answer.octets());
             let _ = socket.send_to(&reply, from);
         }
     });
 }
 
-/// What `dig` printed: the status and the answer section as `TYPE data` lines.
+/// What `dig` printed: the status, the answer section as `TYPE data` lines and the
+/// authority section as `name ttl TYPE data` lines. An SOA's serial (it follows the
+/// records) reads `SERIAL`.
 #[derive(Debug, PartialEq, Eq)]
 struct Dig {
     status: String,
     answers: Vec<String>,
+    authority: Vec<String>,
 }
 
 /// `dig ARGS` from inside `pod` (its `/etc/resolv.conf` is the pod's), one try.
 fn dig(pod: &Netns, args: &[&str]) -> Dig {
-    let mut all: Vec<&str> = "dig +time=3 +tries=1 +noall +comments +answer"
+    let mut all: Vec<&str> = "dig +time=3 +tries=1 +noall +comments +answer +authority"
         .split(' ')
         .collect();
     all.extend_from_slice(args);
@@ -91,17 +99,31 @@ fn dig(pod: &Netns, args: &[&str]) -> Dig {
         .and_then(|s| s.split(',').next())
         .unwrap_or("no answer")
         .to_owned();
-    let mut answers: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .map(|l| {
-            // name ttl class TYPE data...
-            let words: Vec<&str> = l.split_whitespace().collect();
-            words[3..].join(" ")
-        })
-        .collect();
+    let (mut answers, mut authority) = (Vec::new(), Vec::new());
+    let mut in_authority = false;
+    for line in text.lines() {
+        in_authority |= line.starts_with(";; AUTHORITY SECTION");
+        if line.starts_with(';') || line.trim().is_empty() {
+            continue;
+        }
+        // name ttl class TYPE data...
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        if words[3] == "SOA" {
+            words[6] = "SERIAL";
+        }
+        let data = words[3..].join(" ");
+        if in_authority {
+            authority.push(format!("{} {} {data}", words[0], words[1]));
+        } else {
+            answers.push(data);
+        }
+    }
     answers.sort();
-    Dig { status, answers }
+    Dig {
+        status,
+        answers,
+        authority,
+    }
 }
 
 fn ok(answers: &[&str]) -> Dig {
@@ -110,6 +132,20 @@ fn ok(answers: &[&str]) -> Dig {
     Dig {
         status: "NOERROR".into(),
         answers,
+        authority: vec![],
+    }
+}
+
+/// The zone's SOA record's type and data, its serial masked.
+const SOA: &str = "SOA ns.dns.cluster.local. hostmaster.cluster.local. SERIAL 7200 1800 86400 5";
+
+/// A negative answer (`NXDOMAIN`, or `NOERROR` with no answer: NODATA) with the SOA
+/// of `zone` in the authority section, its TTL the 5 s negative TTL.
+fn negative(status: &str, zone: &str) -> Dig {
+    Dig {
+        status: status.into(),
+        answers: vec![],
+        authority: vec![format!("{zone} 5 {SOA}")],
     }
 }
 
@@ -131,8 +167,8 @@ fn a_pod_resolves_its_vpcs_services_by_name() {
         .run(|| UdpSocket::bind((upstream_ip, 53)))
         .unwrap()
         .unwrap();
-    fake_upstream(upstream);
-    let _n1_resolv = EtcNetns::resolv_conf(
+    fake_upstream(upstream, UPSTREAM_ANSWER);
+    let n1_etc = EtcNetns::resolv_conf(
         mesh.nodes[n1].ns.name(),
         &format!("nameserver {upstream_ip}\n"),
     );
@@ -226,12 +262,27 @@ fn a_pod_resolves_its_vpcs_services_by_name() {
                 "SRV 0 50 7000 peer-1.peers.web.svc.cluster.local.",
             ]),
         ),
+        // Negative answers, with the zone's SOA for resolvers' caches (RFC 2308).
         (
             vec!["idle.web.svc.cluster.local"],
-            Dig {
-                status: "NXDOMAIN".into(),
-                answers: vec![],
-            },
+            negative("NXDOMAIN", "cluster.local."),
+        ),
+        (
+            vec!["nope.web.svc.cluster.local"],
+            negative("NXDOMAIN", "cluster.local."),
+        ),
+        (
+            vec!["db.web.svc.cluster.local", "AAAA"],
+            negative("NOERROR", "cluster.local."),
+        ),
+        (
+            vec!["-x", "10.10.250.250"],
+            negative("NXDOMAIN", "10.10.in-addr.arpa."),
+        ),
+        (vec!["cluster.local", "SOA"], ok(&[SOA])),
+        (
+            vec!["cluster.local", "NS"],
+            ok(&["NS ns.dns.cluster.local."]),
         ),
         (
             vec!["dns-version.cluster.local", "TXT"],
@@ -247,6 +298,39 @@ fn a_pod_resolves_its_vpcs_services_by_name() {
     assert_eq!(
         dig(&pods[1].0, &["+search", "peer-0.peers"]),
         ok(&[&format!("A {b1}")])
+    );
+
+    // n1's resolver moves (to n2's address): the agent follows its resolv.conf,
+    // rewritten in place as an edit would (it is bind-mounted into the agent's mount
+    // namespace, so a new file would not be seen there; nor would it on a host).
+    let new_upstream_ip = mesh.nodes[n2].lan_ip;
+    let new_upstream = mesh.nodes[n2]
+        .ns
+        .run(|| UdpSocket::bind((new_upstream_ip, 53)))
+        .unwrap()
+        .unwrap();
+    fake_upstream(new_upstream, NEW_UPSTREAM_ANSWER);
+    let n1_resolv = n1_etc.0.join("resolv.conf");
+    std::fs::write(&n1_resolv, format!("nameserver {new_upstream_ip}\n")).unwrap();
+    let moved = ok(&[&format!("A {NEW_UPSTREAM_ANSWER}")]);
+    let followed = wait_until(PATIENCE, || dig(client, &["example.com"]) == moved);
+    assert!(
+        followed,
+        "forwards did not follow resolv.conf:\n{}",
+        mesh.log(n1)
+    );
+    // Emptied (as a half-written file would be): the agent says so when a forward
+    // next looks, and the last resolvers stay in use.
+    std::fs::write(&n1_resolv, "").unwrap();
+    let kept = wait_until(PATIENCE, || {
+        let answer = dig(client, &["example.com"]);
+        assert_eq!(answer, moved, "the last good resolvers");
+        mesh.log(n1).contains("VPC DNS keeps forwarding to")
+    });
+    assert!(
+        kept,
+        "the empty resolv.conf went unnoticed:\n{}",
+        mesh.log(n1)
     );
 
     // A new service resolves within a bounded wait.
