@@ -206,8 +206,10 @@ fn install_peers(drivers: &[Box<dyn vpn::Vpn>]) -> Result<()> {
     }
     for krate in cargo {
         println!("installing with cargo: {krate}");
+        // `--locked`: the crate's own Cargo.lock, not whatever its dependencies
+        // published since, so every install builds the same program.
         if !Command::new("cargo")
-            .args(["install", krate])
+            .args(["install", "--locked", krate])
             .status()
             .context("running cargo install")?
             .success()

@@ -105,7 +105,7 @@ pub trait Vpn: Send {
     /// Whether the programs it needs are installed; `Err(NotInstalled)` says how to get them.
     fn check_installed(&self) -> Result<(), VpnError>;
 
-    /// Debian packages (or `cargo install` crates, prefixed `cargo:`) that
+    /// Debian packages (or crates for `cargo install --locked`, prefixed `cargo:`) that
     /// `--install-peers` installs for this VPN.
     fn packages(&self) -> &'static [&'static str];
 

@@ -191,7 +191,7 @@ impl Vpn for UserspaceWg {
             VpnError::NotInstalled { vpn, .. } if self.program == Program::Boringtun => {
                 VpnError::NotInstalled {
                     vpn,
-                    hint: "boringtun-cli or wg not found; cargo install boringtun-cli; apt-get install -y wireguard-tools".into(),
+                    hint: "boringtun-cli or wg not found; cargo install --locked boringtun-cli; apt-get install -y wireguard-tools".into(),
                 }
             }
             e => e,
