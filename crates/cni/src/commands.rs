@@ -91,9 +91,7 @@ const VPC_WAIT: Duration = Duration::from_secs(10);
 struct Placement {
     /// `None`: the node's own namespace (where the plugin runs).
     node_netns: Option<String>,
-    pool: Ipv4Net,
-    /// Dual-stack pods: the node's IPv6 pod CIDR.
-    pool_v6: Option<Ipv6Net>,
+    pools: ipam::Pools,
     mtu: u16,
     dns: Option<(IpAddr, DnsZone)>,
 }
@@ -145,12 +143,14 @@ fn placement(conf: &NetConf, wait: bool) -> Result<Placement, CniError> {
     match &conf.vpc {
         None => Ok(Placement {
             node_netns: None,
-            pool: pod_cidr(conf)?,
             // A podCidr of the network's own is IPv4-only; the agent's is dual-stack
             // when the cluster is.
-            pool_v6: match conf.pod_cidr {
-                Some(_) => None,
-                None => pod_cidr_v6(conf)?,
+            pools: match conf.pod_cidr {
+                Some(pool) => ipam::Pools::V4(pool),
+                None => match pod_cidr_v6(conf)? {
+                    Some(v6) => ipam::Pools::Dual(pod_cidr(conf)?, v6),
+                    None => ipam::Pools::V4(pod_cidr(conf)?),
+                },
             },
             mtu: mtu(conf),
             dns: None,
@@ -184,42 +184,18 @@ fn vpc_placement(conf: &NetConf, vpc: &Label, wait: bool) -> Result<Placement, C
         )),
         _ => CniError::io(format!("reading {}", file.display()), e),
     })?;
-    parse_local_vpc(&text, conf.mtu).map_err(|e| match e {
-        LocalVpcError::Unreadable(reason) => CniError::io(
+    parse_local_vpc(&text, conf.mtu).map_err(|reason| {
+        CniError::io(
             format!("agent state {} is unreadable", file.display()),
             std::io::Error::new(ErrorKind::InvalidData, reason),
-        ),
-        LocalVpcError::Ipv6Only(block) => CniError::config(
-            "vpc",
-            format!(
-                "VPC {vpc} has an IPv6 pod CIDR only (this node's block {block}); this plugin gives a pod an IPv4 address, and a dual-stack pod its IPv6 one at the same offset: give the VPC an IPv4 pod CIDR too"
-            ),
-        ),
+        )
     })
 }
 
-enum LocalVpcError {
-    Unreadable(String),
-    /// A VPC without an IPv4 pod CIDR: the address store holds IPv4 addresses only.
-    Ipv6Only(Ipv6Net),
-}
-
-impl From<String> for LocalVpcError {
-    fn from(reason: String) -> Self {
-        LocalVpcError::Unreadable(reason)
-    }
-}
-
-impl From<&str> for LocalVpcError {
-    fn from(reason: &str) -> Self {
-        LocalVpcError::Unreadable(reason.to_owned())
-    }
-}
-
-/// `vpc.json`: the VPC's namespace, the node's blocks (an IPv4 one, and an IPv6 one
-/// in a dual-stack VPC), the pod MTU (unless the network config sets one) and the
-/// VPC's DNS.
-fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, LocalVpcError> {
+/// `vpc.json`: the VPC's namespace, the node's blocks (an IPv4 one, an IPv6 one, or
+/// both in a dual-stack VPC), the pod MTU (unless the network config sets one) and
+/// the VPC's DNS.
+fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, String> {
     let v: Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
     let field = |k: &str| v.get(k).ok_or_else(|| format!("no {k}"));
     let netns = field("netns")?
@@ -237,19 +213,17 @@ fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, LocalVpcE
                 .ok_or_else(|| format!("pod_cidrs[{i}] is no CIDR"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let pool_v6 = blocks.iter().find_map(|b| match b {
-        IpNet::V6(b) => Some(*b),
-        IpNet::V4(_) => None,
-    });
-    let pool = match blocks.iter().find_map(|b| match b {
-        IpNet::V4(b) => Some(*b),
-        IpNet::V6(_) => None,
-    }) {
-        Some(pool) => pool,
-        None => {
-            return Err(pool_v6.map_or_else(|| "pod_cidrs is empty".into(), LocalVpcError::Ipv6Only))
-        }
-    };
+    let pools = ipam::Pools::new(
+        blocks.iter().find_map(|b| match b {
+            IpNet::V4(b) => Some(*b),
+            IpNet::V6(_) => None,
+        }),
+        blocks.iter().find_map(|b| match b {
+            IpNet::V6(b) => Some(*b),
+            IpNet::V4(_) => None,
+        }),
+    )
+    .ok_or("pod_cidrs is empty")?;
     let vpc_mtu = field("mtu")?
         .as_u64()
         .and_then(|m| u16::try_from(m).ok())
@@ -262,8 +236,7 @@ fn parse_local_vpc(text: &[u8], mtu: Option<u16>) -> Result<Placement, LocalVpcE
     let zone = DnsZone::parse("zone", zone).map_err(|e| e.to_string())?;
     Ok(Placement {
         node_netns: Some(netns),
-        pool,
-        pool_v6,
+        pools,
         mtu: mtu.unwrap_or(vpc_mtu),
         dns: Some((nameserver, zone)),
     })
@@ -376,7 +349,11 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
     })?;
     let who = attachment(req)?;
     let place = placement(conf, true)?;
-    let (pool, mtu, node_ns) = (place.pool, place.mtu, place.node_netns.as_deref());
+    let (pool, mtu, node_ns) = (
+        place.pools.allocated(),
+        place.mtu,
+        place.node_netns.as_deref(),
+    );
     let address = {
         let store = Store::open(&conf.data_dir, &conf.name)?;
         let taken = store.allocations()?;
@@ -387,7 +364,7 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
                 let ip = ipam::pick(pool, &taken, store.last_reserved()).ok_or_else(|| {
                     CniError::TryAgain(format!(
                         "all {} addresses of pod CIDR {pool} are taken; DEL or GC frees them",
-                        ipam::usable(pool).count()
+                        ipam::size(pool)
                     ))
                 })?;
                 store.reserve(ip, &who)?;
@@ -396,14 +373,12 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         }
         // The lock goes here: plugging the veth in needs no exclusion.
     };
-    let address_v6 = match place.pool_v6 {
-        Some(pool_v6) => Some(ipam::address_v6(pool, pool_v6, address).ok_or_else(|| {
-            CniError::io(
-                format!("IPv6 pod CIDR {pool_v6} has room for no address per address of {pool}"),
-                std::io::Error::new(ErrorKind::InvalidData, "IPv6 pod CIDR too small"),
-            )
-        })?),
-        None => None,
+    let addrs = match pod_addresses(&place.pools, address) {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            release(conf, address);
+            return Err(e);
+        }
     };
     let host_if = veth::host_ifname(&who.container_id, &who.ifname);
     let link = pod::PodLink {
@@ -411,8 +386,8 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         pod_netns: netns,
         host_if: &host_if,
         pod_if: &who.ifname,
-        pod_ip: address,
-        pod_ip_v6: address_v6,
+        pod_ip: addrs.v4,
+        pod_ip_v6: addrs.v6,
         mtu,
     };
     let plugged = pod::attach(&link).map_err(CniError::from).and_then(|()| {
@@ -423,7 +398,11 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
             namespace: pod.namespace.to_string(),
             name: pod.name.to_string(),
             address: address.to_string(),
-            address_v6: address_v6.map(|a| a.to_string()),
+            // An IPv6-only pod's one address is its `address`.
+            address_v6: addrs
+                .v6
+                .filter(|_| address.is_ipv4())
+                .map(|a| a.to_string()),
             labels: conf.labels.clone(),
         };
         write_pod_file(&pod_file(conf, vpc, &who.container_id), &record).inspect_err(|_| {
@@ -431,10 +410,7 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         })
     });
     if let Err(e) = plugged {
-        // Give the address back, so a failed ADD leaks nothing.
-        if let Ok(store) = Store::open(&conf.data_dir, &conf.name) {
-            let _ = store.release(address);
-        }
+        release(conf, address);
         return Err(e);
     }
     // MACs are informational; a failed read must not fail a working ADD.
@@ -460,9 +436,8 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
             mtu: pod_mtu,
             sandbox: Some(netns.display().to_string()),
         },
-        address,
-        gateway: pod::POD_GATEWAY,
-        address_v6,
+        address: addrs.v4,
+        address_v6: addrs.v6,
         dns: place.dns.map(|(nameserver, zone)| Dns {
             nameservers: vec![nameserver],
             search: search_path(&pod.namespace, &zone).to_vec(),
@@ -474,6 +449,29 @@ fn add(conf: &NetConf, req: &Request, pod: &PodId) -> Result<Value, CniError> {
         conf.cni_version,
         conf.prev_result.as_ref(),
     ))
+}
+
+/// Give `address` back after a failed ADD, so it leaks nothing.
+fn release(conf: &NetConf, address: IpAddr) {
+    if let Ok(store) = Store::open(&conf.data_dir, &conf.name) {
+        let _ = store.release(address);
+    }
+}
+
+/// The pod's addresses for its store entry `ip`.
+fn pod_addresses(pools: &ipam::Pools, ip: IpAddr) -> Result<ipam::PodAddrs, CniError> {
+    pools.addresses(ip).ok_or_else(|| {
+        let reason = match pools {
+            ipam::Pools::Dual(v4, v6) if IpNet::V4(*v4).contains(&ip) => {
+                format!("IPv6 pod CIDR {v6} has room for no address per address of {v4}")
+            }
+            _ => format!("{ip} is outside pod CIDR {}", pools.allocated()),
+        };
+        CniError::io(
+            format!("the address store's {ip}"),
+            std::io::Error::new(ErrorKind::InvalidData, reason),
+        )
+    })
 }
 
 /// `<stateDir>/vpcs/<vpc>/pods/<container id>.json`: the agent's view of the pod.
@@ -548,35 +546,64 @@ fn check(conf: &NetConf, req: &Request) -> Result<(), CniError> {
             ))
         })?
     };
-    if let Some(prev) = &conf.prev_result {
-        if !config::prev_result_ips(prev).contains(&ip) {
-            return Err(CniError::CheckFailed(format!(
-                "prevResult does not list {ip}, the address allocated to this container"
-            )));
+    let place = placement(conf, false).map_err(|e| CniError::CheckFailed(e.to_string()))?;
+    let addrs =
+        pod_addresses(&place.pools, ip).map_err(|e| CniError::CheckFailed(e.to_string()))?;
+    let families = [
+        addrs
+            .v4
+            .map(|a| (IpAddr::V4(a), IpAddr::V4(pod::POD_GATEWAY))),
+        addrs
+            .v6
+            .map(|a| (IpAddr::V6(a), IpAddr::V6(pod::POD_GATEWAY_V6))),
+    ];
+    for (address, gateway) in families.into_iter().flatten() {
+        if let Some(prev) = &conf.prev_result {
+            if !config::prev_result_ips(prev).contains(&address) {
+                return Err(CniError::CheckFailed(format!(
+                    "prevResult does not list {address}, the pod's address"
+                )));
+            }
         }
+        check_family(place.node_netns.as_deref(), netns, &who, address, gateway)?;
     }
+    Ok(())
+}
+
+/// The pod's link in one family: the node's route to `address` over the pod's veth,
+/// `address` on the pod's interface, and its default route via `gateway`.
+fn check_family(
+    node_ns: Option<&str>,
+    netns: &Path,
+    who: &Attachment,
+    address: IpAddr,
+    gateway: IpAddr,
+) -> Result<(), CniError> {
     let host_if = veth::host_ifname(&who.container_id, &who.ifname);
     let failed = |what: String| Err(CniError::CheckFailed(what));
-    let place = placement(conf, false).map_err(|e| CniError::CheckFailed(e.to_string()))?;
-    let node_ns = place.node_netns.as_deref();
-    let host_routes = ip_on_node(node_ns, &["-json", "-4", "route", "show", &ip.to_string()])
-        .map_err(|e| CniError::CheckFailed(format!("node link {host_if}: {e}")))?;
-    if !veth::has_route(&host_routes, &ip.to_string(), &host_if, None) {
-        return failed(format!("the node has no route to {ip} through {host_if}"));
+    let family = if address.is_ipv4() { "-4" } else { "-6" };
+    let host_routes = ip_on_node(
+        node_ns,
+        &["-json", family, "route", "show", &address.to_string()],
+    )
+    .map_err(|e| CniError::CheckFailed(format!("node link {host_if}: {e}")))?;
+    if !veth::has_route(&host_routes, &address.to_string(), &host_if, None) {
+        return failed(format!(
+            "the node has no route to {address} through {host_if}"
+        ));
     }
     let addrs = ip_in(
         netns,
-        &["-json", "-4", "address", "show", "dev", &who.ifname],
+        &["-json", family, "address", "show", "dev", &who.ifname],
     )
     .map_err(|e| CniError::CheckFailed(format!("interface {}: {e}", who.ifname)))?;
-    if !veth::has_address(&addrs, ip) {
-        return failed(format!("{} in the container lacks {ip}/32", who.ifname));
+    if !veth::has_address(&addrs, address) {
+        return failed(format!("{} in the container lacks {address}", who.ifname));
     }
-    let routes = ip_in(netns, &["-json", "-4", "route", "show"])?;
-    if !veth::has_route(&routes, "default", &who.ifname, Some(pod::POD_GATEWAY)) {
+    let routes = ip_in(netns, &["-json", family, "route", "show"])?;
+    if !veth::has_route(&routes, "default", &who.ifname, Some(gateway)) {
         return failed(format!(
-            "the container has no default route via {} dev {}",
-            pod::POD_GATEWAY,
+            "the container has no default route via {gateway} dev {}",
             who.ifname
         ));
     }
@@ -605,7 +632,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
 fn status(conf: &NetConf) -> Result<(), CniError> {
     let unavailable = |e: CniError| CniError::NotAvailable(e.to_string());
     let pool = match placement(conf, false) {
-        Ok(place) => place.pool,
+        Ok(place) => place.pools.allocated(),
         // A VPC new to this node: ADD asks the agent for it; a running agent is enough.
         Err(CniError::TryAgain(_)) if conf.vpc.is_some() => {
             pod_cidr(conf).map_err(unavailable)?;
@@ -658,31 +685,25 @@ mod tests {
     }
 
     #[test]
-    fn a_vpc_gives_pods_its_blocks_of_both_families() {
+    fn a_vpc_gives_pods_its_blocks_of_either_family() {
         let local = |cidrs: serde_json::Value| {
             let v = json!({"netns": "wm-vpc-7", "pod_cidrs": cidrs, "mtu": 1380,
                            "nameserver": "10.96.0.10", "zone": "cluster.local"});
             parse_local_vpc(v.to_string().as_bytes(), None)
         };
-        let pools = |cidrs| {
-            let p = local(cidrs).ok().expect("a placement");
-            (p.pool.to_string(), p.pool_v6.map(|b| b.to_string()))
-        };
-        assert_eq!(
-            pools(json!(["10.10.3.0/24"])),
-            ("10.10.3.0/24".into(), None)
+        let pools = |cidrs| local(cidrs).expect("a placement").pools;
+        let (v4, v6) = (
+            "10.10.3.0/24".parse().unwrap(),
+            "fd10:0:0:3::/64".parse().unwrap(),
         );
-        let dual = ("10.10.3.0/24".into(), Some("fd10:0:0:3::/64".into()));
-        assert_eq!(pools(json!(["fd10:0:0:3::/64", "10.10.3.0/24"])), dual);
-        assert!(matches!(
-            local(json!(["fd10:0:0:3::/64"])),
-            Err(LocalVpcError::Ipv6Only(b)) if b.to_string() == "fd10:0:0:3::/64"
-        ));
+        assert_eq!(pools(json!(["10.10.3.0/24"])), ipam::Pools::V4(v4));
+        assert_eq!(
+            pools(json!(["fd10:0:0:3::/64", "10.10.3.0/24"])),
+            ipam::Pools::Dual(v4, v6)
+        );
+        assert_eq!(pools(json!(["fd10:0:0:3::/64"])), ipam::Pools::V6(v6));
         for bad in [json!([]), json!(["10.10.3.0/33"]), json!("10.10.3.0/24")] {
-            assert!(
-                matches!(local(bad.clone()), Err(LocalVpcError::Unreadable(_))),
-                "{bad}"
-            );
+            assert!(local(bad.clone()).is_err(), "{bad}");
         }
     }
 }

@@ -8,7 +8,7 @@
 //! addresses the user did not ask for.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ipnet::{IpNet, Ipv4Net};
@@ -299,13 +299,13 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
 }
 
 /// The addresses a prevResult assigns (for CHECK to compare with the store).
-pub fn prev_result_ips(prev: &Value) -> Vec<Ipv4Addr> {
+pub fn prev_result_ips(prev: &Value) -> Vec<IpAddr> {
     prev.get("ips")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(|ip| ip.get("address")?.as_str())
-        .filter_map(|a| a.parse::<Ipv4Net>().ok())
+        .filter_map(|a| a.parse::<IpNet>().ok())
         .map(|n| n.addr())
         .collect()
 }
@@ -366,7 +366,7 @@ mod tests {
         let c = parse_str(
             r#"{"cniVersion":"0.4.0","name":"wm-1.x","type":"wiremesh-cni","mtu":1380,
                 "stateDir":"/s","dataDir":"/d","podCidr":"10.42.7.0/24","interface":"wm0",
-                "prevResult":{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.42.7.3/32"}]},
+                "prevResult":{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.42.7.3/32"},{"version":"6","address":"fd42::3/128"}]},
                 "cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}],
                 "somethingElse":{"ignored":true}}"#,
         )
@@ -377,7 +377,13 @@ mod tests {
         assert_eq!(c.pod_cidr, Some("10.42.7.0/24".parse().unwrap()));
         assert_eq!(c.interface, "wm0");
         let prev = c.prev_result.as_ref().unwrap();
-        assert_eq!(prev_result_ips(prev), vec![Ipv4Addr::new(10, 42, 7, 3)]);
+        assert_eq!(
+            prev_result_ips(prev),
+            vec![
+                IpAddr::from([10, 42, 7, 3]),
+                "fd42::3".parse::<IpAddr>().unwrap()
+            ]
+        );
         assert_eq!(
             c.valid_attachments,
             Some(vec![Attachment {

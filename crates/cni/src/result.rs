@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use wiremesh_host::pod::POD_GATEWAY_V6;
+use wiremesh_host::pod::{POD_GATEWAY, POD_GATEWAY_V6};
 
 use serde_json::{json, Map, Value};
 
@@ -18,15 +18,15 @@ pub struct Interface {
     pub sandbox: Option<String>,
 }
 
-/// What ADD set up: a node-side and a container-side interface, one address on the
-/// latter (two for a dual-stack pod), one default route per family.
+/// What ADD set up: a node-side and a container-side interface, the pod's address of
+/// each family on the latter (IPv4, IPv6 or both), one default route per family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddResult {
     pub host: Interface,
     pub container: Interface,
-    pub address: Ipv4Addr,
-    pub gateway: Ipv4Addr,
-    /// A dual-stack pod's IPv6 address (its gateway is [`POD_GATEWAY_V6`]).
+    /// The pod's IPv4 address (its gateway is [`POD_GATEWAY`]).
+    pub address: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (its gateway is [`POD_GATEWAY_V6`]).
     pub address_v6: Option<Ipv6Addr>,
     /// The pod's resolver (a VPC's DNS service and search path); `None` keeps what
     /// earlier plugins said.
@@ -72,27 +72,27 @@ pub fn render(r: &AddResult, version: Version, prev: Option<&Value>) -> Value {
     let container_index = interfaces.len() + 1;
     interfaces.push(interface_json(&r.host, version));
     interfaces.push(interface_json(&r.container, version));
-    let mut ip = json!({
-        "address": format!("{}/32", r.address),
-        "gateway": r.gateway.to_string(),
-        "interface": container_index,
-    });
-    if version < Version::V1 {
-        ip["version"] = "4".into();
-    }
-    ips.push(ip);
-    routes.push(json!({"dst": "0.0.0.0/0", "gw": r.gateway.to_string()}));
-    if let Some(v6) = r.address_v6 {
+    let addresses = [
+        r.address.map(|a| (IpAddr::V4(a), IpAddr::V4(POD_GATEWAY))),
+        r.address_v6
+            .map(|a| (IpAddr::V6(a), IpAddr::V6(POD_GATEWAY_V6))),
+    ];
+    for (address, gateway) in addresses.into_iter().flatten() {
+        let (host_len, family, default) = match address {
+            IpAddr::V4(_) => (32, "4", "0.0.0.0/0"),
+            IpAddr::V6(_) => (128, "6", "::/0"),
+        };
         let mut ip = json!({
-            "address": format!("{v6}/128"),
-            "gateway": POD_GATEWAY_V6.to_string(),
+            "address": format!("{address}/{host_len}"),
+            "gateway": gateway.to_string(),
             "interface": container_index,
         });
+        // 0.4.0 results name each address's family; 1.0.0 dropped the field.
         if version < Version::V1 {
-            ip["version"] = "6".into();
+            ip["version"] = family.into();
         }
         ips.push(ip);
-        routes.push(json!({"dst": "::/0", "gw": POD_GATEWAY_V6.to_string()}));
+        routes.push(json!({"dst": default, "gw": gateway.to_string()}));
     }
     let dns = match &r.dns {
         Some(d) => json!({
@@ -132,8 +132,7 @@ mod tests {
                 mtu: Some(1420),
                 sandbox: Some("/var/run/netns/c1".into()),
             },
-            address: Ipv4Addr::new(10, 42, 1, 5),
-            gateway: Ipv4Addr::new(169, 254, 1, 1),
+            address: Some(Ipv4Addr::new(10, 42, 1, 5)),
             address_v6: None,
             dns: None,
         }
@@ -159,6 +158,33 @@ mod tests {
         );
         let v040 = render(&r, Version(0, 4, 0), None);
         assert_eq!(v040["ips"][1]["version"], "6");
+    }
+
+    /// An IPv6-only pod's result lists its IPv6 address and route only, in every
+    /// version, and after a prevResult's.
+    #[test]
+    fn ipv6_only_lists_no_ipv4() {
+        let r = AddResult {
+            address: None,
+            address_v6: Some("fd10:0:0:3::1".parse().unwrap()),
+            ..sample()
+        };
+        let ip6 = json!({"address": "fd10:0:0:3::1/128", "gateway": "fe80::1", "interface": 1});
+        let route6 = json!([{"dst": "::/0", "gw": "fe80::1"}]);
+        for v in [Version(1, 1, 0), Version(1, 0, 0)] {
+            let got = render(&r, v, None);
+            assert_eq!(got["ips"], json!([ip6]), "{v}");
+            assert_eq!(got["routes"], route6, "{v}");
+        }
+        let v040 = render(&r, Version(0, 4, 0), None);
+        let mut ip6_040 = ip6.clone();
+        ip6_040["version"] = "6".into();
+        assert_eq!(v040["ips"], json!([ip6_040]));
+        assert_eq!(v040["routes"], route6);
+        let prev = json!({"interfaces": [{"name": "lo"}], "ips": [], "routes": []});
+        let chained = render(&r, Version(1, 1, 0), Some(&prev));
+        assert_eq!(chained["ips"][0]["interface"], 2);
+        assert_eq!(chained["ips"].as_array().map(Vec::len), Some(1));
     }
 
     #[test]

@@ -8,16 +8,16 @@
 //! which is what makes parallel ADDs get distinct addresses; the kernel drops it when
 //! the process dies, so a crash never leaves the store locked.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::config::Attachment;
 use crate::error::CniError;
+use crate::ipam::Taken;
 
 const LOCK: &str = "lock";
 const LAST: &str = "last_reserved_ip";
@@ -63,15 +63,16 @@ impl Store {
     }
 
     /// Every allocated address and its holder (`None`: the record is unreadable).
-    pub fn allocations(&self) -> Result<BTreeMap<Ipv4Addr, Option<Attachment>>, CniError> {
+    /// Addresses of either family: stores older than IPv6-only pools hold IPv4 ones.
+    pub fn allocations(&self) -> Result<Taken, CniError> {
         let entries = fs::read_dir(&self.dir)
             .map_err(|e| CniError::io(format!("listing {}", self.dir.display()), e))?;
-        let mut out = BTreeMap::new();
+        let mut out = Taken::new();
         for entry in entries.flatten() {
             let Some(ip) = entry
                 .file_name()
                 .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+                .and_then(|n| n.parse::<IpAddr>().ok())
             else {
                 continue;
             };
@@ -84,7 +85,7 @@ impl Store {
     }
 
     /// Record `owner` as the holder of `ip`; fails if someone holds it already.
-    pub fn reserve(&self, ip: Ipv4Addr, owner: &Attachment) -> Result<(), CniError> {
+    pub fn reserve(&self, ip: IpAddr, owner: &Attachment) -> Result<(), CniError> {
         let path = self.dir.join(ip.to_string());
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new()
@@ -102,7 +103,7 @@ impl Store {
     }
 
     /// Forget `ip`; a missing record is fine (DEL is idempotent).
-    pub fn release(&self, ip: Ipv4Addr) -> Result<(), CniError> {
+    pub fn release(&self, ip: IpAddr) -> Result<(), CniError> {
         let path = self.dir.join(ip.to_string());
         match fs::remove_file(&path) {
             Err(e) if e.kind() != ErrorKind::NotFound => {
@@ -112,7 +113,7 @@ impl Store {
         }
     }
 
-    pub fn last_reserved(&self) -> Option<Ipv4Addr> {
+    pub fn last_reserved(&self) -> Option<IpAddr> {
         fs::read_to_string(self.dir.join(LAST))
             .ok()?
             .trim()
@@ -145,17 +146,49 @@ mod tests {
             container_id: "c1".into(),
             ifname: "eth0".into(),
         };
-        let ip = Ipv4Addr::new(10, 42, 1, 9);
-        {
+        for ip in ["10.42.1.9", "fd10:0:0:3::9"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            {
+                let s = Store::open(dir, "net").unwrap();
+                s.reserve(ip, &a).unwrap();
+                assert!(s.reserve(ip, &a).is_err(), "double reservation");
+            }
             let s = Store::open(dir, "net").unwrap();
-            s.reserve(ip, &a).unwrap();
-            assert!(s.reserve(ip, &a).is_err(), "double reservation");
+            assert_eq!(s.allocations().unwrap().get(&ip), Some(&Some(a.clone())));
+            assert_eq!(s.last_reserved(), Some(ip));
+            s.release(ip).unwrap();
+            s.release(ip).unwrap();
+            assert!(s.allocations().unwrap().is_empty());
         }
-        let s = Store::open(dir, "net").unwrap();
-        assert_eq!(s.allocations().unwrap().get(&ip), Some(&Some(a)));
-        assert_eq!(s.last_reserved(), Some(ip));
-        s.release(ip).unwrap();
-        s.release(ip).unwrap();
-        assert!(s.allocations().unwrap().is_empty());
+    }
+
+    /// A node upgraded in place keeps its pods' leases: files as the IPv4-only
+    /// store wrote them (host-local's layout) read as before.
+    #[test]
+    fn reads_a_store_written_before_ipv6_pools() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = tmp.path().join("net");
+        fs::create_dir_all(&net).unwrap();
+        fs::write(net.join("10.42.1.7"), "c1\r\neth0").unwrap();
+        fs::write(net.join("10.42.1.8"), "garbled").unwrap();
+        fs::write(net.join(LAST), "10.42.1.8").unwrap();
+        fs::write(net.join(LOCK), "").unwrap();
+        let s = Store::open(tmp.path(), "net").unwrap();
+        let taken = s.allocations().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            taken.into_iter().collect::<Vec<_>>(),
+            vec![
+                (
+                    ip("10.42.1.7"),
+                    Some(Attachment {
+                        container_id: "c1".into(),
+                        ifname: "eth0".into()
+                    })
+                ),
+                (ip("10.42.1.8"), None)
+            ]
+        );
+        assert_eq!(s.last_reserved(), Some(ip("10.42.1.8")));
     }
 }

@@ -4,7 +4,7 @@
 //! The node-side name is derived, not stored: DEL and GC must find the link from the
 //! container ID and interface name alone, even after the store lost its record.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde_json::Value;
 
@@ -44,9 +44,11 @@ pub fn link_facts(json: &str) -> Option<(Option<String>, Option<u16>)> {
     Some((mac, mtu))
 }
 
-/// Whether `ip -json addr show` output has `ip/32` on some link.
-pub fn has_address(json: &str, ip: Ipv4Addr) -> bool {
+/// Whether `ip -json addr show` output has `ip` as a host address (/32, /128) on
+/// some link.
+pub fn has_address(json: &str, ip: IpAddr) -> bool {
     let want = ip.to_string();
+    let host_len = if ip.is_ipv4() { 32 } else { 128 };
     parse_list(json).iter().any(|link| {
         link.get("addr_info")
             .and_then(Value::as_array)
@@ -54,14 +56,14 @@ pub fn has_address(json: &str, ip: Ipv4Addr) -> bool {
             .flatten()
             .any(|a| {
                 a.get("local").and_then(Value::as_str) == Some(&want)
-                    && a.get("prefixlen").and_then(Value::as_u64) == Some(32)
+                    && a.get("prefixlen").and_then(Value::as_u64) == Some(host_len)
             })
     })
 }
 
 /// Whether `ip -json route show` output has a route to `dst` through `dev`
 /// (optionally via `gateway`).
-pub fn has_route(json: &str, dst: &str, dev: &str, gateway: Option<Ipv4Addr>) -> bool {
+pub fn has_route(json: &str, dst: &str, dev: &str, gateway: Option<IpAddr>) -> bool {
     let gw = gateway.map(|g| g.to_string());
     parse_list(json).iter().any(|r| {
         r.get("dst").and_then(Value::as_str) == Some(dst)
@@ -104,12 +106,16 @@ mod tests {
         assert_eq!(link_facts("garbage"), None);
 
         let addr = r#"[{"ifname":"eth0","addr_info":[{"family":"inet","local":"10.42.1.5","prefixlen":32}]}]"#;
-        assert!(has_address(addr, Ipv4Addr::new(10, 42, 1, 5)));
-        assert!(!has_address(addr, Ipv4Addr::new(10, 42, 1, 6)));
+        assert!(has_address(addr, "10.42.1.5".parse().unwrap()));
+        assert!(!has_address(addr, "10.42.1.6".parse().unwrap()));
+        let addr6 = r#"[{"ifname":"eth0","addr_info":[{"family":"inet6","local":"fd10::5","prefixlen":128},
+                                                       {"family":"inet6","local":"fd10::6","prefixlen":64}]}]"#;
+        assert!(has_address(addr6, "fd10::5".parse().unwrap()));
+        assert!(!has_address(addr6, "fd10::6".parse().unwrap()));
 
         let routes = r#"[{"dst":"default","gateway":"169.254.1.1","dev":"eth0","flags":[]},
                          {"dst":"169.254.1.1","dev":"eth0","scope":"link","flags":[]}]"#;
-        let gw = Some(Ipv4Addr::new(169, 254, 1, 1));
+        let gw = Some("169.254.1.1".parse().unwrap());
         assert!(has_route(routes, "default", "eth0", gw));
         assert!(!has_route(routes, "default", "eth1", gw));
         assert!(has_route(routes, "169.254.1.1", "eth0", None));

@@ -1,11 +1,11 @@
-//! Properties of the pure core: IPAM never hands out an address twice, nor a pool's
-//! network or broadcast address, and says "full" only when it is; config parsing
+//! Properties of the pure core: IPAM never hands out an address twice, nor an IPv4
+//! pool's network or broadcast address or an IPv6 pool's `::0`, and says "full"
+//! only when it is; config parsing
 //! never panics and always answers with a spec error code.
 
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 use wiremesh_cni::config::{self, Attachment};
 use wiremesh_cni::ipam;
@@ -34,10 +34,17 @@ proptest! {
     #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn ipam_never_double_leases(prefix in 24u8..=32, ops in ops()) {
-        let pool = Ipv4Net::new(Ipv4Addr::new(10, 42, 7, 0), prefix).unwrap().trunc();
-        let usable: Vec<Ipv4Addr> = ipam::usable(pool).collect();
-        let mut taken: BTreeMap<Ipv4Addr, Option<Attachment>> = BTreeMap::new();
+    fn ipam_never_double_leases(v6 in any::<bool>(), host_bits in 0u8..=8, ops in ops()) {
+        let pool = if v6 {
+            IpNet::V6(Ipv6Net::new("fd10:0:0:7::".parse().unwrap(), 128 - host_bits).unwrap())
+        } else {
+            IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 42, 7, 0), 32 - host_bits).unwrap())
+        };
+        let reserved = |ip: IpAddr| match pool {
+            IpNet::V4(p) => p.prefix_len() < 31 && (ip == p.network() || ip == p.broadcast()),
+            IpNet::V6(p) => ip == p.network(),
+        };
+        let mut taken = ipam::Taken::new();
         let mut last = None;
         for op in ops {
             match op {
@@ -48,14 +55,11 @@ proptest! {
                     }
                     match ipam::pick(pool, &taken, last) {
                         Some(ip) => {
-                            prop_assert!(usable.contains(&ip), "{ip} outside {pool}");
-                            if prefix < 31 {
-                                prop_assert!(ip != pool.network() && ip != pool.broadcast());
-                            }
+                            prop_assert!(pool.contains(&ip) && !reserved(ip), "{ip} of {pool}");
                             prop_assert!(taken.insert(ip, Some(who)).is_none(), "{ip} leased twice");
                             last = Some(ip);
                         }
-                        None => prop_assert_eq!(taken.len(), usable.len(), "full while not full"),
+                        None => prop_assert_eq!(taken.len() as u128, ipam::size(pool), "full while not full"),
                     }
                 }
                 Op::Del(id) => {

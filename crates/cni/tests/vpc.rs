@@ -159,27 +159,106 @@ fn a_dual_stack_vpc_pod_gets_an_address_of_each_family() {
         .ns
         .exec_ok(&["ping", "-6", "-c", "1", "-W", "2", &v6.to_string()]);
     assert!(reached.is_ok(), "{reached:?}");
+    // CHECK covers both families: it fails once the pod's IPv6 default route is gone.
+    let checked = with_prev_result(&vpc.conf, &result);
+    invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_ok("CHECK");
+    ctr.exec_ok(&["ip", "-6", "route", "del", "default"])
+        .unwrap();
+    let err = invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_err("CHECK");
+    assert!(err["details"].as_str().unwrap().contains("fe80::1"), "{err}");
     invoke(PLUGIN, &vpc.node, &call("DEL", &path), &vpc.conf).expect_ok("DEL");
     assert!(vpc.ns.exec_ok(&["ip", "link", "show", &host_if]).is_err());
 }
 
-/// A VPC with an IPv6 pod CIDR only: ADD refuses, naming the field, and leaves
-/// nothing behind.
+fn with_prev_result(conf: &Value, result: &Value) -> Value {
+    let mut c = conf.clone();
+    c["prevResult"] = result.clone();
+    c
+}
+
+/// The one address of an IPv6-only pod's result.
+fn address_v6_of(result: &Value) -> std::net::Ipv6Addr {
+    let ips = result["ips"].as_array().expect("ips");
+    assert_eq!(ips.len(), 1, "{result}");
+    let a = ips[0]["address"].as_str().expect("ips[0].address");
+    a.trim_end_matches("/128").parse().expect("an IPv6 address")
+}
+
+/// A VPC with an IPv6 pod CIDR only: the pod gets an address of the node's IPv6
+/// block (never its `::0`) and no IPv4 at all, reaches its gateway fe80::1 in the
+/// VPC namespace, passes CHECK, and the agent is told its IPv6 address as its
+/// `address`. DEL frees it, and the next ADD goes on round-robin.
 #[test]
-fn an_ipv6_only_vpc_is_refused_naming_the_field() {
+fn an_ipv6_only_vpc_pod_gets_an_ipv6_address_only() {
     if !(require_root() && require_tool("nsenter")) {
         return;
     }
     let vpc = Vpc::new(&["fd10:0:0:3::/64"]);
-    let ctr = Netns::new("ctr").unwrap();
-    let path = netns_path(&ctr);
-    let err = invoke(PLUGIN, &vpc.node, &call("ADD", &path), &vpc.conf).expect_err("ADD");
-    assert_eq!(err["code"], 7, "{err}");
-    let msg = err["msg"].as_str().unwrap().to_owned() + err["details"].as_str().unwrap_or("");
-    assert!(
-        msg.contains("`vpc`") && msg.contains("IPv6 pod CIDR only"),
-        "{err}"
+    let (ctr, ctr2) = (Netns::new("ctr").unwrap(), Netns::new("ctr2").unwrap());
+    let (path, path2) = (netns_path(&ctr), netns_path(&ctr2));
+    let second = |command| Call {
+        command,
+        container_id: "c2",
+        ifname: "eth0",
+        netns: Some(&path2),
+    };
+    let result = invoke(PLUGIN, &vpc.node, &call("ADD", &path), &vpc.conf).expect_ok("ADD");
+    let ip = address_v6_of(&result);
+    assert_eq!(ip, "fd10:0:0:3::1".parse::<std::net::Ipv6Addr>().unwrap());
+    assert_eq!(
+        result["routes"],
+        json!([{"dst": "::/0", "gw": "fe80::1"}]),
+        "{result}"
     );
+    let v4 = ctr
+        .exec_ok(&["ip", "-4", "address", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(!v4.contains("inet "), "{v4}");
+    let v4_routes = ctr.exec_ok(&["ip", "-4", "route", "show"]).unwrap();
+    assert!(v4_routes.trim().is_empty(), "{v4_routes}");
     let host_if = wiremesh_cni::veth::host_ifname("c1", "eth0");
+    let routes = vpc
+        .ns
+        .exec_ok(&["ip", "-6", "route", "show", &ip.to_string()])
+        .unwrap();
+    assert!(routes.contains(&host_if), "{routes}");
+    let reached = ctr.exec_ok(&["ping", "-6", "-c", "1", "-W", "2", "fe80::1%eth0"]);
+    assert!(reached.is_ok(), "{reached:?}");
+    let reached = vpc
+        .ns
+        .exec_ok(&["ping", "-6", "-c", "1", "-W", "2", &ip.to_string()]);
+    assert!(reached.is_ok(), "{reached:?}");
+    let told: Value =
+        serde_json::from_slice(&std::fs::read(vpc.answer().join("pods/c1.json")).unwrap()).unwrap();
+    assert_eq!(told["address"], ip.to_string());
+    assert_eq!(told.get("address_v6"), None, "{told}");
+    let checked = with_prev_result(&vpc.conf, &result);
+    invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_ok("CHECK");
+    ctr.exec_ok(&["ip", "-6", "route", "del", "default"])
+        .unwrap();
+    let err = invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_err("CHECK");
+    assert!(err["details"].as_str().unwrap().contains("fe80::1"), "{err}");
+
+    // A second pod keeps the VPC on the node while the first leaves and comes back.
+    let other = invoke(PLUGIN, &vpc.node, &second("ADD"), &vpc.conf).expect_ok("ADD c2");
+    assert_eq!(address_v6_of(&other).to_string(), "fd10:0:0:3::2");
+    invoke(PLUGIN, &vpc.node, &call("DEL", &path), &vpc.conf).expect_ok("DEL");
     assert!(vpc.ns.exec_ok(&["ip", "link", "show", &host_if]).is_err());
+    let store = vpc.dir.path().join("cni/wm-blue");
+    assert!(!store.join(ip.to_string()).exists(), "DEL kept the lease");
+    let again = invoke(PLUGIN, &vpc.node, &call("ADD", &path), &vpc.conf).expect_ok("ADD again");
+    assert_eq!(address_v6_of(&again).to_string(), "fd10:0:0:3::3");
+    for (c, p) in [("c1", &path), ("c2", &path2)] {
+        let del = Call {
+            command: "DEL",
+            container_id: c,
+            ifname: "eth0",
+            netns: Some(p),
+        };
+        invoke(PLUGIN, &vpc.node, &del, &vpc.conf).expect_ok("DEL");
+    }
+    assert!(
+        !vpc.answer().exists(),
+        "the VPC's directory stays after its last pod"
+    );
 }

@@ -8,7 +8,8 @@
 //! A dual-stack pod also gets an IPv6 /128 with a default route via fe80::1, the
 //! node-side veth's link-local address (as on a router's every port): neighbour
 //! discovery answers for it on each veth, and DAD is skipped on addresses only
-//! this link can hold, so the pod is reachable at once.
+//! this link can hold, so the pod is reachable at once. An IPv6-only pod gets that
+//! alone: no IPv4 address, gateway or route.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -18,7 +19,9 @@ use crate::{run, HostError};
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
-pub struct PodLink<'a> {
+/// `P`, the pod's IPv4 address, is an `Ipv4Addr` or, for a pod that may be
+/// IPv6-only, an `Option<Ipv4Addr>` (so callers with IPv4 pods need not wrap it).
+pub struct PodLink<'a, P = Ipv4Addr> {
     /// Named namespace of the node, or `None` for the current one.
     pub node_netns: Option<&'a str>,
     pub pod_netns: &'a Path,
@@ -26,8 +29,8 @@ pub struct PodLink<'a> {
     pub host_if: &'a str,
     /// Name of the interface inside the pod.
     pub pod_if: &'a str,
-    pub pod_ip: Ipv4Addr,
-    /// The pod's IPv6 address, for dual-stack pods.
+    pub pod_ip: P,
+    /// The pod's IPv6 address, for dual-stack and IPv6-only pods.
     pub pod_ip_v6: Option<Ipv6Addr>,
     pub mtu: u16,
 }
@@ -49,7 +52,7 @@ fn ip_in_pod(pod_netns: &Path, args: &[&str]) -> Result<String, HostError> {
 }
 
 /// Create the link; on failure, remove what was made so a retry starts clean.
-pub fn attach(link: &PodLink) -> Result<(), HostError> {
+pub fn attach<P: Into<Option<Ipv4Addr>> + Copy>(link: &PodLink<P>) -> Result<(), HostError> {
     let result = try_attach(link);
     if result.is_err() {
         let _ = detach(link.node_netns, link.host_if);
@@ -57,11 +60,9 @@ pub fn attach(link: &PodLink) -> Result<(), HostError> {
     result
 }
 
-fn try_attach(l: &PodLink) -> Result<(), HostError> {
+fn try_attach<P: Into<Option<Ipv4Addr>> + Copy>(l: &PodLink<P>) -> Result<(), HostError> {
     let pod_ns = l.pod_netns.display().to_string();
     let mtu = l.mtu.to_string();
-    let pod_ip = format!("{}/32", l.pod_ip);
-    let gw = POD_GATEWAY.to_string();
     ip_on_node(
         l.node_netns,
         &[
@@ -69,20 +70,32 @@ fn try_attach(l: &PodLink) -> Result<(), HostError> {
             &mtu, "netns", &pod_ns,
         ],
     )?;
+    ip_on_node(l.node_netns, &["link", "set", l.host_if, "up"])?;
+    ip_in_pod(l.pod_netns, &["link", "set", "lo", "up"])?;
+    ip_in_pod(l.pod_netns, &["link", "set", l.pod_if, "up"])?;
+    if let Some(v4) = l.pod_ip.into() {
+        attach_v4(l, v4)?;
+    }
+    if let Some(v6) = l.pod_ip_v6 {
+        attach_v6(l, v6)?;
+    }
+    Ok(())
+}
+
+fn attach_v4<P>(l: &PodLink<P>, pod_ip: Ipv4Addr) -> Result<(), HostError> {
+    let pod_ip = format!("{pod_ip}/32");
+    let gw = POD_GATEWAY.to_string();
     ip_on_node(
         l.node_netns,
         &["address", "add", &format!("{gw}/32"), "dev", l.host_if],
     )?;
-    ip_on_node(l.node_netns, &["link", "set", l.host_if, "up"])?;
     ip_on_node(
         l.node_netns,
         &[
             "route", "replace", &pod_ip, "dev", l.host_if, "scope", "link",
         ],
     )?;
-    ip_in_pod(l.pod_netns, &["link", "set", "lo", "up"])?;
     ip_in_pod(l.pod_netns, &["address", "add", &pod_ip, "dev", l.pod_if])?;
-    ip_in_pod(l.pod_netns, &["link", "set", l.pod_if, "up"])?;
     ip_in_pod(
         l.pod_netns,
         &["route", "add", &gw, "dev", l.pod_if, "scope", "link"],
@@ -91,13 +104,10 @@ fn try_attach(l: &PodLink) -> Result<(), HostError> {
         l.pod_netns,
         &["route", "add", "default", "via", &gw, "dev", l.pod_if],
     )?;
-    if let Some(v6) = l.pod_ip_v6 {
-        attach_v6(l, v6)?;
-    }
     Ok(())
 }
 
-fn attach_v6(l: &PodLink, pod_ip: Ipv6Addr) -> Result<(), HostError> {
+fn attach_v6<P>(l: &PodLink<P>, pod_ip: Ipv6Addr) -> Result<(), HostError> {
     let pod_ip = format!("{pod_ip}/128");
     let gw = POD_GATEWAY_V6.to_string();
     ip_on_node(
