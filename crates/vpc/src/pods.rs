@@ -271,6 +271,50 @@ mod tests {
         assert!(selected_endpoints(&built(records), &n("n1")).is_empty());
     }
 
+    /// An IPv6-only VPC's pod, as the CNI plugin writes it (its IPv6 address as
+    /// `address`, no `address_v6`), is accepted, backs an IPv6 service and is
+    /// admitted by an access selector.
+    #[test]
+    fn ipv6_only_pods_serve_and_are_admitted() {
+        let local = |name: &str, node: &str, address: &str, app: &str| -> crate::Pod {
+            crate::LocalPodRecord {
+                namespace: "web".into(),
+                name: name.into(),
+                address: address.into(),
+                address_v6: None,
+                labels: [("app".to_owned(), app.to_owned())].into(),
+            }
+            .into_pod(&Label::parse("vpc", "blue").unwrap(), &n(node))
+            .unwrap()
+        };
+        let mut www = service("www", "web", serde_json::json!({"app": "web"}));
+        www.cluster_ip = "fd96::20".parse().ok();
+        let records = Records {
+            vpcs: vec![vpc("blue", 7, "fd10::/56", "fd96::/112")],
+            members: vec![
+                member("blue", "n1", "fd10:0:0:1::/64"),
+                member("blue", "n2", "fd10:0:0:2::/64"),
+            ],
+            services: vec![www],
+            pods: vec![
+                local("web-0", "n1", "fd10:0:0:1::1", "web"),
+                local("api-0", "n2", "fd10:0:0:2::1", "api"),
+            ],
+            ..Records::default()
+        };
+        let s = built(records);
+        let got: Vec<String> = selected_endpoints(&s, &n("n1"))
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(got, ["fd10:0:0:1::1"]);
+        let sel = LabelSelector([("app".to_owned(), "api".to_owned())].into());
+        assert_eq!(
+            matching_addresses(&s, &sel),
+            ["fd10:0:0:2::1".parse::<IpAddr>().unwrap()]
+        );
+    }
+
     /// A pod's IPv6 address is checked as its IPv4 one is: inside its node's block
     /// of the VPC, and nobody else's.
     #[test]

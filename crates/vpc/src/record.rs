@@ -966,7 +966,9 @@ impl From<&Pod> for PodRecord {
 pub struct LocalPodRecord {
     pub namespace: String,
     pub name: String,
+    /// The pod's IPv4 address, or its IPv6 one in an IPv6-only VPC.
     pub address: String,
+    /// A dual-stack pod's IPv6 address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_v6: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
