@@ -147,10 +147,13 @@ fn placement(conf: &NetConf, wait: bool) -> Result<Placement, CniError> {
             // when the cluster is.
             pools: match conf.pod_cidr {
                 Some(pool) => ipam::Pools::V4(pool),
-                None => match pod_cidr_v6(conf)? {
-                    Some(v6) => ipam::Pools::Dual(pod_cidr(conf)?, v6),
-                    None => ipam::Pools::V4(pod_cidr(conf)?),
-                },
+                None => {
+                    let pool = pod_cidr(conf)?;
+                    match pod_cidr_v6(conf)? {
+                        Some(v6) => ipam::Pools::Dual(pool, v6),
+                        None => ipam::Pools::V4(pool),
+                    }
+                }
             },
             mtu: mtu(conf),
             dns: None,

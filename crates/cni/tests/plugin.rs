@@ -459,6 +459,20 @@ fn dual_stack_add_and_del() {
         matches!(back, Ok(Ok(_))),
         "container cannot ping the node: {back:?}"
     );
+    // CHECK covers the IPv6 address too: it fails once the node's /128 route is gone.
+    node.call("CHECK", &ctr, &conf).expect_ok("CHECK");
+    node.ns
+        .exec_ok(&["ip", "-6", "route", "del", &ip6.to_string()])
+        .unwrap();
+    let err = node
+        .call("CHECK", &ctr, &conf)
+        .expect_err("CHECK without the /128 route");
+    assert!(
+        err["details"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("no route to {ip6}"))),
+        "{err}"
+    );
 
     node.call("DEL", &ctr, &conf).expect_ok("DEL");
     assert!(node.allocated().is_empty(), "DEL frees the one reservation");
