@@ -56,13 +56,7 @@ fn agents_on_kubernetes_reach_each_other() {
         "no device report on n2's Lease:\n{}",
         mesh.log(n2)
     );
-    let out = mesh.wiremesh(&["status"]);
-    let status = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let status = mesh.wiremesh_ok(&["status"]);
     assert!(status.contains("cluster: 2 nodes"), "{status}");
     assert!(
         status
@@ -80,16 +74,7 @@ fn vpcs_and_services_from_the_cli_on_kubernetes() {
         return;
     }
     let mesh = Mesh::with_kubernetes("full");
-    let run = |args: &[&str]| {
-        let out = mesh.wiremesh(args);
-        assert!(
-            out.status.success(),
-            "wiremesh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    run(&[
+    mesh.wiremesh_ok(&[
         "vpc",
         "create",
         "blue",
@@ -98,8 +83,8 @@ fn vpcs_and_services_from_the_cli_on_kubernetes() {
         "--pod-cidr",
         "10.10.0.0/16",
     ]);
-    assert!(run(&["vpc", "list"]).contains("blue"));
-    let created = run(&["service", "create", "blue/web/db", "--port", "http:80/tcp"]);
+    assert!(mesh.wiremesh_ok(&["vpc", "list"]).contains("blue"));
+    let created = mesh.wiremesh_ok(&["service", "create", "blue/web/db", "--port", "http:80/tcp"]);
     let vip = created.trim().rsplit(' ').next().expect("a VIP").to_owned();
     let kube = mesh.kube.as_ref().expect("kubernetes");
     let service = kube
@@ -111,5 +96,5 @@ fn vpcs_and_services_from_the_cli_on_kubernetes() {
         service["metadata"]["annotations"]["wiremesh.io/cluster-ip"],
         vip.as_str()
     );
-    assert!(run(&["service", "list"]).contains(&vip));
+    assert!(mesh.wiremesh_ok(&["service", "list"]).contains(&vip));
 }

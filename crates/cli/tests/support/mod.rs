@@ -295,12 +295,7 @@ impl Mesh {
         }
         let mut init = vec!["init", "--granularity", granularity];
         init.extend_from_slice(init_args);
-        let out = mesh.wiremesh(&init);
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        mesh.wiremesh_ok(&init);
         mesh
     }
 
@@ -394,6 +389,17 @@ impl Mesh {
         all.extend(flags.iter().map(String::as_str));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         self.fabric.exec_env(&env, &all).expect("wiremesh runs")
+    }
+
+    /// `wiremesh <args>`, which must succeed: its stdout.
+    pub fn wiremesh_ok(&self, args: &[&str]) -> String {
+        let out = self.wiremesh(args);
+        assert!(
+            out.status.success(),
+            "wiremesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn wire(&self, ns: &Netns, ifname: &str, bridge: &str, addr: &str) {

@@ -24,10 +24,7 @@ use crate::support::Mesh;
 /// succeed: its stdout.
 pub fn cli(mesh: &Mesh, line: &str) -> String {
     let args: Vec<&str> = line.split_whitespace().collect();
-    let out = mesh.wiremesh(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "wiremesh {args:?}: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    mesh.wiremesh_ok(&args)
 }
 
 /// The clusterIP `wiremesh service create` printed last on its line.
