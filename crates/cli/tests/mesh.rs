@@ -137,14 +137,9 @@ fn node_behind_nat_is_reached_through_its_discovered_endpoint() {
     let mut mesh = Mesh::new("full", true);
     let public = mesh.add_node("pub", "cloud", true);
     let edge = mesh.add_node("edge", "edge", false);
-    mesh.start(public);
-    mesh.start(edge);
     // The public node has no address for the edge node; the edge node dials out
     // with keepalive, and the public node reaches it back through the NAT mapping.
-    assert!(
-        mesh.eventually_pings(public, edge, Duration::from_secs(20)),
-        "public -> NAT'd node"
-    );
+    mesh.start_pair(public, edge);
     let cluster = mesh.cluster();
     let observed = wait_until(Duration::from_secs(15), || {
         let (snapshot, _, _) = cluster.snapshot().unwrap();
@@ -239,9 +234,7 @@ fn a_node_without_ipv6_still_joins_the_mesh() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("full", false);
-    let n1 = mesh.add_node("n1", "site", true);
-    let n2 = mesh.add_node("n2", "site", true);
+    let (mut mesh, n1, n2) = Mesh::two_nodes();
     mesh.nodes[n2]
         .ns
         .exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])

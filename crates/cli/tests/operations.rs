@@ -83,13 +83,7 @@ fn external_peer_joins_with_wg_quick_and_is_cut_off_when_removed() {
     if !require_root() || !require_tool("wg-quick") || !require_tool("wireguard-go") {
         return;
     }
-    let mut mesh = Mesh::new("location", false);
-    let a1 = mesh.add_node("a1", "site-a", true);
-    let a2 = mesh.add_node("a2", "site-a", true);
-    let b1 = mesh.add_node("b1", "site-b", true);
-    for i in [a1, a2, b1] {
-        mesh.start(i);
-    }
+    let (mesh, a1, a2, b1) = Mesh::two_sites_started();
     let cluster = mesh.cluster();
     assert!(wait_until(Duration::from_secs(20), || cluster
         .snapshot()
@@ -216,9 +210,7 @@ fn an_underlay_with_mtu_1280_carries_full_size_tcp() {
     if !require_root() {
         return;
     }
-    let mut mesh = Mesh::new("full", false);
-    let n1 = mesh.add_node("n1", "site", true);
-    let n2 = mesh.add_node("n2", "site", true);
+    let (mut mesh, n1, n2) = Mesh::two_nodes();
     for i in [n1, n2] {
         let ns = mesh.nodes[i].ns.name().to_owned();
         support::ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1280"]);

@@ -110,21 +110,44 @@ enum RegistryKind {
 impl Mesh {
     /// Two started nodes of one site (full granularity) whose pods already reach each other.
     pub fn pair() -> (Mesh, usize, usize) {
+        let (mut mesh, n1, n2) = Mesh::two_nodes();
+        mesh.start_pair(n1, n2);
+        (mesh, n1, n2)
+    }
+
+    /// Two nodes of one site (full granularity), n1 and n2, not started yet.
+    pub fn two_nodes() -> (Mesh, usize, usize) {
         let mut mesh = Mesh::new("full", false);
         let n1 = mesh.add_node("n1", "site", true);
         let n2 = mesh.add_node("n2", "site", true);
-        mesh.start(n1);
-        mesh.start(n2);
-        assert!(
-            mesh.eventually_pings(n1, n2, Duration::from_secs(20)),
-            "n1 cannot reach n2"
-        );
         (mesh, n1, n2)
+    }
+
+    /// Starts nodes `a` and `b`; `a`'s pod must come to reach `b`'s within 20 s.
+    pub fn start_pair(&mut self, a: usize, b: usize) {
+        self.start(a);
+        self.start(b);
+        assert!(
+            self.eventually_pings(a, b, Duration::from_secs(20)),
+            "{} cannot reach {}",
+            self.nodes[a].name,
+            self.nodes[b].name
+        );
     }
 
     /// Two sites, location granularity: `site-a` with a1 (its leader, by name) and a2,
     /// `site-b` with b1; all started, a2's pod already reaching b1's through a1.
     pub fn two_sites() -> (Mesh, usize, usize, usize) {
+        let (mesh, a1, a2, b1) = Mesh::two_sites_started();
+        assert!(
+            mesh.eventually_pings(a2, b1, Duration::from_secs(20)),
+            "a2 -> b1 through leader a1"
+        );
+        (mesh, a1, a2, b1)
+    }
+
+    /// The nodes of [`Mesh::two_sites`], started, with nothing waited for yet.
+    pub fn two_sites_started() -> (Mesh, usize, usize, usize) {
         let mut mesh = Mesh::new("location", false);
         let a1 = mesh.add_node("a1", "site-a", true);
         let a2 = mesh.add_node("a2", "site-a", true);
@@ -132,10 +155,6 @@ impl Mesh {
         for i in [a1, a2, b1] {
             mesh.start(i);
         }
-        assert!(
-            mesh.eventually_pings(a2, b1, Duration::from_secs(20)),
-            "a2 -> b1 through leader a1"
-        );
         (mesh, a1, a2, b1)
     }
 
