@@ -105,10 +105,7 @@ fn nodes_behind_two_cone_nats_reach_each_other_directly() {
     assert!(mesh.eventually_pings(y, x, Duration::from_secs(10)));
     // Direct: x's tunnel to y ends at y's NAT router, not at the public node (in a
     // full mesh nothing relays, so the ping could only have gone this way).
-    let endpoints = mesh.nodes[x]
-        .ns
-        .exec_ok(&["wg", "show", &mesh.nodes[x].ifname, "endpoints"])
-        .expect("wg show");
+    let endpoints = mesh.wg_endpoints(x);
     assert!(
         endpoints.contains("\t10.99.0.253:"),
         "x has no tunnel ending at y's NAT router (10.99.0.253):\n{endpoints}"

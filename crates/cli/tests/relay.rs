@@ -76,10 +76,7 @@ fn nodes_behind_two_symmetric_nats_reach_each_other_through_a_relay() {
         );
     }
     // x's tunnel to y ends at the public node, on a relay port.
-    let endpoints = mesh.nodes[x]
-        .ns
-        .exec_ok(&["wg", "show", &mesh.nodes[x].ifname, "endpoints"])
-        .expect("wg show");
+    let endpoints = mesh.wg_endpoints(x);
     assert!(
         endpoints.contains("\t10.99.0.1:519"),
         "x has no tunnel ending at the relay (10.99.0.1:519xx):\n{endpoints}"

@@ -421,6 +421,15 @@ impl Mesh {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `wg show <device> endpoints` on node `i`: a line a peer, its key and its
+    /// endpoint apart by a tab.
+    pub fn wg_endpoints(&self, i: usize) -> String {
+        let node = &self.nodes[i];
+        node.ns
+            .exec_ok(&["wg", "show", &node.ifname, "endpoints"])
+            .expect("wg show")
+    }
+
     pub fn wire(&self, ns: &Netns, ifname: &str, bridge: &str, addr: &str) {
         let peer = format!("f{}", random_suffix(8));
         ip(&[
