@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use support::Mesh;
 use vpc_support::{
-    agent_pid, attach_pod, attempt, cli, cluster_ip, cni, cni_conf, join_vpc, serve_tag,
+    agent_pid, attach_pod, attempt, cli, cluster_ip, cni, cni_conf, fetch, join_vpc, serve_tag,
     VpcNamespaces,
 };
 use wiremesh_agent::vpc::{LocalVpc, VPCS_DIR};
@@ -41,31 +41,9 @@ fn plug(local: &LocalVpc, node_ns: &str, n: usize, tag: &str) -> Pod {
     Pod { ns, ip }
 }
 
-/// What `dst:80` answers from inside `pod`, retrying for up to `patience`; the last
-/// error if it never answers.
-fn fetch(pod: &Pod, dst: &str, patience: Duration) -> Result<String, String> {
-    let dst: SocketAddr = format!("{dst}:80").parse().unwrap();
-    pod.ns
-        .run(|| {
-            let deadline = Instant::now() + patience;
-            loop {
-                let attempt = || -> std::io::Result<String> {
-                    let mut s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut tag = String::new();
-                    s.read_to_string(&mut tag)?;
-                    Ok(tag)
-                };
-                match attempt() {
-                    Ok(tag) if !tag.is_empty() => return Ok(tag),
-                    other if Instant::now() > deadline => {
-                        return Err(format!("{other:?}"));
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        })
-        .unwrap()
+/// Port 80 of `ip` (as the CLI prints it), where every pod serves its tag.
+fn port80(ip: impl std::fmt::Display) -> SocketAddr {
+    format!("{ip}:80").parse().unwrap()
 }
 
 /// Two started nodes, VPCs blue (id 7) and green (id 9) on one pod CIDR, and a pod of
@@ -142,26 +120,38 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
 
     // Across nodes, each VPC reaches its own pod at the very same address.
     let b2 = blue2.ip.to_string();
-    assert_eq!(fetch(blue1, &b2, PATIENCE).as_deref(), Ok("blue-n2"));
-    assert_eq!(fetch(green1, &b2, PATIENCE).as_deref(), Ok("green-n2"));
+    assert_eq!(
+        fetch(&blue1.ns, port80(&b2), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
+    assert_eq!(
+        fetch(&green1.ns, port80(&b2), PATIENCE).as_deref(),
+        Ok("green-n2")
+    );
     let b1 = blue1.ip.to_string();
-    assert_eq!(fetch(green2, &b1, PATIENCE).as_deref(), Ok("green-n1"));
+    assert_eq!(
+        fetch(&green2.ns, port80(&b1), PATIENCE).as_deref(),
+        Ok("green-n1")
+    );
 
     // An address only blue has: blue reaches it, green (the same CIDR) does not.
     let (blue_n2, ns) = &bed.locals[2];
     let only_blue = plug(blue_n2, ns, 3, "blue-only").ip.to_string();
     assert_eq!(
-        fetch(blue1, &only_blue, PATIENCE).as_deref(),
+        fetch(&blue1.ns, port80(&only_blue), PATIENCE).as_deref(),
         Ok("blue-only")
     );
-    assert!(fetch(green1, &only_blue, Duration::from_secs(2)).is_err());
+    assert!(fetch(&green1.ns, port80(&only_blue), Duration::from_secs(2)).is_err());
 
     // A service in blue, its one endpoint on n2: the VIP from n1 lands there.
     let vip = cluster_ip(&cli(mesh, "service create blue/web/db --port http:80/tcp"));
     cli(mesh, &format!("endpoints blue/web/db --add {b2} --node n2"));
-    assert_eq!(fetch(blue1, &vip, PATIENCE).as_deref(), Ok("blue-n2"));
+    assert_eq!(
+        fetch(&blue1.ns, port80(&vip), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
     // green has no such service: its pods cannot reach blue's VIP.
-    assert!(fetch(green1, &vip, Duration::from_secs(2)).is_err());
+    assert!(fetch(&green1.ns, port80(&vip), Duration::from_secs(2)).is_err());
     // Access policy: only blue1's address may call db2; another pod of blue is refused.
     let line = format!("service create blue/web/db2 --port http:80/tcp --allow {b1}/32");
     let vip2 = cluster_ip(&cli(mesh, &line));
@@ -169,11 +159,17 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
         mesh,
         &format!("endpoints blue/web/db2 --add {b2} --node n2"),
     );
-    assert_eq!(fetch(blue1, &vip2, PATIENCE).as_deref(), Ok("blue-n2"));
+    assert_eq!(
+        fetch(&blue1.ns, port80(&vip2), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
     let (blue_n1, ns) = &bed.locals[0];
     let other = plug(blue_n1, ns, 2, "blue-other");
-    assert_eq!(fetch(&other, &vip, PATIENCE).as_deref(), Ok("blue-n2"));
-    let refused = fetch(&other, &vip2, Duration::from_secs(2)).unwrap_err();
+    assert_eq!(
+        fetch(&other.ns, port80(&vip), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
+    let refused = fetch(&other.ns, port80(&vip2), Duration::from_secs(2)).unwrap_err();
     assert!(refused.contains("ConnectionRefused"), "{refused}");
 
     let listed = cli(mesh, "endpoints blue/web/db");
@@ -183,7 +179,7 @@ fn overlapping_vpcs_span_nodes_and_a_service_vip_reaches_the_other_node() {
     // the VIP refuses at once instead of sending clients to a node nobody runs.
     bed.mesh.stop(1);
     let stopped = Instant::now();
-    let vip: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let vip = port80(&vip);
     let refused = || attempt(&blue1.ns, vip) == Err(std::io::ErrorKind::ConnectionRefused);
     assert!(
         wait_until(PATIENCE, refused),
@@ -207,13 +203,10 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
         unreachable!()
     };
     let out = cli(mesh, "service create blue/web/db --port http:80/tcp");
-    let vip: SocketAddr = format!("{}:80", cluster_ip(&out)).parse().unwrap();
+    let vip = port80(cluster_ip(&out));
     let b2 = blue2.ip.to_string();
     cli(mesh, &format!("endpoints blue/web/db --add {b2} --node n2"));
-    assert_eq!(
-        fetch(blue1, &vip.ip().to_string(), PATIENCE).as_deref(),
-        Ok("blue-n2")
-    );
+    assert_eq!(fetch(&blue1.ns, vip, PATIENCE).as_deref(), Ok("blue-n2"));
 
     // The backend moves from n2 to a new pod on n1 (a new address) while the client,
     // which never resolves anything again, calls the VIP every 50 ms.
@@ -276,7 +269,10 @@ fn a_vip_follows_its_backend_to_another_node_and_a_vpc_leaves_with_its_last_pod(
         "{shown}"
     );
     // blue on n2 is untouched.
-    assert_eq!(fetch(blue1, &b2, PATIENCE).as_deref(), Ok("blue-n2"));
+    assert_eq!(
+        fetch(&blue1.ns, port80(&b2), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
 }
 
 #[test]
@@ -309,7 +305,7 @@ fn a_pod_added_by_the_cni_plugin_joins_its_vpc_across_nodes() {
         ip: ip.trim_end_matches("/32").parse().unwrap(),
     };
     assert_eq!(
-        fetch(&pod, &blue2.ip.to_string(), PATIENCE).as_deref(),
+        fetch(&pod.ns, port80(blue2.ip), PATIENCE).as_deref(),
         Ok("blue-n2")
     );
     cni(&bed.mesh, 0, "DEL", "c1", &pod.ns, args, &conf);
@@ -330,7 +326,7 @@ fn service_on(bed: &Bed, name: &str, extra: &str, endpoints: &[(&Pod, &str)]) ->
         mesh,
         &format!("service create {name} --port http:80/tcp {extra}"),
     );
-    let vip: SocketAddr = format!("{}:80", cluster_ip(&out)).parse().unwrap();
+    let vip = port80(cluster_ip(&out));
     for (pod, node) in endpoints {
         let ip = pod.ip;
         cli(mesh, &format!("endpoints {name} --add {ip} --node {node}"));
@@ -664,7 +660,10 @@ fn an_agent_restart_drops_no_connection_through_a_vip_or_between_pods() {
         &format!("endpoints blue/web/echo2 --add {b2} --node n2"),
     );
     let vip2 = cluster_ip(&out);
-    assert_eq!(fetch(client, &vip2, PATIENCE).as_deref(), Ok("blue-n2"));
+    assert_eq!(
+        fetch(&client.ns, port80(&vip2), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
     let more = || through_vip.exchanges() > before.0 + 50 && direct.exchanges() > before.1 + 50;
     assert!(wait_until(PATIENCE, more), "the conversations stalled");
 

@@ -10,13 +10,12 @@ mod support;
 #[path = "support/vpc.rs"]
 mod vpc_support;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use support::Mesh;
-use vpc_support::{agent_pid, cli, cni, cni_conf, join_vpc};
+use vpc_support::{agent_pid, cli, cni, cni_conf_labelled, fetch, join_vpc, serve_tag};
 use wiremesh_host::uapi_client;
 use wiremesh_testkit::{require_root, require_tool, wait_until, Netns};
 
@@ -32,12 +31,7 @@ struct Pod {
 /// Adds a pod with `labels` to `vpc` on node `i` through the plugin; it serves `tag`.
 fn add_pod(mesh: &Mesh, i: usize, vpc: &str, tag: &str, labels: &[(&str, &str)]) -> Pod {
     let ns = Netns::new("v6pod").unwrap();
-    let mut conf = cni_conf(mesh, i, vpc);
-    let labels: Vec<serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
-        .collect();
-    conf["args"] = serde_json::json!({"cni": {"labels": labels}});
+    let conf = cni_conf_labelled(mesh, i, vpc, labels);
     let result = cni(mesh, i, "ADD", tag, &ns, "K8S_POD_NAMESPACE=web", &conf);
     let address = |k: usize| -> IpAddr {
         result["ips"][k]["address"]
@@ -49,42 +43,8 @@ fn add_pod(mesh: &Mesh, i: usize, vpc: &str, tag: &str, labels: &[(&str, &str)])
     let (IpAddr::V4(v4), IpAddr::V6(v6)) = (address(0), address(1)) else {
         panic!("not an IPv4 and an IPv6 address: {result}");
     };
-    // `[::]` without IPV6_V6ONLY takes both families.
-    let listener = ns.run(|| TcpListener::bind("[::]:80")).unwrap().unwrap();
-    let tag = tag.to_owned();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let _ = conn.write_all(tag.as_bytes());
-        }
-    });
+    serve_tag(&ns, Ipv6Addr::UNSPECIFIED, tag.to_owned());
     Pod { ns, v4, v6 }
-}
-
-/// One connection to `dst:80` from `pod`: the tag it answered, or how it failed.
-fn fetch_once(pod: &Pod, dst: impl Into<IpAddr>) -> Result<String, String> {
-    let dst = SocketAddr::from((dst.into(), 80));
-    pod.ns
-        .run(|| {
-            let mut s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut tag = String::new();
-            s.read_to_string(&mut tag)?;
-            Ok::<_, std::io::Error>(tag)
-        })
-        .unwrap()
-        .map_err(|e| e.to_string())
-}
-
-/// What `[dst]:80` answers from `pod`, retrying for up to `patience`.
-fn fetch(pod: &Pod, dst: Ipv6Addr, patience: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + patience;
-    loop {
-        match fetch_once(pod, dst) {
-            Ok(tag) if !tag.is_empty() => return Ok(tag),
-            other if Instant::now() > deadline => return Err(format!("{other:?}")),
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 fn pings(pod: &Pod, dst: Ipv6Addr) -> bool {
@@ -168,19 +128,31 @@ fn dual_stack_vpc_pods_reach_their_vpc_over_ipv6_and_nothing_else() {
         blue2.v6,
         mesh.log(n2)
     );
-    assert_eq!(fetch(&blue1, blue2.v6, PATIENCE).as_deref(), Ok("blue-n2"));
     assert_eq!(
-        fetch(&green1, blue2.v6, PATIENCE).as_deref(),
+        fetch(&blue1.ns, (blue2.v6, 80).into(), PATIENCE).as_deref(),
+        Ok("blue-n2")
+    );
+    assert_eq!(
+        fetch(&green1.ns, (blue2.v6, 80).into(), PATIENCE).as_deref(),
         Ok("green-n2")
     );
-    assert_eq!(fetch(&blue2, blue1.v6, PATIENCE).as_deref(), Ok("blue-n1"));
+    assert_eq!(
+        fetch(&blue2.ns, (blue1.v6, 80).into(), PATIENCE).as_deref(),
+        Ok("blue-n1")
+    );
+
+    // One try, no retries: what `dst:80` answers `pod` now.
+    let once = |pod: &Pod, dst: IpAddr| fetch(&pod.ns, (dst, 80).into(), Duration::ZERO);
 
     // An address only blue has, on n2: blue on n1 reaches it; green never does,
     // from the other node or from the same one.
     let only = add_pod(&mesh, n2, "blue", "blue-only", &[]);
-    assert_eq!(fetch(&blue1, only.v6, PATIENCE).as_deref(), Ok("blue-only"));
+    assert_eq!(
+        fetch(&blue1.ns, (only.v6, 80).into(), PATIENCE).as_deref(),
+        Ok("blue-only")
+    );
     for green in [&green1, &green2] {
-        assert!(fetch_once(green, only.v6).is_err());
+        assert!(once(green, only.v6.into()).is_err());
         assert!(!pings(green, only.v6));
     }
 
@@ -193,18 +165,20 @@ fn dual_stack_vpc_pods_reach_their_vpc_over_ipv6_and_nothing_else() {
         "service create blue/web/guarded --port http:80/tcp --selector app=web --allow role=api",
     );
     assert!(
-        wait_until(PATIENCE, || fetch_once(&blue1, blue2.v6)
-            .is_err_and(|e| e.contains("refused"))),
+        wait_until(PATIENCE, || once(&blue1, blue2.v6.into())
+            .is_err_and(|e| e.contains("ConnectionRefused"))),
         "blue-n1 (no role=api) still reaches the backend's IPv6 address:\n{}",
         mesh.log(n2)
     );
-    let refused = fetch_once(&blue1, blue2.v4);
+    let refused = once(&blue1, blue2.v4.into());
     assert!(
-        refused.as_ref().is_err_and(|e| e.contains("refused")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("ConnectionRefused")),
         "{refused:?}"
     );
     for dst in [IpAddr::V6(blue2.v6), IpAddr::V4(blue2.v4)] {
-        assert_eq!(fetch_once(&api1, dst).as_deref(), Ok("blue-n2"), "{dst}");
+        assert_eq!(once(&api1, dst).as_deref(), Ok("blue-n2"), "{dst}");
     }
 
     // The source check: blue-n1 sends from an address of n2's block (as if it were

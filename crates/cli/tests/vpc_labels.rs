@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use support::Mesh;
-use vpc_support::{attempt, cli, cluster_ip, cni, cni_conf, join_vpc, serve_tag};
+use vpc_support::{attempt, cli, cluster_ip, cni, cni_conf_labelled, join_vpc, serve_tag};
 use wiremesh_testkit::{require_root, require_tool, Netns};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -29,12 +29,7 @@ struct Pod {
 
 /// Adds pod `name` (namespace `web`) with `labels` on node `i` through the plugin.
 fn add_pod(mesh: &Mesh, i: usize, name: &str, labels: &[(&str, &str)]) -> Pod {
-    let labels: Vec<serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
-        .collect();
-    let mut conf = cni_conf(mesh, i, "blue");
-    conf["args"] = serde_json::json!({"cni": {"labels": labels}});
+    let conf = cni_conf_labelled(mesh, i, "blue", labels);
     let ns = Netns::new("lpod").unwrap();
     let id = format!("ctr-{name}");
     let args = format!("K8S_POD_NAMESPACE=web;K8S_POD_NAME={name}");

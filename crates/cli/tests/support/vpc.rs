@@ -1,18 +1,18 @@
 //! VPCs on the test bed: the `wiremesh` CLI against the mesh's registry, asking a
 //! node's agent for a VPC as the CNI plugin does, reaching the agent's VPC namespaces
 //! from the test, pods plugged into them (by hand, or by the real `wiremesh-cni`
-//! binary), and one TCP attempt from a pod.
+//! binary), and pods' TCP servers and clients.
 //!
 //! Included by a test crate that also has `mod support;` (as `#[path] mod`), so it
 //! does not touch `support/mod.rs`.
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wiremesh_agent::vpc::{LocalVpc, LOCAL_VPC_FILE, VPCS_DIR};
 use wiremesh_host::{netns, pod};
@@ -173,9 +173,27 @@ pub fn cni(
     serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
-/// Serves `tag` to every connection on `ip:80` inside `pod`.
-pub fn serve_tag(pod: &Netns, ip: Ipv4Addr, tag: String) {
-    let addr = SocketAddr::from((ip, 80));
+/// The network config of [`cni_conf`] with pod `labels` (key, value) in its
+/// `args`, as a runtime passes a pod's labels.
+pub fn cni_conf_labelled(
+    mesh: &Mesh,
+    i: usize,
+    vpc: &str,
+    labels: &[(&str, &str)],
+) -> serde_json::Value {
+    let labels: Vec<serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+        .collect();
+    let mut conf = cni_conf(mesh, i, vpc);
+    conf["args"] = serde_json::json!({"cni": {"labels": labels}});
+    conf
+}
+
+/// Serves `tag` to every connection on `ip:80` inside `pod`; `::` takes both
+/// families (the socket is not IPv6-only).
+pub fn serve_tag(pod: &Netns, ip: impl Into<IpAddr>, tag: String) {
+    let addr = SocketAddr::from((ip.into(), 80));
     let listener = pod.run(|| TcpListener::bind(addr)).unwrap().unwrap();
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
@@ -184,16 +202,36 @@ pub fn serve_tag(pod: &Netns, ip: Ipv4Addr, tag: String) {
     });
 }
 
-/// One connection to `vip` from `pod`: what it answered, or how it failed.
-pub fn attempt(pod: &Netns, vip: SocketAddr) -> Result<String, std::io::ErrorKind> {
+/// One connection to `dst` from `pod`, given 500 ms to connect and `answer` to
+/// answer: what it answered, or how it failed.
+fn connect_once(pod: &Netns, dst: SocketAddr, answer: Duration) -> Result<String, ErrorKind> {
     pod.run(|| {
         let mut s =
-            TcpStream::connect_timeout(&vip, Duration::from_millis(500)).map_err(|e| e.kind())?;
-        s.set_read_timeout(Some(Duration::from_secs(1)))
-            .map_err(|e| e.kind())?;
+            TcpStream::connect_timeout(&dst, Duration::from_millis(500)).map_err(|e| e.kind())?;
+        s.set_read_timeout(Some(answer)).map_err(|e| e.kind())?;
         let mut tag = String::new();
         s.read_to_string(&mut tag).map_err(|e| e.kind())?;
         Ok(tag)
     })
     .unwrap()
+}
+
+/// One connection to `vip` from `pod` (1 s to answer): what it answered, or how it
+/// failed.
+pub fn attempt(pod: &Netns, vip: SocketAddr) -> Result<String, ErrorKind> {
+    connect_once(pod, vip, Duration::from_secs(1))
+}
+
+/// What `dst` answers from `pod`: a connection every 100 ms (each given 2 s to
+/// answer) until one answers or `patience` is over, then the last outcome as an
+/// error. `Duration::ZERO` makes a single try.
+pub fn fetch(pod: &Netns, dst: SocketAddr, patience: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match connect_once(pod, dst, Duration::from_secs(2)) {
+            Ok(tag) if !tag.is_empty() => return Ok(tag),
+            other if Instant::now() >= deadline => return Err(format!("{other:?}")),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
