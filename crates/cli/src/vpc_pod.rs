@@ -66,7 +66,7 @@ pub fn plug(
         pod_netns: &netns::path_of(pod_ns),
         host_if: &format!("p{host}"),
         pod_if: "eth0",
-        pod_ip: ip,
+        pod_ip: Some(ip),
         pod_ip_v6: None,
         mtu: local.mtu,
     })?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use support::Mesh;
-use vpc_support::{agent_pid, cli, cni, cni_conf_labelled, fetch, join_vpc, serve_tag};
+use vpc_support::{agent_pid, cli, cluster_ip, cni, cni_conf_labelled, fetch, join_vpc, serve_tag};
 use wiremesh_host::uapi_client;
 use wiremesh_testkit::{require_root, require_tool, wait_until, Netns};
 
@@ -28,22 +28,40 @@ struct Pod {
     v6: Ipv6Addr,
 }
 
-/// Adds a pod with `labels` to `vpc` on node `i` through the plugin; it serves `tag`.
-fn add_pod(mesh: &Mesh, i: usize, vpc: &str, tag: &str, labels: &[(&str, &str)]) -> Pod {
+/// Adds a pod with `labels` to `vpc` on node `i` through the plugin, serving `tag` on
+/// port 80 of every address; its namespace and the addresses the plugin gave it.
+fn add(
+    mesh: &Mesh,
+    i: usize,
+    vpc: &str,
+    tag: &str,
+    labels: &[(&str, &str)],
+) -> (Netns, Vec<IpAddr>) {
     let ns = Netns::new("v6pod").unwrap();
     let conf = cni_conf_labelled(mesh, i, vpc, labels);
     let result = cni(mesh, i, "ADD", tag, &ns, "K8S_POD_NAMESPACE=web", &conf);
-    let address = |k: usize| -> IpAddr {
-        result["ips"][k]["address"]
-            .as_str()
-            .and_then(|a| a.parse::<IpNet>().ok())
-            .unwrap_or_else(|| panic!("no ips[{k}]: {result}"))
-            .addr()
-    };
-    let (IpAddr::V4(v4), IpAddr::V6(v6)) = (address(0), address(1)) else {
-        panic!("not an IPv4 and an IPv6 address: {result}");
-    };
+    let ips = result["ips"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ips: {result}"))
+        .iter()
+        .map(|ip| {
+            ip["address"]
+                .as_str()
+                .and_then(|a| a.parse::<IpNet>().ok())
+                .unwrap_or_else(|| panic!("not an address: {ip}"))
+                .addr()
+        })
+        .collect();
     serve_tag(&ns, Ipv6Addr::UNSPECIFIED, tag.to_owned());
+    (ns, ips)
+}
+
+/// A dual-stack pod (see [`add`]).
+fn add_pod(mesh: &Mesh, i: usize, vpc: &str, tag: &str, labels: &[(&str, &str)]) -> Pod {
+    let (ns, ips) = add(mesh, i, vpc, tag, labels);
+    let [IpAddr::V4(v4), IpAddr::V6(v6)] = ips[..] else {
+        panic!("not an IPv4 and an IPv6 address: {ips:?}");
+    };
     Pod { ns, v4, v6 }
 }
 
@@ -229,4 +247,55 @@ fn dual_stack_vpc_pods_reach_their_vpc_over_ipv6_and_nothing_else() {
     );
 
     eprintln!("IPv6 VPC test took {:?}", started.elapsed());
+}
+
+#[test]
+fn an_ipv6_only_vpc_spans_nodes_and_its_ipv6_service_vip_reaches_the_other_node() {
+    if !(require_root() && require_tool("nsenter")) {
+        return;
+    }
+    if !wiremesh_testkit::cargo_bin("wiremesh-cni").exists() {
+        wiremesh_testkit::skip("build wiremesh-cni first (cargo build -p wiremesh-cni)");
+        return;
+    }
+    let (mesh, n1, n2) = Mesh::pair();
+    cli(
+        &mesh,
+        "vpc create red --id 11 --pod-cidr fd30::/56 --service-cidr fd96::/112",
+    );
+    let block = |i: usize| match join_vpc(&mesh, i, "red").pod_cidrs[..] {
+        [IpNet::V6(b)] => b,
+        ref other => panic!("node {i}: not one IPv6 block: {other:?}"),
+    };
+    let (block1, block2) = (block(n1), block(n2));
+    let only_v6 = |(ns, ips): (Netns, Vec<IpAddr>), block: Ipv6Net| match ips[..] {
+        [IpAddr::V6(a)] if block.contains(&a) => (ns, a),
+        _ => panic!("not one IPv6 address in {block}: {ips:?}"),
+    };
+    let (client, _) = only_v6(add(&mesh, n1, "red", "red-n1", &[]), block1);
+    let (_server, server) = only_v6(add(&mesh, n2, "red", "red-n2", &[("app", "api")]), block2);
+
+    // Pod to pod across nodes, then through the service's IPv6 VIP, whose endpoint
+    // is the backend's selected IPv6 address.
+    assert_eq!(
+        fetch(&client, (server, 80).into(), PATIENCE).as_deref(),
+        Ok("red-n2"),
+        "{}",
+        mesh.log(n2)
+    );
+    let created = cli(
+        &mesh,
+        "service create red/web/api --port http:80/tcp --selector app=api",
+    );
+    let vip: Ipv6Addr = cluster_ip(&created).parse().expect("an IPv6 clusterIP");
+    assert!(
+        "fd96::/112".parse::<Ipv6Net>().unwrap().contains(&vip),
+        "{vip}"
+    );
+    assert_eq!(
+        fetch(&client, (vip, 80).into(), PATIENCE).as_deref(),
+        Ok("red-n2"),
+        "{}",
+        mesh.log(n1)
+    );
 }

@@ -156,7 +156,7 @@ impl Testbed {
                 pod_netns: &netns::path_of(&pod_ns),
                 host_if: "pod0",
                 pod_if: "eth0",
-                pod_ip,
+                pod_ip: Some(pod_ip),
                 pod_ip_v6: None,
                 mtu: POD_MTU,
             })

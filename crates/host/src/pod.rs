@@ -21,7 +21,7 @@ pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// `P`, the pod's IPv4 address, is an `Ipv4Addr` or, for a pod that may be
 /// IPv6-only, an `Option<Ipv4Addr>` (so callers with IPv4 pods need not wrap it).
-pub struct PodLink<'a, P = Ipv4Addr> {
+pub struct PodLink<'a> {
     /// Named namespace of the node, or `None` for the current one.
     pub node_netns: Option<&'a str>,
     pub pod_netns: &'a Path,
@@ -29,7 +29,8 @@ pub struct PodLink<'a, P = Ipv4Addr> {
     pub host_if: &'a str,
     /// Name of the interface inside the pod.
     pub pod_if: &'a str,
-    pub pod_ip: P,
+    /// The pod's IPv4 address; `None` for an IPv6-only pod.
+    pub pod_ip: Option<Ipv4Addr>,
     /// The pod's IPv6 address, for dual-stack and IPv6-only pods.
     pub pod_ip_v6: Option<Ipv6Addr>,
     pub mtu: u16,
@@ -52,7 +53,7 @@ fn ip_in_pod(pod_netns: &Path, args: &[&str]) -> Result<String, HostError> {
 }
 
 /// Create the link; on failure, remove what was made so a retry starts clean.
-pub fn attach<P: Into<Option<Ipv4Addr>> + Copy>(link: &PodLink<P>) -> Result<(), HostError> {
+pub fn attach(link: &PodLink) -> Result<(), HostError> {
     let result = try_attach(link);
     if result.is_err() {
         let _ = detach(link.node_netns, link.host_if);
@@ -60,7 +61,7 @@ pub fn attach<P: Into<Option<Ipv4Addr>> + Copy>(link: &PodLink<P>) -> Result<(),
     result
 }
 
-fn try_attach<P: Into<Option<Ipv4Addr>> + Copy>(l: &PodLink<P>) -> Result<(), HostError> {
+fn try_attach(l: &PodLink) -> Result<(), HostError> {
     let pod_ns = l.pod_netns.display().to_string();
     let mtu = l.mtu.to_string();
     ip_on_node(
@@ -73,7 +74,7 @@ fn try_attach<P: Into<Option<Ipv4Addr>> + Copy>(l: &PodLink<P>) -> Result<(), Ho
     ip_on_node(l.node_netns, &["link", "set", l.host_if, "up"])?;
     ip_in_pod(l.pod_netns, &["link", "set", "lo", "up"])?;
     ip_in_pod(l.pod_netns, &["link", "set", l.pod_if, "up"])?;
-    if let Some(v4) = l.pod_ip.into() {
+    if let Some(v4) = l.pod_ip {
         attach_v4(l, v4)?;
     }
     if let Some(v6) = l.pod_ip_v6 {
@@ -82,7 +83,7 @@ fn try_attach<P: Into<Option<Ipv4Addr>> + Copy>(l: &PodLink<P>) -> Result<(), Ho
     Ok(())
 }
 
-fn attach_v4<P>(l: &PodLink<P>, pod_ip: Ipv4Addr) -> Result<(), HostError> {
+fn attach_v4(l: &PodLink, pod_ip: Ipv4Addr) -> Result<(), HostError> {
     let pod_ip = format!("{pod_ip}/32");
     let gw = POD_GATEWAY.to_string();
     ip_on_node(
@@ -107,7 +108,7 @@ fn attach_v4<P>(l: &PodLink<P>, pod_ip: Ipv4Addr) -> Result<(), HostError> {
     Ok(())
 }
 
-fn attach_v6<P>(l: &PodLink<P>, pod_ip: Ipv6Addr) -> Result<(), HostError> {
+fn attach_v6(l: &PodLink, pod_ip: Ipv6Addr) -> Result<(), HostError> {
     let pod_ip = format!("{pod_ip}/128");
     let gw = POD_GATEWAY_V6.to_string();
     ip_on_node(

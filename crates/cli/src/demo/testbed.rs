@@ -284,7 +284,7 @@ impl Testbed {
                     pod_netns: &netns::path_of(&ns),
                     host_if: &format!("pod{i}"),
                     pod_if: "eth0",
-                    pod_ip: ip,
+                    pod_ip: Some(ip),
                     pod_ip_v6: Some(ip6),
                     mtu,
                 })?;

@@ -704,7 +704,7 @@ impl Mesh {
                 pod_netns: &netns::path_of(n.pod.name()),
                 host_if: "pod0",
                 pod_if: "eth0",
-                pod_ip,
+                pod_ip: Some(pod_ip),
                 pod_ip_v6: pod_ip6,
                 mtu: 1420,
             })

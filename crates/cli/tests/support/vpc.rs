@@ -107,7 +107,7 @@ pub fn attach_pod(local: &LocalVpc, node_ns: &str, n: usize) -> (Netns, Ipv4Addr
         pod_netns: &netns::path_of(ns.name()),
         host_if: &format!("p{}", random_suffix(8)),
         pod_if: "eth0",
-        pod_ip: ip,
+        pod_ip: Some(ip),
         pod_ip_v6: None,
         mtu: local.mtu,
     })
