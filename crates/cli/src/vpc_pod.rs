@@ -89,23 +89,28 @@ fn name_vpc_namespace(node_ns: &str, name: &str, prefix: &str) -> Result<String>
     let out = Command::new("ip")
         .args(["netns", "pids", node_ns])
         .output()?;
-    let source = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|pid| format!("/proc/{}/root/run/netns/{name}", pid.trim()))
-        .find(|path| Path::new(path).exists())
-        .with_context(|| format!("no process of {node_ns} holds namespace {name}"))?;
     let path = netns::path_of(&alias);
     fs::File::create(&path)?;
-    // `--no-canonicalize`: resolving the path would leave the process's root.
-    let out = Command::new("mount")
-        .args(["--no-canonicalize", "--bind", &source])
-        .arg(&path)
-        .output()?;
-    if !out.status.success() {
-        let _ = fs::remove_file(&path);
-        bail!("mount {source}: {}", String::from_utf8_lossy(&out.stderr));
+    // Any process of the node's agent sees the name; the short-lived ones (the
+    // agent's `ip` and `nft` commands) may exit before the mount: try the next.
+    let mut failure = anyhow::anyhow!("no process of {node_ns} holds namespace {name}");
+    for pid in String::from_utf8_lossy(&out.stdout).lines() {
+        let source = format!("/proc/{}/root/run/netns/{name}", pid.trim());
+        if !Path::new(&source).exists() {
+            continue;
+        }
+        // `--no-canonicalize`: resolving the path would leave the process's root.
+        let out = Command::new("mount")
+            .args(["--no-canonicalize", "--bind", &source])
+            .arg(&path)
+            .output()?;
+        if out.status.success() {
+            return Ok(alias);
+        }
+        failure = anyhow::anyhow!("mount {source}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(alias)
+    let _ = fs::remove_file(&path);
+    Err(failure)
 }
 
 /// The names that agents on interfaces starting with `prefix` left here for their

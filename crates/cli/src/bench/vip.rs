@@ -398,11 +398,12 @@ fn measure_all(args: &Args, counts: &[usize], cli: &vpc_pod::Cli) -> Result<()> 
     let mut results = Vec::new();
     for &n in counts {
         let started = Instant::now();
-        // Ten at a time: an agent asked for many new VPCs at once spends one long
-        // reconcile on them.
-        while tenants.len() < n {
-            let batch = tenants.len()..n.min(tenants.len() + 10);
-            add_tenants(workdir, cli, batch, &mut tenants)?;
+        if let Err(e) = add_tenants(workdir, cli, tenants.len()..n, &mut tenants) {
+            // What was measured stays: the tables so far, and the JSON already written.
+            if !results.is_empty() {
+                print_tables(&results);
+            }
+            return Err(e.context(format!("setting up {n} VPCs")));
         }
         eprintln!(
             "{n} VPCs on each node, each with a client, a server and a service ({:.1}s)",
@@ -422,8 +423,15 @@ fn measure_all(args: &Args, counts: &[usize], cli: &vpc_pod::Cli) -> Result<()> 
             c.connect_verdict().word()
         );
         results.push((n, c));
+        write_report(args, &results)?;
     }
     print_tables(&results);
+    println!("JSON report: {}", args.json.display());
+    Ok(())
+}
+
+/// The JSON report of the counts measured so far (rewritten after each).
+fn write_report(args: &Args, results: &[(usize, Comparison)]) -> Result<()> {
     let report = json!({
         "benchmark": "vip",
         "window_ms": args.window_ms,
@@ -437,9 +445,7 @@ fn measure_all(args: &Args, counts: &[usize], cli: &vpc_pod::Cli) -> Result<()> 
         }).collect::<Vec<_>>(),
     });
     fs::write(&args.json, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
-    println!("JSON report: {}", args.json.display());
-    Ok(())
+        .with_context(|| format!("writing {}", args.json.display()))
 }
 
 fn print_tables(results: &[(usize, Comparison)]) {
