@@ -165,7 +165,10 @@ fn a_dual_stack_vpc_pod_gets_an_address_of_each_family() {
     ctr.exec_ok(&["ip", "-6", "route", "del", "default"])
         .unwrap();
     let err = invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_err("CHECK");
-    assert!(err["details"].as_str().unwrap().contains("fe80::1"), "{err}");
+    assert!(
+        err["details"].as_str().unwrap().contains("fe80::1"),
+        "{err}"
+    );
     invoke(PLUGIN, &vpc.node, &call("DEL", &path), &vpc.conf).expect_ok("DEL");
     assert!(vpc.ns.exec_ok(&["ip", "link", "show", &host_if]).is_err());
 }
@@ -237,7 +240,10 @@ fn an_ipv6_only_vpc_pod_gets_an_ipv6_address_only() {
     ctr.exec_ok(&["ip", "-6", "route", "del", "default"])
         .unwrap();
     let err = invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_err("CHECK");
-    assert!(err["details"].as_str().unwrap().contains("fe80::1"), "{err}");
+    assert!(
+        err["details"].as_str().unwrap().contains("fe80::1"),
+        "{err}"
+    );
 
     // A second pod keeps the VPC on the node while the first leaves and comes back.
     let other = invoke(PLUGIN, &vpc.node, &second("ADD"), &vpc.conf).expect_ok("ADD c2");
