@@ -160,17 +160,28 @@ fn a_dual_stack_vpc_pod_gets_an_address_of_each_family() {
         .exec_ok(&["ping", "-6", "-c", "1", "-W", "2", &v6.to_string()]);
     assert!(reached.is_ok(), "{reached:?}");
     // CHECK covers both families: it fails once the pod's IPv6 default route is gone.
-    let checked = with_prev_result(&vpc.conf, &result);
-    invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_ok("CHECK");
+    check_needs_the_ipv6_default_route(&vpc, &ctr, &path, &result);
+    invoke(PLUGIN, &vpc.node, &call("DEL", &path), &vpc.conf).expect_ok("DEL");
+    assert!(vpc.ns.exec_ok(&["ip", "link", "show", &host_if]).is_err());
+}
+
+/// CHECK of the pod ADD answered with `result` passes, then fails (naming the
+/// gateway) once the pod's IPv6 default route is gone.
+fn check_needs_the_ipv6_default_route(
+    vpc: &Vpc,
+    ctr: &Netns,
+    path: &std::path::Path,
+    result: &Value,
+) {
+    let checked = with_prev_result(&vpc.conf, result);
+    invoke(PLUGIN, &vpc.node, &call("CHECK", path), &checked).expect_ok("CHECK");
     ctr.exec_ok(&["ip", "-6", "route", "del", "default"])
         .unwrap();
-    let err = invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_err("CHECK");
+    let err = invoke(PLUGIN, &vpc.node, &call("CHECK", path), &checked).expect_err("CHECK");
     assert!(
         err["details"].as_str().unwrap().contains("fe80::1"),
         "{err}"
     );
-    invoke(PLUGIN, &vpc.node, &call("DEL", &path), &vpc.conf).expect_ok("DEL");
-    assert!(vpc.ns.exec_ok(&["ip", "link", "show", &host_if]).is_err());
 }
 
 fn with_prev_result(conf: &Value, result: &Value) -> Value {
@@ -235,15 +246,7 @@ fn an_ipv6_only_vpc_pod_gets_an_ipv6_address_only() {
         serde_json::from_slice(&std::fs::read(vpc.answer().join("pods/c1.json")).unwrap()).unwrap();
     assert_eq!(told["address"], ip.to_string());
     assert_eq!(told.get("address_v6"), None, "{told}");
-    let checked = with_prev_result(&vpc.conf, &result);
-    invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_ok("CHECK");
-    ctr.exec_ok(&["ip", "-6", "route", "del", "default"])
-        .unwrap();
-    let err = invoke(PLUGIN, &vpc.node, &call("CHECK", &path), &checked).expect_err("CHECK");
-    assert!(
-        err["details"].as_str().unwrap().contains("fe80::1"),
-        "{err}"
-    );
+    check_needs_the_ipv6_default_route(&vpc, &ctr, &path, &result);
 
     // A second pod keeps the VPC on the node while the first leaves and comes back.
     let other = invoke(PLUGIN, &vpc.node, &second("ADD"), &vpc.conf).expect_ok("ADD c2");

@@ -633,6 +633,11 @@ mod tests {
         let mut r: Records = records();
         r.services = services;
         r.endpoints = endpoints;
+        blue(r)
+    }
+
+    /// VPC `blue` of a snapshot of `r`, which must have no bad record.
+    fn blue(r: Records) -> VpcState {
         let (mut snap, bads) = VpcSnapshot::build(
             r,
             Mesh {
@@ -945,15 +950,7 @@ delete table ip6 wmvpc
             serde_json::json!({"access": {"allowed_pods": [{"app": "api"}]}}),
         )];
         r.endpoints = vec![ep("db", "10.10.1.5", "n1", READY)];
-        let (mut snap, bads) = VpcSnapshot::build(
-            r,
-            Mesh {
-                prefix: prefix(),
-                nodes: &nodes(),
-            },
-        );
-        assert!(bads.is_empty(), "{bads:?}");
-        snap.vpcs.remove("blue").unwrap()
+        blue(r)
     }
 
     /// A client dialling a dual-stack backend's IPv6 address meets the policy its
