@@ -67,17 +67,7 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Socket> {
     set_buffer(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     s.set_read_timeout(Some(RECV_TIMEOUT))?;
     // Coalesced receives; without kernel support datagrams just come one by one.
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads one c_int from a live local.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
-            SOL_UDP,
-            UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    set_int(&s, SOL_UDP, UDP_GRO, 1);
     s.bind(&addr.into())?;
     Ok(s)
 }
@@ -87,21 +77,22 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Socket> {
 /// overflows, as wireguard-go does; else with `plain`, which the kernel caps.
 fn set_buffer(s: &Socket, force: libc::c_int, plain: libc::c_int) {
     let size = SOCKET_BUFFER as libc::c_int;
-    for option in [force, plain] {
-        // SAFETY: setsockopt reads one c_int from a live local.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(s),
-                libc::SOL_SOCKET,
-                option,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            return;
-        }
-    }
+    let _ = set_int(s, libc::SOL_SOCKET, force, size) || set_int(s, libc::SOL_SOCKET, plain, size);
+}
+
+/// Sets an integer socket option; whether the kernel took it.
+fn set_int(s: &Socket, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: setsockopt reads one c_int from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
 }
 
 fn local_port(s: &Socket) -> io::Result<u16> {
