@@ -36,6 +36,10 @@ struct Args {
     /// MTU of the interface.
     #[arg(long, default_value_t = wiremesh_wg::tun::DEFAULT_MTU)]
     mtu: u16,
+    /// TUN queues, each drained by its own thread (1 = a single-queue interface).
+    /// Default: the number of CPUs, at least 2 and at most 4.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=16))]
+    tun_queues: Option<u8>,
     /// Interface name (at most 15 bytes).
     ifname: String,
 }
@@ -85,6 +89,7 @@ fn detach(args: &Args) -> Result<()> {
         .arg("--mtu")
         .arg(args.mtu.to_string())
         .args(args.no_offload.then_some("--no-offload"))
+        .args(args.tun_queues.map(|n| format!("--tun-queues={n}")))
         .arg(&args.ifname)
         .env(DAEMON_ENV, "1")
         // Like any daemon: hold no directory busy.
@@ -160,6 +165,9 @@ fn run(args: &Args) -> Result<()> {
     let mut config = Config::new(&args.ifname);
     config.mtu = args.mtu;
     config.offload = !args.no_offload;
+    if let Some(n) = args.tun_queues {
+        config.tun_queues = usize::from(n);
+    }
     let device = RunningDevice::start(&config)?;
     loop {
         if let Some(sig) = wait_signal(&signals, Duration::from_millis(200)) {

@@ -15,7 +15,16 @@
 //! Batching: TUN reads are TCP super-packets (TSO, [`crate::offload`]), and whatever
 //! is queued after one wake-up goes out with UDP GSO; UDP reads are GRO-coalesced
 //! datagrams whose decrypted TCP segments are merged back into super-packets for the
-//! TUN. Not yet: parallel crypto (one thread does an address family's work).
+//! TUN.
+//!
+//! The TUN device has several queues (`IFF_MULTI_QUEUE`, [`Config::tun_queues`]).
+//! The kernel puts a flow on the queue its last incoming packet was written to, so
+//! replies to decrypted packets stay on the first queue and its UDP thread; what
+//! starts here (a burst of new connections' SYNs) spreads by hash over all queues,
+//! each drained by its own thread. With one queue, a burst of 1000 new connections
+//! could overflow the 500-packet ring while the one thread was decrypting, and a
+//! dropped SYN costs its connection a second.
+//! Not yet: parallel crypto for one peer's traffic.
 
 use std::io;
 use std::os::linux::fs::MetadataExt;
@@ -63,6 +72,8 @@ pub struct Config {
     pub socket_dir: PathBuf,
     /// Ask the TUN device for checksum and TCP segmentation offload.
     pub offload: bool,
+    /// TUN queues; each beyond the first gets a thread of its own.
+    pub tun_queues: usize,
 }
 
 impl Config {
@@ -73,8 +84,15 @@ impl Config {
             mtu: crate::tun::DEFAULT_MTU,
             socket_dir: PathBuf::from(uapi_server::DEFAULT_SOCKET_DIR),
             offload: true,
+            tun_queues: default_tun_queues(),
         }
     }
+}
+
+/// One queue a CPU, at least 2 (a second ring and reader absorb bursts even on one
+/// core) and at most 4 (beyond that the queues only cost memory here).
+fn default_tun_queues() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
 }
 
 /// Errors starting a device.
@@ -117,7 +135,11 @@ pub enum ExitReason {
 
 struct Shared {
     device: Device,
+    /// The TUN device's first queue: decrypted packets are written here, and the
+    /// IPv4 UDP thread reads it.
     tun: Tun,
+    /// The other queues, each read by a thread of its own.
+    more_tun_queues: Vec<Tun>,
     vpcs: Vpcs,
     sockets: RwLock<Option<Arc<UdpSockets>>>,
     /// Bumped on every rebind; UDP readers of an older generation exit.
@@ -289,8 +311,7 @@ impl Shared {
                     }
                 };
                 if tun_ready {
-                    let first = self.tun.try_recv(&mut side.buf);
-                    self.tun_batch(first, &mut side);
+                    self.tun_batch(&self.tun, &mut side);
                 }
                 if !udp_ready {
                     continue;
@@ -352,14 +373,29 @@ impl Shared {
         packets.clear();
     }
 
-    /// Handles one TUN read (`first`) and everything queued after it.
-    fn tun_batch(&self, first: io::Result<Option<usize>>, side: &mut TunSide) {
+    /// Reads TUN queue `queue` until shutdown.
+    fn tun_reader(&self, queue: &Tun) {
+        let mut side = TunSide::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            match queue.wait_readable(POLL) {
+                Ok(true) => self.tun_batch(queue, &mut side),
+                Ok(false) => {}
+                Err(e) => {
+                    self.set_exit(ExitReason::TunError(e.to_string()));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles what is queued on TUN queue `queue`, after a wake-up.
+    fn tun_batch(&self, queue: &Tun, side: &mut TunSide) {
         let TunSide {
             buf,
             packets,
             sends,
         } = side;
-        let mut next = first;
+        let mut next = queue.try_recv(buf);
         // After one wake-up, take everything already queued (up to a bound), so
         // small packets to one peer leave as one GSO batch instead of one
         // `sendmsg` each. Nothing waits for more to arrive.
@@ -381,7 +417,7 @@ impl Shared {
             }
             reads += 1;
             next = if reads < TUN_READS && sends.len() < MAX_SENDS {
-                self.tun.try_recv(buf)
+                queue.try_recv(buf)
             } else {
                 Ok(None)
             };
@@ -575,7 +611,9 @@ impl RunningDevice {
         } else {
             Offload::None
         };
-        let tun = Tun::create(&config.ifname, offload).map_err(tun_err)?;
+        let mut queues = Tun::create_queues(&config.ifname, offload, config.tun_queues.max(1))
+            .map_err(tun_err)?;
+        let tun = queues.remove(0);
         tun.set_mtu(config.mtu).map_err(tun_err)?;
         tun.set_up().map_err(tun_err)?;
         let socket_path = uapi_server::socket_path(&config.socket_dir, tun.name());
@@ -588,6 +626,7 @@ impl RunningDevice {
         let shared = Arc::new(Shared {
             device: Device::new(config.mtu),
             tun,
+            more_tun_queues: queues,
             vpcs: Vpcs::default(),
             sockets: RwLock::new(None),
             generation: AtomicU64::new(0),
@@ -604,6 +643,12 @@ impl RunningDevice {
             socket_ino,
         };
         shared.install(Arc::new(sockets))?;
+        for i in 0..shared.more_tun_queues.len() {
+            let s = Arc::clone(&shared);
+            let name = format!("wg-tun{}", i + 1);
+            dev.threads
+                .push(spawn(&name, move || s.tun_reader(&s.more_tun_queues[i]))?);
+        }
         let s = Arc::clone(&shared);
         dev.threads.push(spawn("wg-timers", move || s.timers())?);
         let s = Arc::clone(&shared);

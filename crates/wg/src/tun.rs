@@ -122,6 +122,34 @@ impl Tun {
     /// Creates (or attaches to) the TUN interface `name`, asking for `offload` and
     /// settling for less (down to plain packets) if the kernel refuses.
     pub fn create(name: &str, offload: Offload) -> io::Result<Self> {
+        Self::create_queue(name, offload, false)
+    }
+
+    /// [`Self::create`] with `queues` queues (`IFF_MULTI_QUEUE`): each queue is its
+    /// own descriptor with its own packet ring, so several threads can drain packets
+    /// the kernel sends. Falls back to one queue where the kernel refuses (an existing
+    /// single-queue interface of that name).
+    pub fn create_queues(name: &str, offload: Offload, queues: usize) -> io::Result<Vec<Self>> {
+        if queues > 1 {
+            match Self::create_queue(name, offload, true) {
+                Ok(first) => {
+                    let mut all = Vec::with_capacity(queues);
+                    // Every queue must carry the same flags as the first.
+                    for _ in 1..queues {
+                        all.push(Self::open(&first.name, first.vnet_hdr, true)?);
+                    }
+                    all.insert(0, first);
+                    return Ok(all);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "multi-queue TUN unavailable; using one queue")
+                }
+            }
+        }
+        Ok(vec![Self::create(name, offload)?])
+    }
+
+    fn create_queue(name: &str, offload: Offload, multi: bool) -> io::Result<Self> {
         const TCP: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
         const UDP: libc::c_uint = libc::TUN_F_USO4 | libc::TUN_F_USO6;
         let wanted: &[libc::c_uint] = match offload {
@@ -130,7 +158,7 @@ impl Tun {
             Offload::TcpAndUdp => &[TCP | UDP, TCP],
         };
         if !wanted.is_empty() {
-            match Self::open(name, true) {
+            match Self::open(name, true, multi) {
                 Ok(tun) => {
                     for features in wanted {
                         // SAFETY: TUNSETOFFLOAD takes its argument by value.
@@ -153,10 +181,10 @@ impl Tun {
                 Err(e) => tracing::info!(error = %e, "TUN vnet header unavailable"),
             }
         }
-        Self::open(name, false)
+        Self::open(name, false, multi)
     }
 
-    fn open(name: &str, vnet_hdr: bool) -> io::Result<Self> {
+    fn open(name: &str, vnet_hdr: bool, multi: bool) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -167,6 +195,9 @@ impl Tun {
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
         if vnet_hdr {
             flags |= libc::IFF_VNET_HDR;
+        }
+        if multi {
+            flags |= libc::IFF_MULTI_QUEUE;
         }
         let mut req = IfReqFlags {
             name: ifname_bytes(name)?,

@@ -300,3 +300,72 @@ fn config_churn_during_transfer() {
         assert!(rounds > 0);
     });
 }
+
+/// The device's TUN interface has several queues, and every one is read: new
+/// connections' SYNs land on a queue by flow hash, so a queue nobody drained would
+/// strand its share of 64 connections (their SYN retries hash to the same queue).
+#[test]
+fn every_tun_queue_carries_new_connections() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    if !can_run(&[Impl::Wiremesh]) {
+        return;
+    }
+    let p = Pair::new(Impl::Wiremesh, Impl::Wiremesh, Family::V4).expect("set up pair");
+    let queues =
+        p.a.ns
+            .exec_ok(&["ls", &format!("/sys/class/net/{}/queues", p.a.ifname)])
+            .expect("list queues");
+    let tx_queues = queues
+        .split_whitespace()
+        .filter(|q| q.starts_with("tx-"))
+        .count();
+    assert!(tx_queues >= 2, "a single-queue TUN interface: {queues}");
+    udp_echo(&p.a.ns, &p.b.ns, p.tun_b4, Duration::from_secs(10)).expect("tunnel up");
+
+    let addr = SocketAddr::new(p.tun_b4, 7007);
+    let listener =
+        p.b.ns
+            .run(|| TcpListener::bind(addr))
+            .unwrap()
+            .expect("listen");
+    const CONNECTIONS: usize = 64;
+    // The server gives up at a deadline, so a stranded connection fails the test
+    // instead of hanging it.
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut served = 0;
+            while served < CONNECTIONS && std::time::Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        c.set_nonblocking(false).expect("blocking");
+                        c.set_read_timeout(Some(Duration::from_secs(5)))
+                            .expect("timeout");
+                        let mut b = [0u8; 8];
+                        if c.read_exact(&mut b).is_ok() {
+                            let _ = c.write_all(&b);
+                        }
+                        served += 1;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        for i in 0..CONNECTIONS {
+            let mut c =
+                p.a.ns
+                    .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("connection {i} of {CONNECTIONS}: {e}"));
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let msg = (i as u64).to_le_bytes();
+            c.write_all(&msg).expect("send");
+            let mut back = [0u8; 8];
+            c.read_exact(&mut back).expect("echo back");
+            assert_eq!(back, msg);
+        }
+    });
+}
