@@ -38,6 +38,24 @@ impl Node {
         })
     }
 
+    /// A config that reads the pod CIDR from the agent's state directory (made here),
+    /// with `extra` fields merged in; and that directory.
+    fn state_conf(&self, extra: Value) -> (Value, std::path::PathBuf) {
+        let state = self.dir.path().join("state");
+        std::fs::create_dir_all(&state).expect("state dir");
+        let mut conf = json!({
+            "cniVersion": "1.1.0",
+            "name": "wmtest",
+            "type": "wiremesh-cni",
+            "stateDir": state,
+            "dataDir": self.dir.path().join("cni"),
+        });
+        if let (Some(c), Value::Object(e)) = (conf.as_object_mut(), extra) {
+            c.extend(e);
+        }
+        (conf, state)
+    }
+
     fn call(&self, command: &str, c: &Container, conf: &Value) -> common::Reply {
         let path = netns_path(&c.ns);
         let call = Call {
@@ -325,16 +343,7 @@ fn pod_cidr_from_the_agent_state_dir() {
         return;
     }
     let node = Node::new();
-    let state = node.dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let conf = json!({
-        "cniVersion": "1.1.0",
-        "name": "wmtest",
-        "type": "wiremesh-cni",
-        "stateDir": state,
-        "dataDir": node.dir.path().join("cni"),
-        "interface": "wmwgtest0",
-    });
+    let (conf, state) = node.state_conf(json!({"interface": "wmwgtest0"}));
     let ctr = Container::new("state");
 
     // No agent yet: not available (STATUS), try again later (ADD).
@@ -397,18 +406,9 @@ fn dual_stack_add_and_del() {
         return;
     }
     let node = Node::new();
-    let state = node.dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (conf, state) = node.state_conf(json!({"mtu": 1400}));
     std::fs::write(state.join("pod-cidr"), "10.77.7.0/24\n").unwrap();
     std::fs::write(state.join("pod-cidr-v6"), "fd77:0:0:7::/64\n").unwrap();
-    let conf = json!({
-        "cniVersion": "1.1.0",
-        "name": "wmtest",
-        "type": "wiremesh-cni",
-        "stateDir": state,
-        "dataDir": node.dir.path().join("cni"),
-        "mtu": 1400,
-    });
     let ctr = Container::new("dual");
     let result = node.call("ADD", &ctr, &conf).expect_ok("ADD");
     let ip = address_of(&result);
