@@ -482,6 +482,8 @@ impl VpnRun<'_> {
         let usage = Usage {
             cpu_seconds: (after.cpu_seconds - before.cpu_seconds).max(0.0),
             peak_rss_kib: after.peak_rss_kib,
+            // Threads that ended during the sample take their counts with them.
+            wakeups: after.wakeups.saturating_sub(before.wakeups),
         };
         Ok((sample, usage, self.wire_bytes() - bytes_before))
     }
@@ -527,6 +529,7 @@ impl VpnRun<'_> {
                     let (sample, usage, bytes) = measured?;
                     record.samples.push(sample);
                     record.usage.cpu_seconds += usage.cpu_seconds;
+                    record.usage.wakeups += usage.wakeups;
                     record.usage.peak_rss_kib = usage.peak_rss_kib;
                     wire += bytes;
                 }
@@ -541,6 +544,7 @@ impl VpnRun<'_> {
         if scenario.is_event() {
             record.usage = resources::measure(&vpn.pids());
             record.usage.cpu_seconds = 0.0;
+            record.usage.wakeups = 0;
         }
         Ok(record)
     }

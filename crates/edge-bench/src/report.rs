@@ -21,7 +21,8 @@ pub struct Record {
     /// Event points: seconds until requests succeeded again, per repetition
     /// (`None`: not within the recovery limit).
     pub recovery_seconds: Vec<Option<f64>>,
-    /// The VPN's processes during the point (CPU seconds used, peak RSS so far).
+    /// The VPN's processes during the point (CPU seconds used, wake-ups, peak RSS so
+    /// far).
     pub usage: Usage,
     /// Underlay bytes per successful request (both directions, all hosts).
     pub wire_bytes_per_request: Option<f64>,
@@ -281,11 +282,11 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(out, "### Cost\n");
     let _ = writeln!(
         out,
-        "CPU seconds of the VPN's processes (all hosts) per 1000 requests and underlay bytes per request, at the highest closed-loop level; peak RSS summed over hosts.\n"
+        "CPU seconds of the VPN's processes (all hosts) per 1000 requests, their threads' wake-ups (voluntary context switches) per request and underlay bytes per request, at the highest closed-loop level; peak RSS summed over hosts.\n"
     );
     let _ = writeln!(
         out,
-        "| VPN (shape) | CPU s / 1000 requests | bytes on the wire / request | peak RSS (MiB) |\n|---|---:|---:|---:|"
+        "| VPN (shape) | CPU s / 1000 requests | wake-ups / request | bytes on the wire / request | peak RSS (MiB) |\n|---|---:|---:|---:|---:|"
     );
     let top = load.last().copied();
     for run in runs(report) {
@@ -293,11 +294,15 @@ pub fn render_markdown(report: &Report) -> String {
             continue;
         };
         let ok: u64 = r.samples.iter().map(|s| s.ok).sum();
-        let cpu = if ok > 0 {
-            format!("{:.3}", r.usage.cpu_seconds * 1000.0 / ok as f64)
-        } else {
-            "–".into()
+        let per_request = |x: f64, scale: f64, digits: usize| {
+            if ok > 0 {
+                format!("{:.digits$}", x * scale / ok as f64)
+            } else {
+                "–".into()
+            }
         };
+        let cpu = per_request(r.usage.cpu_seconds, 1000.0, 3);
+        let wakeups = per_request(r.usage.wakeups as f64, 1.0, 1);
         let wire = r
             .wire_bytes_per_request
             .map_or("–".into(), |b| format!("{b:.0}"));
@@ -310,7 +315,7 @@ pub fn render_markdown(report: &Report) -> String {
             .unwrap_or(0);
         let _ = writeln!(
             out,
-            "| {} ({}) | {cpu} | {wire} | {:.1} |",
+            "| {} ({}) | {cpu} | {wakeups} | {wire} | {:.1} |",
             run.0,
             run.1,
             peak as f64 / 1024.0
@@ -350,6 +355,7 @@ pub(crate) mod tests {
             usage: Usage {
                 cpu_seconds: 1.5,
                 peak_rss_kib: 2048,
+                wakeups: 3000,
             },
             wire_bytes_per_request: Some(1234.0),
         }
@@ -409,7 +415,7 @@ pub(crate) mod tests {
             "| none (mesh) | 4000 |",
             // A repetition that never recovered counts as the limit (20 s in quick).
             "| none (mesh) | 0.70 (0.50–20.00) |",
-            "| wiremesh (mesh) | 0.556 | 1234 | 2.0 |",
+            "| wiremesh (mesh) | 0.556 | 1.1 | 1234 | 2.0 |",
         ] {
             assert!(md.contains(want), "missing {want:?} in\n{md}");
         }
@@ -424,5 +430,10 @@ pub(crate) mod tests {
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back.records.len(), r.records.len());
         assert_eq!(back.records[0].scenario, r.records[0].scenario);
+        // Reports written before wake-ups were counted still read.
+        let old = json.replace(",\"wakeups\":3000", "");
+        assert_ne!(old, json);
+        let back: Report = serde_json::from_str(&old).unwrap();
+        assert!(back.records.iter().all(|r| r.usage.wakeups == 0));
     }
 }

@@ -1,4 +1,4 @@
-//! CPU time and peak memory of a VPN's processes, from `/proc`: the pids a driver
+//! CPU time, peak memory and thread wake-ups of a VPN's processes, from `/proc`: the pids a driver
 //! reports and every descendant of them (an agent's device, a daemon's workers).
 //! The parsing is pure; reading `/proc` is the thin part.
 
@@ -12,6 +12,10 @@ pub struct Usage {
     pub cpu_seconds: f64,
     /// Sum of the processes' peak resident set sizes (VmHWM), in KiB.
     pub peak_rss_kib: u64,
+    /// Voluntary context switches of all their threads: how often a thread slept
+    /// waiting for work, so (nearly) how often one was woken. Older reports lack it.
+    #[serde(default)]
+    pub wakeups: u64,
 }
 
 /// `(ppid, utime + stime in clock ticks)` from the text of `/proc/PID/stat`. The
@@ -32,6 +36,13 @@ pub fn parse_peak_rss(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// `voluntary_ctxt_switches` from the text of `/proc/PID/task/TID/status`.
+pub fn parse_voluntary_switches(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `roots` and all their descendants, given every process as `(pid, ppid)`.
@@ -79,6 +90,15 @@ pub fn measure(roots: &[u32]) -> Usage {
             .ok()
             .and_then(|t| parse_peak_rss(&t))
             .unwrap_or(0);
+        // A process's own status counts only its main thread: sum the threads.
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                usage.wakeups += std::fs::read_to_string(t.path().join("status"))
+                    .ok()
+                    .and_then(|t| parse_voluntary_switches(&t))
+                    .unwrap_or(0);
+            }
+        }
     }
     usage
 }
@@ -114,8 +134,20 @@ mod tests {
     }
 
     #[test]
-    fn this_process_uses_some_memory() {
+    fn voluntary_switches_from_status() {
+        let text = "Name:\tx\nvoluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t5\n";
+        assert_eq!(parse_voluntary_switches(text), Some(1234));
+        assert_eq!(parse_voluntary_switches("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn this_process_uses_some_memory_and_sleeps() {
+        // A thread that sleeps once switches voluntarily at least once.
+        std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(5)))
+            .join()
+            .unwrap();
         let u = measure(&[std::process::id()]);
         assert!(u.peak_rss_kib > 0);
+        assert!(u.wakeups > 0);
     }
 }
