@@ -128,17 +128,24 @@ impl Tun {
     /// [`Self::create`] with `queues` queues (`IFF_MULTI_QUEUE`): each queue is its
     /// own descriptor with its own packet ring, so several threads can drain packets
     /// the kernel sends. Falls back to one queue where the kernel refuses (an existing
-    /// single-queue interface of that name).
+    /// single-queue interface of that name), and to fewer where it refuses more.
     pub fn create_queues(name: &str, offload: Offload, queues: usize) -> io::Result<Vec<Self>> {
         if queues > 1 {
             match Self::create_queue(name, offload, true) {
                 Ok(first) => {
-                    let mut all = Vec::with_capacity(queues);
-                    // Every queue must carry the same flags as the first.
+                    let (name, vnet_hdr) = (first.name.clone(), first.vnet_hdr);
+                    let mut all = vec![first];
+                    // Every queue must carry the same flags as the first. Fewer
+                    // queues than asked for still make a working device.
                     for _ in 1..queues {
-                        all.push(Self::open(&first.name, first.vnet_hdr, true)?);
+                        match Self::open(&name, vnet_hdr, true) {
+                            Ok(q) => all.push(q),
+                            Err(e) => {
+                                tracing::info!(error = %e, queues = all.len(), "no more TUN queues");
+                                break;
+                            }
+                        }
                     }
-                    all.insert(0, first);
                     return Ok(all);
                 }
                 Err(e) => {
