@@ -149,8 +149,10 @@ fn registry_outage_keeps_the_data_plane_and_reconcile_resumes() {
 
     let down = Instant::now();
     mesh.etcd.as_mut().unwrap().kill_all();
-    // Every agent notices (its heartbeat runs every lease-ttl/3 = 1 s).
-    let noticed = wait_until(OUTAGE, || {
+    // Every agent notices: its heartbeat runs every lease-ttl/3 = 1 s, but a registry
+    // call in flight at the kill (a status report) holds the membership, and so the
+    // heartbeat, until its connect and request timeouts (5 s + 5 s) run out.
+    let noticed = wait_until(2 * OUTAGE, || {
         (0..3).all(|i| {
             let log = mesh.log(i);
             let new = &log[logged_before[i]..];
