@@ -1,6 +1,6 @@
-//! CPU time, peak memory and thread wake-ups of a VPN's processes, from `/proc`: the pids a driver
-//! reports and every descendant of them (an agent's device, a daemon's workers).
-//! The parsing is pure; reading `/proc` is the thin part.
+//! CPU time, peak memory and thread wake-ups of a VPN's processes, from `/proc`:
+//! the pids a driver reports and every descendant of them (an agent's device, a
+//! daemon's workers). The parsing is pure; reading `/proc` is the thin part.
 
 use std::collections::BTreeSet;
 

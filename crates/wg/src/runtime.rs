@@ -611,8 +611,8 @@ impl RunningDevice {
         } else {
             Offload::None
         };
-        let mut queues = Tun::create_queues(&config.ifname, offload, config.tun_queues.max(1))
-            .map_err(tun_err)?;
+        let mut queues =
+            Tun::create_queues(&config.ifname, offload, config.tun_queues).map_err(tun_err)?;
         let tun = queues.remove(0);
         tun.set_mtu(config.mtu).map_err(tun_err)?;
         tun.set_up().map_err(tun_err)?;
