@@ -19,8 +19,14 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Send one ICMP (or ICMPv6) echo request to `dst` and wait up to `timeout` for its
-/// reply. Returns the round-trip time.
+/// Between echo requests of one probe: a request lost while a route, neighbour or
+/// address is still settling (an address added a moment ago stays tentative until
+/// the kernel's DAD work has run) is followed by another, as `ping` does.
+const ECHO_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Send ICMP (or ICMPv6) echo requests to `dst`, one every [`ECHO_INTERVAL`], until
+/// one is answered or `timeout` has passed. Returns the answered request's round-trip
+/// time.
 pub fn ping(dst: impl Into<IpAddr>, timeout: Duration) -> std::io::Result<Duration> {
     let dst = dst.into();
     // (socket, echo request type, echo reply type): RFC 792 and RFC 4443 §4.
@@ -37,29 +43,31 @@ pub fn ping(dst: impl Into<IpAddr>, timeout: Duration) -> std::io::Result<Durati
         ),
     };
     let id = (std::process::id() as u16) ^ (rand_id() as u16);
-    let mut request = vec![request_type, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
-    request.extend_from_slice(b"wiremesh-probe");
-    // The kernel fills in an ICMPv6 checksum itself (it covers the IPv6 pseudo-header).
-    if dst.is_ipv4() {
-        let sum = checksum(&request);
-        request[2..4].copy_from_slice(&sum.to_be_bytes());
-    }
-    let start = Instant::now();
-    socket.send_to(&request, &SocketAddr::new(dst, 0).into())?;
+    let deadline = Instant::now() + timeout;
+    // When each request (by sequence number, from 0) went out.
+    let mut sent: Vec<Instant> = Vec::new();
     let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
     loop {
-        let left = timeout
-            .checked_sub(start.elapsed())
-            .filter(|d| !d.is_zero());
-        let Some(left) = left else {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(std::io::ErrorKind::TimedOut.into());
-        };
+        }
+        if sent.last().is_none_or(|t| now >= *t + ECHO_INTERVAL) {
+            let seq = sent.len() as u16;
+            socket.send_to(
+                &echo_request(dst, request_type, id, seq),
+                &SocketAddr::new(dst, 0).into(),
+            )?;
+            sent.push(now);
+        }
+        let wake = deadline.min(sent[sent.len() - 1] + ECHO_INTERVAL);
+        let left = wake
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
         socket.set_read_timeout(Some(left))?;
         let (n, from) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(std::io::ErrorKind::TimedOut.into())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
         // SAFETY: recv_from initialised the first n bytes.
@@ -79,9 +87,26 @@ pub fn ping(dst: impl Into<IpAddr>, timeout: Duration) -> std::io::Result<Durati
             && icmp[0] == reply_type
             && u16::from_be_bytes([icmp[4], icmp[5]]) == id
         {
-            return Ok(start.elapsed());
+            let seq = usize::from(u16::from_be_bytes([icmp[6], icmp[7]]));
+            if let Some(at) = sent.get(seq) {
+                return Ok(at.elapsed());
+            }
         }
     }
+}
+
+fn echo_request(dst: IpAddr, request_type: u8, id: u16, seq: u16) -> Vec<u8> {
+    // Type, code, checksum (zero until computed), identifier, sequence number.
+    let mut request = vec![request_type, 0, 0, 0];
+    request.extend_from_slice(&id.to_be_bytes());
+    request.extend_from_slice(&seq.to_be_bytes());
+    request.extend_from_slice(b"wiremesh-probe");
+    // The kernel fills in an ICMPv6 checksum itself (it covers the IPv6 pseudo-header).
+    if dst.is_ipv4() {
+        let sum = checksum(&request);
+        request[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    request
 }
 
 fn rand_id() -> u32 {
