@@ -479,13 +479,11 @@ impl VpnRun<'_> {
         )
         .map_err(bench_error("running the load"))?;
         let after = resources::measure(&pids);
-        let usage = Usage {
-            cpu_seconds: (after.cpu_seconds - before.cpu_seconds).max(0.0),
-            peak_rss_kib: after.peak_rss_kib,
-            // Threads that ended during the sample take their counts with them.
-            wakeups: after.wakeups.saturating_sub(before.wakeups),
-        };
-        Ok((sample, usage, self.wire_bytes() - bytes_before))
+        Ok((
+            sample,
+            after.since(&before),
+            self.wire_bytes() - bytes_before,
+        ))
     }
 
     fn point(&mut self, vpn: &dyn Vpn, scenario: Scenario) -> Result<Record, BenchError> {
@@ -528,9 +526,7 @@ impl VpnRun<'_> {
                     reset(self.bed)?;
                     let (sample, usage, bytes) = measured?;
                     record.samples.push(sample);
-                    record.usage.cpu_seconds += usage.cpu_seconds;
-                    record.usage.wakeups += usage.wakeups;
-                    record.usage.peak_rss_kib = usage.peak_rss_kib;
+                    record.usage.add(&usage);
                     wire += bytes;
                 }
             }
@@ -542,9 +538,11 @@ impl VpnRun<'_> {
             record.wire_bytes_per_request = Some(wire as f64 / ok as f64);
         }
         if scenario.is_event() {
-            record.usage = resources::measure(&vpn.pids());
-            record.usage.cpu_seconds = 0.0;
-            record.usage.wakeups = 0;
+            // Events measure recovery, not work: only the memory figure means anything.
+            record.usage = Usage {
+                peak_rss_kib: resources::measure(&vpn.pids()).peak_rss_kib,
+                ..Usage::default()
+            };
         }
         Ok(record)
     }

@@ -22,7 +22,7 @@ pub struct Record {
     /// (`None`: not within the recovery limit).
     pub recovery_seconds: Vec<Option<f64>>,
     /// The VPN's processes during the point (CPU seconds used, wake-ups, peak RSS so
-    /// far).
+    /// far), and the whole machine's busy CPU and context switches.
     pub usage: Usage,
     /// Underlay bytes per successful request (both directions, all hosts).
     pub wire_bytes_per_request: Option<f64>,
@@ -282,11 +282,11 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(out, "### Cost\n");
     let _ = writeln!(
         out,
-        "CPU seconds of the VPN's processes (all hosts) per 1000 requests, their threads' wake-ups (voluntary context switches) per request and underlay bytes per request, at the highest closed-loop level; peak RSS summed over hosts.\n"
+        "CPU seconds of the VPN's processes (all hosts) per 1000 requests, their threads' wake-ups (voluntary context switches) per request, the same two for the whole machine (busy CPU, every context switch: what the VPN makes the load generator, servers and emulator do as well) and underlay bytes per request, at the highest closed-loop level; peak RSS summed over hosts.\n"
     );
     let _ = writeln!(
         out,
-        "| VPN (shape) | CPU s / 1000 requests | wake-ups / request | bytes on the wire / request | peak RSS (MiB) |\n|---|---:|---:|---:|---:|"
+        "| VPN (shape) | CPU s / 1000 requests | wake-ups / request | machine CPU s / 1000 requests | machine context switches / request | bytes on the wire / request | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     let top = load.last().copied();
     for run in runs(report) {
@@ -303,6 +303,8 @@ pub fn render_markdown(report: &Report) -> String {
         };
         let cpu = per_request(r.usage.cpu_seconds, 1000.0, 3);
         let wakeups = per_request(r.usage.wakeups as f64, 1.0, 1);
+        let host_cpu = per_request(r.usage.host_cpu_seconds, 1000.0, 3);
+        let host_switches = per_request(r.usage.host_switches as f64, 1.0, 1);
         let wire = r
             .wire_bytes_per_request
             .map_or("–".into(), |b| format!("{b:.0}"));
@@ -315,7 +317,7 @@ pub fn render_markdown(report: &Report) -> String {
             .unwrap_or(0);
         let _ = writeln!(
             out,
-            "| {} ({}) | {cpu} | {wakeups} | {wire} | {:.1} |",
+            "| {} ({}) | {cpu} | {wakeups} | {host_cpu} | {host_switches} | {wire} | {:.1} |",
             run.0,
             run.1,
             peak as f64 / 1024.0
@@ -356,6 +358,8 @@ pub(crate) mod tests {
                 cpu_seconds: 1.5,
                 peak_rss_kib: 2048,
                 wakeups: 3000,
+                host_cpu_seconds: 5.4,
+                host_switches: 27000,
             },
             wire_bytes_per_request: Some(1234.0),
         }
@@ -415,7 +419,7 @@ pub(crate) mod tests {
             "| none (mesh) | 4000 |",
             // A repetition that never recovered counts as the limit (20 s in quick).
             "| none (mesh) | 0.70 (0.50–20.00) |",
-            "| wiremesh (mesh) | 0.556 | 1.1 | 1234 | 2.0 |",
+            "| wiremesh (mesh) | 0.556 | 1.1 | 2.000 | 10.0 | 1234 | 2.0 |",
         ] {
             assert!(md.contains(want), "missing {want:?} in\n{md}");
         }
@@ -430,10 +434,17 @@ pub(crate) mod tests {
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back.records.len(), r.records.len());
         assert_eq!(back.records[0].scenario, r.records[0].scenario);
-        // Reports written before wake-ups were counted still read.
-        let old = json.replace(",\"wakeups\":3000", "");
+        // Reports written before wake-ups and the machine's figures were counted
+        // still read.
+        let old = json.replace(
+            ",\"wakeups\":3000,\"host_cpu_seconds\":5.4,\"host_switches\":27000",
+            "",
+        );
         assert_ne!(old, json);
         let back: Report = serde_json::from_str(&old).unwrap();
-        assert!(back.records.iter().all(|r| r.usage.wakeups == 0));
+        assert!(back
+            .records
+            .iter()
+            .all(|r| r.usage.wakeups == 0 && r.usage.host_switches == 0));
     }
 }

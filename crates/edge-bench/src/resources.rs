@@ -1,6 +1,8 @@
 //! CPU time, peak memory and thread wake-ups of a VPN's processes, from `/proc`:
 //! the pids a driver reports and every descendant of them (an agent's device, a
-//! daemon's workers). The parsing is pure; reading `/proc` is the thin part.
+//! daemon's workers); and the whole host's busy CPU time and context switches, which
+//! also count what a VPN makes the load generator, servers and emulator do. The
+//! parsing is pure; reading `/proc` is the thin part.
 
 use std::collections::BTreeSet;
 
@@ -16,6 +18,57 @@ pub struct Usage {
     /// waiting for work, so (nearly) how often one was woken. Older reports lack it.
     #[serde(default)]
     pub wakeups: u64,
+    /// Busy CPU seconds of the whole host (every process and the kernel).
+    #[serde(default)]
+    pub host_cpu_seconds: f64,
+    /// Context switches of the whole host, voluntary or not.
+    #[serde(default)]
+    pub host_switches: u64,
+}
+
+impl Usage {
+    /// What was used from `before` to `self` (peak memory is `self`'s).
+    pub fn since(&self, before: &Usage) -> Usage {
+        Usage {
+            cpu_seconds: (self.cpu_seconds - before.cpu_seconds).max(0.0),
+            peak_rss_kib: self.peak_rss_kib,
+            // Threads that ended in between take their counts with them.
+            wakeups: self.wakeups.saturating_sub(before.wakeups),
+            host_cpu_seconds: (self.host_cpu_seconds - before.host_cpu_seconds).max(0.0),
+            host_switches: self.host_switches.saturating_sub(before.host_switches),
+        }
+    }
+
+    /// Adds a later sample's counters to these; its peak memory replaces ours.
+    pub fn add(&mut self, later: &Usage) {
+        self.cpu_seconds += later.cpu_seconds;
+        self.peak_rss_kib = later.peak_rss_kib;
+        self.wakeups += later.wakeups;
+        self.host_cpu_seconds += later.host_cpu_seconds;
+        self.host_switches += later.host_switches;
+    }
+}
+
+/// `(busy clock ticks, context switches)` of the whole host from the text of
+/// `/proc/stat`: busy is every time field of the `cpu` line but idle and iowait.
+pub fn parse_host_stat(text: &str) -> Option<(u64, u64)> {
+    let mut busy = None;
+    let mut switches = None;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            Some("cpu") => {
+                let times: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+                // user nice system idle iowait irq softirq steal [guest guest_nice]: guest
+                // time is already inside user and nice.
+                let all: u64 = times.iter().take(8).sum();
+                busy = Some(all - times.get(3)? - times.get(4).unwrap_or(&0));
+            }
+            Some("ctxt") => switches = fields.next()?.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((busy?, switches?))
 }
 
 /// `(ppid, utime + stime in clock ticks)` from the text of `/proc/PID/stat`. The
@@ -84,6 +137,13 @@ pub fn measure(roots: &[u32]) -> Usage {
         _ => 100.0,
     };
     let mut usage = Usage::default();
+    if let Some((busy, switches)) = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| parse_host_stat(&t))
+    {
+        usage.host_cpu_seconds = busy as f64 / ticks;
+        usage.host_switches = switches;
+    }
     for (pid, (_, cpu)) in stats.iter().filter(|(pid, _)| wanted.contains(pid)) {
         usage.cpu_seconds += *cpu as f64 / ticks;
         usage.peak_rss_kib += std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -141,6 +201,44 @@ mod tests {
     }
 
     #[test]
+    fn host_busy_time_and_switches_from_proc_stat() {
+        let text = "cpu  100 5 50 1000 20 3 2 1 7 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n\
+                    intr 1 2 3\nctxt 98765\nbtime 1\n";
+        // user + nice + system + irq + softirq + steal = 161; idle and iowait are not busy.
+        assert_eq!(parse_host_stat(text), Some((161, 98765)));
+        assert_eq!(parse_host_stat("cpu 1 2 3 4\n"), None, "no ctxt line");
+        assert_eq!(parse_host_stat("cpu 1 x 3 4\nctxt 5\n"), None);
+    }
+
+    #[test]
+    fn since_subtracts_counters_and_keeps_the_later_peak() {
+        let before = Usage {
+            cpu_seconds: 1.0,
+            peak_rss_kib: 10,
+            wakeups: 5,
+            host_cpu_seconds: 3.0,
+            host_switches: 100,
+        };
+        let after = Usage {
+            cpu_seconds: 1.5,
+            peak_rss_kib: 12,
+            wakeups: 4,
+            host_cpu_seconds: 4.0,
+            host_switches: 150,
+        };
+        assert_eq!(
+            after.since(&before),
+            Usage {
+                cpu_seconds: 0.5,
+                peak_rss_kib: 12,
+                wakeups: 0,
+                host_cpu_seconds: 1.0,
+                host_switches: 50,
+            }
+        );
+    }
+
+    #[test]
     fn this_process_uses_some_memory_and_sleeps() {
         // A thread that sleeps once switches voluntarily at least once.
         std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(5)))
@@ -149,5 +247,6 @@ mod tests {
         let u = measure(&[std::process::id()]);
         assert!(u.peak_rss_kib > 0);
         assert!(u.wakeups > 0);
+        assert!(u.host_switches > 0 && u.host_cpu_seconds > 0.0);
     }
 }
