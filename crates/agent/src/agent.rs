@@ -24,7 +24,7 @@ use wiremesh_uapi::SetRequest;
 use crate::device::DeviceBackend;
 use crate::liveness::{self, Liveness};
 use crate::metrics::Metrics;
-use crate::plan::{plan_device, plan_routes};
+use crate::plan::{greet_new_peers, plan_device, plan_routes};
 use crate::registry::{Membership, NodeStatus, PeerStatus, Registry, RegistryError};
 use crate::{firewall, keys};
 
@@ -421,6 +421,12 @@ fn reconcile(
     if let Some(request) = &request {
         tracing::info!(peers = request.peers.len(), "updating WireGuard peers");
         uapi_client::set(socket, request)?;
+        if let Some(greet) = greet_new_peers(request) {
+            // Only a head start on the handshake: the first packet would start it too.
+            if let Err(e) = uapi_client::set(socket, &greet) {
+                tracing::warn!("sending keepalives to new peers: {e}");
+            }
+        }
     }
     // Where IPv6 is off, its routes (VPC traffic, IPv6 pods) cannot exist: leave
     // them out, said once, rather than fail every reconcile.

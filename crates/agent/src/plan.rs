@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use wiremesh_host::route::InstalledRoute;
 use wiremesh_topology::{Route, Topology};
-use wiremesh_uapi::{DeviceSnapshot, PeerConfig, PeerSnapshot, PrivateKey, SetRequest};
+use wiremesh_uapi::{DeviceSnapshot, PeerConfig, PeerSnapshot, PrivateKey, PublicKey, SetRequest};
 
 /// How long after its last handshake a peer's endpoint is trusted over the
 /// registry's: WireGuard roams to wherever the peer's authenticated packets come
@@ -82,6 +82,40 @@ pub fn plan_device(
     let unchanged =
         request.private_key.is_none() && request.listen_port.is_none() && request.peers.is_empty();
     (!unchanged).then_some(request)
+}
+
+/// The steps that make a device send `peer` one keepalive now and leave its
+/// persistent-keepalive interval at `interval`: off, on (turning it on sends one at
+/// once on the kernel's device, wireguard-go and `wiremesh-wg` alike), then back.
+/// A peer removed meanwhile is not brought back.
+pub fn keepalive_steps(peer: PublicKey, interval: u16) -> [PeerConfig; 3] {
+    [0, 1, interval].map(|i| {
+        let mut step = PeerConfig::new(peer);
+        step.update_only = true;
+        step.persistent_keepalive_interval = Some(i);
+        step
+    })
+}
+
+/// A keepalive to each peer that `request` adds with an endpoint, to be sent once it
+/// is applied. Without a session, a keepalive starts a handshake. When two nodes
+/// add each other (a node joins, a location elects a new leader), the first one's
+/// initiation is dropped by the other, which does not know its key yet, and is
+/// retried only after REKEY_TIMEOUT (5 s, whitepaper §6.4); the second one's
+/// succeeds at once, so the pair has a session as soon as both have applied.
+pub fn greet_new_peers(request: &SetRequest) -> Option<SetRequest> {
+    let mut greet = SetRequest::default();
+    for added in request
+        .peers
+        .iter()
+        .filter(|p| !p.update_only && !p.remove && p.endpoint.is_some())
+    {
+        greet.peers.extend(keepalive_steps(
+            added.public_key,
+            added.persistent_keepalive_interval.unwrap_or(0),
+        ));
+    }
+    (!greet.peers.is_empty()).then_some(greet)
 }
 
 /// Routes to install (or replace) and to remove.
@@ -236,6 +270,39 @@ mod tests {
             ]
         );
         assert!(plan.private_key.is_none() && plan.listen_port.is_none());
+    }
+
+    #[test]
+    fn only_added_peers_with_an_endpoint_are_greeted() {
+        let me = PrivateKey::from_bytes([9; 32]);
+        let before = topology(vec![peer(1, Some("10.0.0.1:51820"), &["10.42.1.0/24"])]);
+        let device =
+            device_after(&plan_device(&before, &me, &DeviceSnapshot::default(), 0).unwrap());
+        let mut nat = peer(3, Some("10.0.0.3:51820"), &["10.42.3.0/24"]);
+        nat.persistent_keepalive = Some(25);
+        let after = topology(vec![
+            // Changed, not added: it has its session (or its own timers) already.
+            peer(1, Some("10.0.0.1:51820"), &["10.42.1.0/24", "10.42.7.0/24"]),
+            // Added without an endpoint: nowhere to send to; it will call us.
+            peer(2, None, &["10.42.2.0/24"]),
+            nat,
+        ]);
+        let plan = plan_device(&after, &me, &device, 0).unwrap();
+        let greet = greet_new_peers(&plan).expect("peer 3 is greeted");
+        let steps: Vec<_> = greet
+            .peers
+            .iter()
+            .map(|p| {
+                assert!(p.update_only && p.endpoint.is_none() && p.allowed_ips.is_empty());
+                (p.public_key, p.persistent_keepalive_interval)
+            })
+            .collect();
+        // Its own keepalive interval is left as planned.
+        assert_eq!(
+            steps,
+            [(key(3), Some(0)), (key(3), Some(1)), (key(3), Some(25))]
+        );
+        assert_eq!(greet_new_peers(&SetRequest::default()), None);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use wiremesh_host::{run, uapi_client, HostError};
 use wiremesh_model::Node;
-use wiremesh_uapi::{DeviceSnapshot, PeerConfig, SetRequest};
+use wiremesh_uapi::{DeviceSnapshot, SetRequest};
+
+use crate::plan::keepalive_steps;
 
 /// How often the host's addresses are read.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -35,19 +37,14 @@ pub struct HostAddress {
 }
 
 /// The UAPI request that makes the device send a keepalive to every peer with an
-/// endpoint, leaving each peer's persistent-keepalive interval as it was: per peer,
-/// the interval off, on, then back. Turning it on sends a keepalive right away on
-/// the kernel's device, wireguard-go and `wiremesh-wg` alike.
+/// endpoint, leaving each peer's persistent-keepalive interval as it was.
 pub fn keepalive_pulse(device: &DeviceSnapshot) -> Option<SetRequest> {
     let mut request = SetRequest::default();
     for peer in device.peers.iter().filter(|p| p.endpoint.is_some()) {
-        for interval in [0, 1, peer.persistent_keepalive_interval] {
-            let mut step = PeerConfig::new(peer.public_key);
-            // A peer removed meanwhile is not brought back.
-            step.update_only = true;
-            step.persistent_keepalive_interval = Some(interval);
-            request.peers.push(step);
-        }
+        request.peers.extend(keepalive_steps(
+            peer.public_key,
+            peer.persistent_keepalive_interval,
+        ));
     }
     (!request.peers.is_empty()).then_some(request)
 }
