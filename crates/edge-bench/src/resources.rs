@@ -50,7 +50,9 @@ impl Usage {
 }
 
 /// `(busy clock ticks, context switches)` of the whole host from the text of
-/// `/proc/stat`: busy is every time field of the `cpu` line but idle and iowait.
+/// `/proc/stat`: busy is user, nice, system, irq and softirq time of the `cpu` line;
+/// not idle or iowait, nor steal (time a hypervisor ran something else: no work of
+/// this host's), and guest time is already inside user and nice.
 pub fn parse_host_stat(text: &str) -> Option<(u64, u64)> {
     let mut busy = None;
     let mut switches = None;
@@ -59,10 +61,13 @@ pub fn parse_host_stat(text: &str) -> Option<(u64, u64)> {
         match fields.next() {
             Some("cpu") => {
                 let times: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
-                // user nice system idle iowait irq softirq steal [guest guest_nice]: guest
-                // time is already inside user and nice.
-                let all: u64 = times.iter().take(8).sum();
-                busy = Some(all - times.get(3)? - times.get(4).unwrap_or(&0));
+                // user nice system idle iowait irq softirq steal guest guest_nice
+                busy = Some(
+                    [0, 1, 2, 5, 6]
+                        .iter()
+                        .map(|&i| times.get(i))
+                        .sum::<Option<u64>>()?,
+                );
             }
             Some("ctxt") => switches = fields.next()?.parse().ok(),
             _ => {}
@@ -204,10 +209,15 @@ mod tests {
     fn host_busy_time_and_switches_from_proc_stat() {
         let text = "cpu  100 5 50 1000 20 3 2 1 7 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n\
                     intr 1 2 3\nctxt 98765\nbtime 1\n";
-        // user + nice + system + irq + softirq + steal = 161; idle and iowait are not busy.
-        assert_eq!(parse_host_stat(text), Some((161, 98765)));
+        // user + nice + system + irq + softirq = 160: not idle, iowait or steal.
+        assert_eq!(parse_host_stat(text), Some((160, 98765)));
         assert_eq!(parse_host_stat("cpu 1 2 3 4\n"), None, "no ctxt line");
-        assert_eq!(parse_host_stat("cpu 1 x 3 4\nctxt 5\n"), None);
+        assert_eq!(parse_host_stat("cpu 1 x 3 4 5 6 7\nctxt 5\n"), None);
+        assert_eq!(
+            parse_host_stat("cpu 1 2 3 4\nctxt 5\n"),
+            None,
+            "no irq time"
+        );
     }
 
     #[test]
