@@ -173,7 +173,7 @@ pub fn plan_routes(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use wiremesh_topology::{Interface, Peer, PeerKind};
     use wiremesh_uapi::PublicKey;
@@ -208,6 +208,19 @@ mod tests {
                 .collect(),
             peers,
         }
+    }
+
+    /// `(peer, keepalive interval)` of each step of a keepalive request, which
+    /// touches nothing else and never adds a peer.
+    pub(crate) fn keepalive_steps_of(request: &SetRequest) -> Vec<(PublicKey, Option<u16>)> {
+        request
+            .peers
+            .iter()
+            .map(|p| {
+                assert!(p.update_only && p.endpoint.is_none() && p.allowed_ips.is_empty());
+                (p.public_key, p.persistent_keepalive_interval)
+            })
+            .collect()
     }
 
     /// What a device reports after applying `request` to an empty device.
@@ -289,17 +302,9 @@ mod tests {
         ]);
         let plan = plan_device(&after, &me, &device, 0).unwrap();
         let greet = greet_new_peers(&plan).expect("peer 3 is greeted");
-        let steps: Vec<_> = greet
-            .peers
-            .iter()
-            .map(|p| {
-                assert!(p.update_only && p.endpoint.is_none() && p.allowed_ips.is_empty());
-                (p.public_key, p.persistent_keepalive_interval)
-            })
-            .collect();
         // Its own keepalive interval is left as planned.
         assert_eq!(
-            steps,
+            keepalive_steps_of(&greet),
             [(key(3), Some(0)), (key(3), Some(1)), (key(3), Some(25))]
         );
         assert_eq!(greet_new_peers(&SetRequest::default()), None);

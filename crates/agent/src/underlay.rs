@@ -272,16 +272,8 @@ mod tests {
             device.peers.push(p);
         }
         let request = keepalive_pulse(&device).expect("a pulse");
-        let steps: Vec<_> = request
-            .peers
-            .iter()
-            .map(|p| {
-                assert!(p.update_only && p.endpoint.is_none() && p.allowed_ips.is_empty());
-                (p.public_key, p.persistent_keepalive_interval)
-            })
-            .collect();
         assert_eq!(
-            steps,
+            crate::plan::tests::keepalive_steps_of(&request),
             [
                 (quiet, Some(0)),
                 (quiet, Some(1)),
