@@ -84,17 +84,22 @@ pub fn plan_device(
     (!unchanged).then_some(request)
 }
 
-/// The steps that make a device send `peer` one keepalive now and leave its
-/// persistent-keepalive interval at `interval`: off, on (turning it on sends one at
-/// once on the kernel's device, wireguard-go and `wiremesh-wg` alike), then back.
-/// A peer removed meanwhile is not brought back.
-pub fn keepalive_steps(peer: PublicKey, interval: u16) -> [PeerConfig; 3] {
-    [0, 1, interval].map(|i| {
-        let mut step = PeerConfig::new(peer);
-        step.update_only = true;
-        step.persistent_keepalive_interval = Some(i);
-        step
-    })
+/// The UAPI request that makes a device send each of `peers` one keepalive now and
+/// leave its persistent-keepalive interval at the one given: per peer, off, on
+/// (turning it on sends one at once on the kernel's device, wireguard-go and
+/// `wiremesh-wg` alike), then back. A peer removed meanwhile is not brought back.
+/// `None` for no peers.
+pub fn keepalive_request(peers: impl IntoIterator<Item = (PublicKey, u16)>) -> Option<SetRequest> {
+    let mut request = SetRequest::default();
+    for (peer, interval) in peers {
+        request.peers.extend([0, 1, interval].map(|i| {
+            let mut step = PeerConfig::new(peer);
+            step.update_only = true;
+            step.persistent_keepalive_interval = Some(i);
+            step
+        }));
+    }
+    (!request.peers.is_empty()).then_some(request)
 }
 
 /// A keepalive to each peer that `request` adds with an endpoint, to be sent once it
@@ -104,18 +109,13 @@ pub fn keepalive_steps(peer: PublicKey, interval: u16) -> [PeerConfig; 3] {
 /// retried only after REKEY_TIMEOUT (5 s, whitepaper §6.4); the second one's
 /// succeeds at once, so the pair has a session as soon as both have applied.
 pub fn greet_new_peers(request: &SetRequest) -> Option<SetRequest> {
-    let mut greet = SetRequest::default();
-    for added in request
-        .peers
-        .iter()
-        .filter(|p| !p.update_only && !p.remove && p.endpoint.is_some())
-    {
-        greet.peers.extend(keepalive_steps(
-            added.public_key,
-            added.persistent_keepalive_interval.unwrap_or(0),
-        ));
-    }
-    (!greet.peers.is_empty()).then_some(greet)
+    keepalive_request(
+        request
+            .peers
+            .iter()
+            .filter(|p| !p.update_only && !p.remove && p.endpoint.is_some())
+            .map(|p| (p.public_key, p.persistent_keepalive_interval.unwrap_or(0))),
+    )
 }
 
 /// Routes to install (or replace) and to remove.

@@ -21,7 +21,7 @@ use wiremesh_host::{run, uapi_client, HostError};
 use wiremesh_model::Node;
 use wiremesh_uapi::{DeviceSnapshot, SetRequest};
 
-use crate::plan::keepalive_steps;
+use crate::plan::keepalive_request;
 
 /// How often the host's addresses are read.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -39,14 +39,13 @@ pub struct HostAddress {
 /// The UAPI request that makes the device send a keepalive to every peer with an
 /// endpoint, leaving each peer's persistent-keepalive interval as it was.
 pub fn keepalive_pulse(device: &DeviceSnapshot) -> Option<SetRequest> {
-    let mut request = SetRequest::default();
-    for peer in device.peers.iter().filter(|p| p.endpoint.is_some()) {
-        request.peers.extend(keepalive_steps(
-            peer.public_key,
-            peer.persistent_keepalive_interval,
-        ));
-    }
-    (!request.peers.is_empty()).then_some(request)
+    keepalive_request(
+        device
+            .peers
+            .iter()
+            .filter(|p| p.endpoint.is_some())
+            .map(|p| (p.public_key, p.persistent_keepalive_interval)),
+    )
 }
 
 /// Where `endpoint` (one of this node's own) goes when the host's addresses change
